@@ -163,18 +163,18 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
     }
 }
 
-/* dx = a*g + b*(x - m) + c over a contiguous run (x unused when it is NULL). */
+/* dx = (a*g + b*(x - m) + c) * k over a contiguous run; x == NULL: dx = a*g. */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T a, T b, T c, bn_act act, T slope)
+                                 T m, T a, T b, T c, T k, bn_act act, T slope)
 {
     if (!x)
         for (int64_t i = 0; i < n; i++) dx[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
     else if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * a + (x[i] - m) * b + c;
+        for (int64_t i = 0; i < n; i++) dx[i] = (dy[i] * a + (x[i] - m) * b + c) * k;
     else
         for (int64_t i = 0; i < n; i++) {
             T g = y[i] > 0 ? dy[i] : dy[i] * slope;
-            dx[i] = g * a + (x[i] - m) * b + c;
+            dx[i] = (g * a + (x[i] - m) * b + c) * k;
         }
 }
 
@@ -182,7 +182,8 @@ BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
                                   const T *BN_RESTRICT a, const T *BN_RESTRICT b,
-                                  const T *BN_RESTRICT c, bn_act act, T slope)
+                                  const T *BN_RESTRICT c, const T *BN_RESTRICT k,
+                                  bn_act act, T slope)
 {
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
@@ -190,13 +191,29 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
         if (!xr)
             for (int64_t j = 0; j < nc; j++) o[j] = BN_GRAD(dr[j], yr[j], act, slope) * a[j];
         else if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j] + (xr[j] - m[j]) * b[j] + c[j];
+            for (int64_t j = 0; j < nc; j++)
+                o[j] = (dr[j] * a[j] + (xr[j] - m[j]) * b[j] + c[j]) * k[j];
         else
             for (int64_t j = 0; j < nc; j++) {
                 T g = yr[j] > 0 ? dr[j] : dr[j] * slope;
-                o[j] = g * a[j] + (xr[j] - m[j]) * b[j] + c[j];
+                o[j] = (g * a[j] + (xr[j] - m[j]) * b[j] + c[j]) * k[j];
             }
     }
+}
+
+/* The backward coefficients a, b, c (double) as T: (a*g + b*(x-m) + c) is
+ * evaluated as (g*(a/k) + (x-m)*(b/k) + c/k) * k with k = a. In training
+ * b = -a*invstd^2*sum(g*(x-m))/n ~ a/std, and b alone leaves float's range
+ * when std does (it underflows to 0 at |x| ~ 1e30, overflows at std ~ 1e-20);
+ * b/a ~ 1/std and c/a ~ mean(g) do not. */
+static void FN(dx_coefs)(const double *a, const double *b, const double *c, int64_t ch,
+                         T *ta, T *tb, T *tc, T *tk)
+{
+    double k = b && a[ch] != 0 && isfinite(a[ch]) ? a[ch] : 1.0;
+    *ta = (T)(a[ch] / k);
+    *tb = b ? (T)(b[ch] / k) : 0;
+    *tc = b && c ? (T)(c[ch] / k) : 0;
+    *tk = (T)k;
 }
 
 /* ---- per-unit dispatch on the layout ------------------------------------- */
@@ -234,8 +251,8 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
 }
 
 /* Elementwise pass of unit u: forward (dy == NULL: y = act((x-m)*a + b)) or
- * backward (dx = a*g + b*(x-m) + c). Coefficients are double[C], rounded to T
- * per unit. */
+ * backward (dx = a*g + b*(x-m) + c, see dx_coefs). Coefficients are
+ * double[C], rounded to T per unit. */
 static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, const T *y,
                                  T *out, const double *m, const double *a,
                                  const double *b, const double *c, bn_act act,
@@ -244,28 +261,33 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
     if (!p->rows) {
         int64_t off, len, ch;
         bn_run_of(p, u, &off, &len, &ch);
-        if (!dy)
+        if (!dy) {
             FN(run_apply)(x + off, out + off, len, (T)m[ch], (T)a[ch], (T)b[ch], act, (T)slope);
-        else
+        } else {
+            T ta, tb, tc, tk;
+            FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       b ? (T)m[ch] : 0, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0,
-                       act, (T)slope);
+                       b ? (T)m[ch] : 0, ta, tb, tc, tk, act, (T)slope);
+        }
     } else {
-        T tm[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
+        T tm[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS], tk[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->s.channels + c0;
         for (int64_t j = 0; j < nc; j++) {
             tm[j] = m ? (T)m[c0 + j] : 0;
-            ta[j] = (T)a[c0 + j];
-            tb[j] = b ? (T)b[c0 + j] : 0;
-            tc[j] = c ? (T)c[c0 + j] : 0;
+            if (dy) {
+                FN(dx_coefs)(a, b, c, c0 + j, ta + j, tb + j, tc + j, tk + j);
+            } else {
+                ta[j] = (T)a[c0 + j];
+                tb[j] = b ? (T)b[c0 + j] : 0;
+            }
         }
         if (!dy)
             FN(tile_apply)(x + o, out + o, nr, nc, p->s.channels, tm, ta, tb, act, (T)slope);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->s.channels, tm, ta, tb, tc, act, (T)slope);
+                        p->s.channels, tm, ta, tb, tc, tk, act, (T)slope);
     }
 }
 
