@@ -6,6 +6,7 @@ what was expected and what was received.
 """
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -114,13 +115,29 @@ def real(v, name, lo=None, hi=None):
     return float(v)
 
 
+# libgomp keeps its thread pool across fork() without the threads: a forked
+# child that enters a parallel region waits forever for them. Every kernel
+# call in a forked child therefore runs on the calling thread.
+_forked_child = False
+
+
+def _mark_forked_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
+
+
 def threads(n_threads):
-    """0 (the kernel reads omp_get_max_threads() at call time) or a positive int."""
+    """0 (the kernel reads omp_get_max_threads() at call time) or a positive
+    int; 1 in a process forked from the one that imported bncore."""
     if n_threads is None:
-        return 0
+        return 1 if _forked_child else 0
     if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
         raise ValueError(f"n_threads: expected None or a positive int, got {n_threads!r}")
-    return int(min(n_threads, 4096))
+    return 1 if _forked_child else int(min(n_threads, 4096))
 
 
 def activation(act):
