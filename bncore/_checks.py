@@ -107,6 +107,14 @@ def running(rm, rv, C):
         raise ValueError("running_var: must not share memory with running_mean")
 
 
+def disjoint_from_running(out, rm, rv):
+    """out is written before the running statistics are read: they must not overlap."""
+    for a, name in ((rm, "running_mean"), (rv, "running_var")):
+        if out is not None and a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"out: must not share memory with {name} (the output is written "
+                             f"before {name} is updated from its old value)")
+
+
 def real(v, name, lo=None, hi=None):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
         raise ValueError(f"{name}: expected a finite real number, got {v!r}")

@@ -52,6 +52,7 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
         raise ValueError(f"x: expected more than 1 value per channel when training, got "
                          f"{L.count} (shape {L.x.shape}, axis={axis})")
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    chk.disjoint_from_running(out, running_mean, running_var)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
     if running_mean is not None:
