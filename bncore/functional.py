@@ -34,12 +34,28 @@ class _Layout:
 
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None):
+                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
+                     skip_nonfinite_update=False):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
     (None, 'relu' or ('leaky_relu', slope)) is fused into the same pass.
+
+    skip_nonfinite_update: when True and the batch mean or the batch variance
+    of any channel is NaN or +-inf, running_mean and running_var are left
+    exactly as they were, for every channel (a NaN/inf batch, e.g. an
+    overflowed mixed-precision step, then does not poison the running
+    statistics; PyTorch issue 88474). y, save_mean and save_invstd are still
+    returned as computed. Off by default: the update is then PyTorch's, and a
+    non-finite channel makes that channel's running statistics non-finite.
     """
+    return _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+                  activation, n_threads, skip_nonfinite_update)[:3]
+
+
+def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
+           n_threads, skip_nonfinite_update):
+    """batch_norm_train, plus whether the running statistics were updated."""
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
@@ -55,10 +71,12 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     chk.disjoint_from_running(out, running_mean, running_var)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
-    if running_mean is not None:
+    update = running_mean is not None and not (
+        skip_nonfinite_update and not (np.isfinite(mean).all() and np.isfinite(var).all()))
+    if update:
         _update_running(running_mean, running_var, mean, var, L.count, momentum)
     y = chk.finish(buf, final, L.x.dtype)
-    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
+    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False), update
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):

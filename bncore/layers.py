@@ -4,7 +4,7 @@ import numbers
 import numpy as np
 
 from . import _checks as chk
-from .functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import _train, batch_norm_backward, batch_norm_eval, batch_norm_train
 
 __all__ = ["BatchNorm"]
 
@@ -17,10 +17,16 @@ class BatchNorm:
     mode; backward(dy) returns dx for the most recent forward call and sets
     grad_weight / grad_bias. momentum=None is the cumulative moving average;
     track_running_stats=False uses batch statistics in eval mode too.
+
+    skip_nonfinite_update=True leaves running_mean, running_var and
+    num_batches_tracked untouched on a training step whose batch mean or
+    variance is NaN or inf in any channel (see batch_norm_train); the step's
+    output is still returned. Off by default, as in PyTorch.
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32):
+                 track_running_stats=True, axis=1, dtype=np.float32,
+                 skip_nonfinite_update=False):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -34,6 +40,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.dtype = dtype
+        self.skip_nonfinite_update = bool(skip_nonfinite_update)
         C = self.num_features
         self.weight = np.ones(C, dtype) if affine else None
         self.bias = np.zeros(C, dtype) if affine else None
@@ -87,10 +94,11 @@ class BatchNorm:
             if update:
                 n = int(self.num_batches_tracked) + 1
                 factor = 1.0 / n if self.momentum is None else self.momentum
-                y, mean, invstd = batch_norm_train(
-                    x, self.weight, self.bias, running_mean=self.running_mean,
-                    running_var=self.running_var, momentum=factor, **common)
-                self.num_batches_tracked[...] = n
+                y, mean, invstd, updated = _train(
+                    x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
+                    self.running_var, factor, out, None, n_threads, self.skip_nonfinite_update)
+                if updated:
+                    self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(x, self.weight, self.bias, **common)
             self._saved = (x, mean, invstd, True)
