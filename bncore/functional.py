@@ -95,7 +95,17 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axi
     rm = chk.vector(running_mean, L.C, "running_mean", required=True)
     rv = chk.vector(running_var, L.C, "running_var", required=True)
     eps = chk.real(eps, "eps", 0.0)
-    return _elemt(L, rm, 1.0 / np.sqrt(rv + eps), weight, bias, out, activation, n_threads)
+    return _elemt(L, rm, _invstd_of(rv, eps), weight, bias, out, activation, n_threads)
+
+
+def _invstd_of(var, eps):
+    """1/sqrt(var + eps) in float64, taken as 0 where var + eps == 0 (eps = 0 and
+    a zero variance), as the training kernel and PyTorch's CPU kernel do."""
+    s = np.asarray(var, np.float64) + eps
+    with np.errstate(divide="ignore"):  # only s == 0 divides by zero, and is set to 0
+        inv = 1.0 / np.sqrt(s)
+    inv[s == 0] = 0.0
+    return inv
 
 
 def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None,

@@ -4,7 +4,8 @@ import numbers
 import numpy as np
 
 from . import _checks as chk
-from .functional import _train, batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import (_train, batch_norm_backward, batch_norm_eval, batch_norm_train,
+                         _invstd_of)
 
 __all__ = ["BatchNorm"]
 
@@ -105,7 +106,7 @@ class BatchNorm:
         else:
             y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 **common)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            invstd = _invstd_of(self.running_var, self.eps)
             self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
         return y
 

@@ -131,6 +131,14 @@ static double bn_slot_count(const bn_plan *p, int64_t j)
     return (double)bn_min64(p->rb_rows, p->s.outer - j * p->rb_rows);
 }
 
+/* 1/sqrt(var + eps), taken as 0 where var + eps == 0 (eps = 0 and a constant
+ * channel), as PyTorch's CPU kernel does: xhat is then 0, the limit as eps -> 0,
+ * rather than 0 * inf = NaN. NaN stays NaN. */
+static double bn_invstd(double var, double eps)
+{
+    return var + eps == 0 ? 0.0 : 1.0 / sqrt(var + eps);
+}
+
 /* Chan's merge of (nb, mb, m2b) into (*na, *ma, *m2a). */
 static void bn_chan(double *na, double *ma, double *m2a, double nb, double mb, double m2b)
 {

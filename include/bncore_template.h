@@ -340,7 +340,7 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
         for (int64_t c = c0; c < c1; c++) {
             double mean, m2;
             bn_channel_moments(&p, part, c, &mean, &m2);
-            double var = m2 / count, invstd = 1.0 / sqrt(var + eps);
+            double var = m2 / count, invstd = bn_invstd(var, eps);
             save_mean[c] = mean;
             save_invstd[c] = invstd;
             if (batch_var) batch_var[c] = var;
