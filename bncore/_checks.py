@@ -90,8 +90,10 @@ def vector(v, C, name, *, required=False):
 def running(rm, rv, C):
     """Checks the pair of running statistics that training updates in place."""
     if (rm is None) != (rv is None):
-        missing = "running_var" if rv is None else "running_mean"
-        raise ValueError(f"{missing}: running_mean and running_var must be given together")
+        missing, given = ("running_var", "running_mean") if rv is None else ("running_mean",
+                                                                             "running_var")
+        raise ValueError(f"{missing}: expected an array of length {C} since {given} is given "
+                         f"(the two go together), got None")
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
         if a is None:
             continue
@@ -102,25 +104,33 @@ def running(rm, rv, C):
         if a.shape != (C,):
             raise ValueError(f"{name}: expected shape ({C},), one value per channel, got {a.shape}")
         if not a.flags.writeable:
-            raise ValueError(f"{name}: must be writable (it is updated in place)")
+            raise ValueError(f"{name}: expected a writable array (it is updated in place), "
+                             f"got a read-only one")
     if rm is not None and np.may_share_memory(rm, rv):
-        raise ValueError("running_var: must not share memory with running_mean")
+        raise ValueError("running_var: expected an array separate from running_mean, got one "
+                         "sharing its memory")
 
 
 def disjoint_from_running(out, rm, rv):
     """out is written before the running statistics are read: they must not overlap."""
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
         if out is not None and a is not None and np.may_share_memory(out, a):
-            raise ValueError(f"out: must not share memory with {name} (the output is written "
-                             f"before {name} is updated from its old value)")
+            raise ValueError(f"out: expected an array separate from {name} (the output is "
+                             f"written before {name} is updated from its old value), got one "
+                             f"sharing its memory")
 
 
 def real(v, name, lo=None, hi=None):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+    try:
+        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+    except OverflowError:  # an int beyond float
+        f = None
+    if f is None or not np.isfinite(f):
         raise ValueError(f"{name}: expected a finite real number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {v!r}")
-    return float(v)
+    if (lo is not None and f < lo) or (hi is not None and f > hi):
+        want = f"a value >= {lo}" if hi is None else f"a value in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {want}, got {v!r}")
+    return f
 
 
 # libgomp keeps its thread pool across fork() without the threads: a forked

@@ -154,8 +154,8 @@ def _mask_source(y, L, act):
     if act == 0:
         return None
     if y is None:
-        raise ValueError("y: the forward output is required when activation is set "
-                         "(its sign is the activation's mask)")
+        raise ValueError(f"y: expected the forward output (shape {L.x.shape}; its sign is the "
+                         f"activation's mask) since activation is set, got None")
     return chk.like(y, L.x, "y")
 
 
@@ -177,11 +177,16 @@ def batch_norm_stats(x, *, axis=1, n_threads=None):
 def merge_stats(counts, means, m2s):
     """Chan's merge of K (count, mean, M2) triples: counts (K,), means and m2s
     (K, C). Returns (count, mean, M2); merged in the given order in float64."""
-    counts = np.asarray(counts, dtype=np.float64)
+    try:
+        counts = np.asarray(counts, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"counts: expected real numbers, got {counts!r:.80}") from None
     if counts.ndim != 1:
         raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {counts.shape}")
-    if np.any(counts < 0) or not np.all(np.isfinite(counts)):
-        raise ValueError("counts: expected finite non-negative counts")
+    bad = (counts < 0) | ~np.isfinite(counts)
+    if bad.any():
+        raise ValueError(f"counts: expected finite non-negative counts, got {counts[bad][0]} "
+                         f"at index {np.flatnonzero(bad)[0]}")
     shape = None
     arrays = []
     for a, name in ((means, "means"), (m2s, "m2s")):

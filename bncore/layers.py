@@ -31,9 +31,13 @@ class BatchNorm:
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in chk.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype!r}")
+        dtype = dt
         self.num_features = int(num_features)
         self.eps = chk.real(eps, "eps", 0.0)
         self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
@@ -87,8 +91,9 @@ class BatchNorm:
     def forward(self, x, *, out=None, n_threads=None):
         x = self._check_input(x)
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
-            raise ValueError("out: must not overlap x in a layer (backward needs the input); "
-                             "use the functional API for in-place normalization")
+            raise ValueError("out: expected an array separate from x (a layer keeps x for "
+                             "backward; use the functional API to normalize in place), got one "
+                             "sharing memory with x")
         common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
