@@ -195,7 +195,7 @@ def output(out, x, cd, inputs):
     if out.dtype != x.dtype:
         raise TypeError(f"out: expected dtype {x.dtype}, got {out.dtype}")
     if not out.flags.writeable:
-        raise ValueError("out: must be writable, got a read-only array")
+        raise ValueError("out: expected a writable array, got a read-only one")
     direct = out.dtype == cd and out.flags.c_contiguous and all(
         a is None or not np.may_share_memory(out, a) or _same_view(out, a) for a in inputs)
     return (out, out) if direct else (np.empty(x.shape, cd), out)

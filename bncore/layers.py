@@ -35,8 +35,9 @@ class BatchNorm:
             dt = np.dtype(dtype)
         except TypeError:
             dt = None
-        if dt not in chk.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype!r}")
+        if dt is None or dt not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, float32 or float64, "
+                            f"got {dt if dt is not None else repr(dtype)}")
         dtype = dt
         self.num_features = int(num_features)
         self.eps = chk.real(eps, "eps", 0.0)

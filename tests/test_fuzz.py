@@ -540,3 +540,95 @@ def test_fuzz_merge_stats(C, extra, sizes, seed, offset):
     np.testing.assert_allclose(m2, rm2, rtol=1e-10, atol=1e-10 * max(1.0, rcount))
     for a, b in zip((counts, means, m2s), before):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- every kind of bad argument: the README's error table ------------------------------------
+
+def _bad_inputs():
+    """(what is wrong, call) for every kind of bad argument; the call must raise
+    TypeError or ValueError whose message starts with the argument's name and
+    says what was expected and what was received."""
+    x = np.ones((4, 3, 5), np.float32)
+    v3, rm, rv = np.ones(3), np.zeros(3, np.float32), np.ones(3, np.float32)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    ro_v = np.ones(3, np.float32)
+    ro_v.flags.writeable = False
+    buf = np.zeros((2, 3))
+    T, E, B = bncore.batch_norm_train, bncore.batch_norm_eval, bncore.batch_norm_backward
+    return [
+        ("x of an integer, complex or object dtype", lambda: T(x.astype(np.int32))),
+        ("x with ndim < 2", lambda: T(np.ones(5, np.float32))),
+        ("training with 1 value per channel (N*H*W == 1)", lambda: T(np.ones((1, 3), np.float32))),
+        ("axis out of range", lambda: T(x, axis=3)),
+        ("axis not an int", lambda: T(x, axis=1.0)),
+        ("weight / bias of the wrong length", lambda: T(x, np.ones(4))),
+        ("weight / bias of a non-float dtype", lambda: T(x, np.ones(3, np.int64))),
+        ("eps negative, NaN or not a number", lambda: T(x, eps=-1e-5)),
+        ("momentum outside [0, 1]", lambda: T(x, momentum=1.5)),
+        ("only one of running_mean / running_var", lambda: T(x, running_mean=rm)),
+        ("running_mean / running_var not an ndarray", lambda: T(x, running_mean=[0.0] * 3,
+                                                                running_var=rv)),
+        ("running_mean / running_var of the wrong length",
+         lambda: T(x, running_mean=rm[:2], running_var=rv)),
+        ("running_mean / running_var read-only", lambda: T(x, running_mean=rm, running_var=ro_v)),
+        ("running_var sharing memory with running_mean",
+         lambda: T(x, running_mean=rm, running_var=rm)),
+        ("out of the wrong shape", lambda: T(x, out=np.empty((4, 3, 6), np.float32))),
+        ("out of the wrong dtype", lambda: T(x, out=np.empty(x.shape))),
+        ("out not an ndarray", lambda: T(x, out=[0.0])),
+        ("out read-only", lambda: T(x, out=ro)),
+        ("out sharing memory with running_mean / running_var",
+         lambda: T(np.ones((2, 3)), running_mean=buf[0], running_var=np.ones(3), out=buf)),
+        ("n_threads zero, negative or not an int", lambda: T(x, n_threads=0)),
+        ("activation unknown", lambda: T(x, activation="gelu")),
+        ("leaky_relu slope negative", lambda: T(x, activation=("leaky_relu", -0.1))),
+        ("eval: running_mean / running_var missing", lambda: E(x, None, rv)),
+        ("dy / y of another shape", lambda: B(x[:2], x, v3, v3)),
+        ("dy / y of another dtype", lambda: B(x.astype(np.float64), x, v3, v3)),
+        ("save_mean / save_invstd of the wrong length", lambda: B(x, x, v3, v3[:2])),
+        ("activation set without y (backward)", lambda: B(x, x, v3, v3, activation="relu")),
+        ("backward_elemt count < 1", lambda: bncore.batch_norm_backward_elemt(
+            x, x, v3, v3, None, v3, v3, 0)),
+        ("merge_stats counts negative or not finite",
+         lambda: bncore.merge_stats([4, -1], np.zeros((2, 3)), np.zeros((2, 3)))),
+        ("merge_stats means / m2s of mismatched shapes",
+         lambda: bncore.merge_stats([4, 4], np.zeros((2, 3)), np.zeros((2, 4)))),
+        ("BatchNorm num_features not a positive int", lambda: bncore.BatchNorm(0)),
+        ("BatchNorm dtype not float16/32/64", lambda: bncore.BatchNorm(3, dtype=np.int32)),
+        ("BatchNorm dtype not a dtype", lambda: bncore.BatchNorm(3, dtype="foo")),
+        ("BatchNorm input with another channel count",
+         lambda: bncore.BatchNorm(3)(np.ones((4, 5), np.float32))),
+        ("BatchNorm out sharing memory with x", lambda: bncore.BatchNorm(3)(x, out=x)),
+        ("BatchNorm state_dict entry of the wrong shape",
+         lambda: bncore.BatchNorm(3).load_state_dict({**bncore.BatchNorm(3).state_dict(),
+                                                      "running_var": np.ones(4)})),
+    ]
+
+
+BAD = _bad_inputs()
+
+
+@pytest.mark.parametrize("what,call", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_message_names_argument_expected_and_received(what, call):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    msg = str(info.value)
+    arg, _, rest = msg.partition(": ")
+    assert arg and " " not in arg.replace("activation slope", "x"), msg
+    assert "expected" in rest and "got" in rest, msg
+
+
+def error_table():
+    """The README's table of bad inputs (printed by `python tests/test_fuzz.py`)."""
+    rows = ["| bad input | exception | message |", "|---|---|---|"]
+    for what, call in BAD:
+        try:
+            call()
+        except (TypeError, ValueError) as e:
+            rows.append(f"| {what} | `{type(e).__name__}` | {str(e).replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(error_table())
