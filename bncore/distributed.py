@@ -1,0 +1,325 @@
+"""Synchronized batch normalization across processes over MPI (mpi4py).
+
+Data-parallel training splits each batch across ranks; ``SyncBatchNorm``
+normalizes every shard with the statistics of the whole batch, so the result
+equals single-process ``BatchNorm`` on the concatenated batch.
+
+Per training step and layer: forward makes one collective on a buffer of
+``2*C + 4`` float64 per rank (count, error flag, dtype code, mean, M2);
+backward makes one collective on ``2*C + 1`` float64 (error flag, sum(dy),
+sum(dy * (x - mean))). Every rank checks the exchanged error flags before
+using the data, so bad input on one rank makes every rank raise instead of
+leaving the others blocked in the next collective.
+
+``reduction="allgather"`` (default): each rank receives every rank's buffer
+and merges them in rank order, so statistics, running statistics and
+parameter gradients are bitwise identical on every rank, as the MPI standard
+guarantees nothing about the order inside a reduction. Bytes received grow
+with the number of ranks P.
+``reduction="allreduce"``: a reduction with Chan's merge as an MPI operation
+(forward) and MPI_SUM (backward); bytes per rank do not grow with P. MPICH and
+Open MPI return the same bits on every rank, but the MPI standard only
+recommends it. See docs/SYNC_BN.md for the costs.
+
+Gradient convention: after ``backward`` every rank holds the *global*
+``grad_weight`` and ``grad_bias`` (the sums over the whole batch, equal to
+single-process ``BatchNorm``). Exclude them from a sum all-reduce of the other
+gradients (averaging them is harmless: the values are already equal).
+"""
+import numpy as np
+
+try:
+    from mpi4py import MPI
+except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
+    raise ImportError(
+        "bncore.distributed needs mpi4py and an MPI library: "
+        "pip install 'bncore[mpi]'") from exc
+
+import bncore
+from bncore import BatchNorm
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+# Forward buffer layout: [count, n_bad, dtype_min, dtype_max, mean (C), m2 (C)]
+_HEAD = 4
+_DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2,
+                np.dtype(np.float64): 3}
+
+
+def _chan_reduce(inbuf, inoutbuf, datatype):
+    # inoutbuf = inbuf (lower ranks) merged with inoutbuf; whole records only,
+    # since the record is one contiguous MPI datatype.
+    width = datatype.Get_extent()[1] // 8
+    a = np.frombuffer(inbuf, dtype=np.float64).reshape(-1, width)
+    b = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, width)
+    c = (width - _HEAD) // 2
+    for ra, rb in zip(a, b):
+        count, mean, m2 = bncore.merge_stats(
+            np.array([ra[0], rb[0]], dtype=np.int64),
+            np.stack([ra[_HEAD:_HEAD + c], rb[_HEAD:_HEAD + c]]),
+            np.stack([ra[_HEAD + c:], rb[_HEAD + c:]]))
+        rb[0] = count
+        rb[1] += ra[1]
+        rb[2] = min(ra[2], rb[2])
+        rb[3] = max(ra[3], rb[3])
+        rb[_HEAD:_HEAD + c] = mean
+        rb[_HEAD + c:] = m2
+
+
+_CHAN_OP = None
+_RECORD_TYPES = {}
+
+
+def _chan_op():
+    global _CHAN_OP
+    if _CHAN_OP is None:
+        # Not commutative bitwise; ask MPI to keep rank order.
+        _CHAN_OP = MPI.Op.Create(_chan_reduce, commute=False)
+    return _CHAN_OP
+
+
+def _record_type(width):
+    # One record = one MPI element, so a reduction never splits it.
+    if width not in _RECORD_TYPES:
+        _RECORD_TYPES[width] = MPI.DOUBLE.Create_contiguous(width).Commit()
+    return _RECORD_TYPES[width]
+
+
+def _check_comm(comm, reduction):
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError("comm must be an mpi4py MPI.Intracomm, got "
+                        f"{type(comm).__name__}")
+    if reduction not in ("allgather", "allreduce"):
+        raise ValueError("reduction must be 'allgather' or 'allreduce', "
+                         f"got {reduction!r}")
+    return comm
+
+
+class SyncBatchNorm(BatchNorm):
+    """``BatchNorm`` whose batch statistics span every rank of ``comm``.
+
+    Same constructor and behaviour as ``bncore.BatchNorm`` plus ``comm`` (an
+    mpi4py intracommunicator, default ``MPI.COMM_WORLD``) and ``reduction``
+    (``"allgather"`` or ``"allreduce"``, see the module docstring). Every rank
+    of ``comm`` must call ``forward`` and ``backward`` together, with the same
+    channel count and dtype; a rank may hold zero samples. Running statistics
+    are updated identically on every rank, and ``grad_weight``/``grad_bias``
+    are the global sums on every rank. In eval mode with running statistics
+    the forward is local; backward still sums the parameter gradients.
+    """
+
+    def __init__(self, num_features, *, comm=None, reduction="allgather",
+                 **kwargs):
+        comm = _check_comm(comm, reduction)
+        super().__init__(num_features, **kwargs)
+        self.comm = comm
+        self.reduction = reduction
+        self._sync_saved = None
+
+    # -- collectives -------------------------------------------------------
+
+    def _raise_if_bad(self, n_bad, bad_ranks, local_error, what):
+        if n_bad == 0:
+            return
+        if local_error is not None:
+            raise local_error
+        where = (f"rank(s) {bad_ranks}" if bad_ranks is not None
+                 else f"{int(n_bad)} rank(s)")
+        raise ValueError(f"SyncBatchNorm.{what}: {where} of the communicator "
+                         "rejected their input (see the error on that rank)")
+
+    def _exchange_stats(self, count, mean, m2, bad, code):
+        c = self.num_features
+        send = np.empty(_HEAD + 2 * c)
+        send[:_HEAD] = (count, bad, code, code)
+        send[_HEAD:_HEAD + c] = mean
+        send[_HEAD + c:] = m2
+        if self.reduction == "allgather":
+            recv = np.empty((self.comm.Get_size(), send.size))
+            self.comm.Allgather(send, recv)
+            head = recv[:, :_HEAD]
+            bad_ranks = np.flatnonzero(head[:, 1]).tolist()
+            n_bad, lo, hi = len(bad_ranks), head[:, 2].min(), head[:, 3].max()
+            merged = None
+            if n_bad == 0 and lo == hi:
+                # Fixed rank order: every rank computes the same bits.
+                merged = bncore.merge_stats(head[:, 0].astype(np.int64),
+                                            recv[:, _HEAD:_HEAD + c],
+                                            recv[:, _HEAD + c:])
+        else:
+            recv = np.empty_like(send)
+            rtype = _record_type(send.size)
+            self.comm.Allreduce([send, 1, rtype], [recv, 1, rtype],
+                                op=_chan_op())
+            bad_ranks, n_bad, lo, hi = None, recv[1], recv[2], recv[3]
+            merged = (int(recv[0]), recv[_HEAD:_HEAD + c],
+                      recv[_HEAD + c:].copy())
+        return merged, n_bad, bad_ranks, lo != hi
+
+    def _exchange_grads(self, sum_dy, sum_dy_xmu, bad):
+        c = self.num_features
+        send = np.empty(1 + 2 * c)
+        send[0] = bad
+        send[1:1 + c] = sum_dy
+        send[1 + c:] = sum_dy_xmu
+        if self.reduction == "allgather":
+            recv = np.empty((self.comm.Get_size(), send.size))
+            self.comm.Allgather(send, recv)
+            bad_ranks = np.flatnonzero(recv[:, 0]).tolist()
+            total = recv.sum(axis=0)  # row by row, in rank order
+        else:
+            total = np.empty_like(send)
+            self.comm.Allreduce(send, total, op=MPI.SUM)
+            bad_ranks = None
+        return total[1:1 + c], total[1 + c:], total[0], bad_ranks
+
+    # -- forward / backward ------------------------------------------------
+
+    def _check_channels(self, arr, name):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got "
+                            f"{type(arr).__name__}")
+        if arr.ndim < 2:
+            raise ValueError(f"{name} must have ndim >= 2, got shape "
+                             f"{arr.shape}")
+        axis = self.axis
+        if not -arr.ndim <= axis < arr.ndim:
+            raise ValueError(f"axis={axis} is out of range for {name} with "
+                             f"ndim={arr.ndim}")
+        if arr.shape[axis] != self.num_features:
+            raise ValueError(
+                f"{name} has {arr.shape[axis]} channels on axis {axis}, "
+                f"expected num_features={self.num_features}")
+        if arr.dtype not in _DTYPE_CODES:
+            raise TypeError(f"{name} must be float16, float32 or float64, "
+                            f"got dtype {arr.dtype}")
+
+    def forward(self, x, *, n_threads=None):
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            return self._forward_eval(x, n_threads)
+        c = self.num_features
+        error = None
+        try:
+            self._check_channels(x, "x")
+            count, mean, m2 = bncore.batch_norm_stats(x, axis=self.axis,
+                                                      n_threads=n_threads)
+            code = _DTYPE_CODES[x.dtype]
+        except (TypeError, ValueError) as exc:
+            error = exc
+            count, mean, m2, code = 0, np.zeros(c), np.zeros(c), 0
+        merged, n_bad, bad_ranks, mixed = self._exchange_stats(
+            count, mean, m2, error is not None, code)
+        self._raise_if_bad(n_bad, bad_ranks, error, "forward")
+        if mixed:
+            raise TypeError("SyncBatchNorm.forward: ranks passed x of "
+                            f"different dtypes (this rank: {x.dtype})")
+        total, mean, m2 = merged
+        if total <= 1:
+            raise ValueError(
+                "SyncBatchNorm.forward: expected more than 1 value per "
+                f"channel over all ranks when training, got {total}")
+        var = m2 / total
+        invstd = 1.0 / np.sqrt(var + self.eps)
+        y = bncore.batch_norm_elemt(x, mean, invstd, self.weight, self.bias,
+                                    axis=self.axis, n_threads=n_threads)
+        if self.training and self.track_running_stats:
+            self._update_running(mean, m2 / (total - 1))
+        self._sync_saved = (x, mean, invstd, total, True)
+        return y
+
+    def _forward_eval(self, x, n_threads):
+        y = bncore.batch_norm_eval(x, self.running_mean, self.running_var,
+                                   self.weight, self.bias, axis=self.axis,
+                                   eps=self.eps, n_threads=n_threads)
+        mean = self.running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        self._sync_saved = (x, mean, invstd, None, False)
+        return y
+
+    def _update_running(self, mean, unbiased_var):
+        self.num_batches_tracked += 1
+        if self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        for run, new in ((self.running_mean, mean),
+                         (self.running_var, unbiased_var)):
+            run[...] = (1.0 - factor) * run.astype(np.float64) + factor * new
+
+    def backward(self, dy, *, n_threads=None):
+        if self._sync_saved is None:
+            raise RuntimeError("SyncBatchNorm.backward called before forward")
+        x, mean, invstd, total, batch_stats = self._sync_saved
+        c = self.num_features
+        error = None
+        try:
+            if not isinstance(dy, np.ndarray):
+                raise TypeError("dy must be a numpy.ndarray, got "
+                                f"{type(dy).__name__}")
+            if dy.shape != x.shape:
+                raise ValueError(f"dy has shape {dy.shape}, expected the "
+                                 f"shape of the forward input {x.shape}")
+            if dy.dtype not in _DTYPE_CODES:
+                raise TypeError("dy must be float16, float32 or float64, "
+                                f"got dtype {dy.dtype}")
+            sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(
+                dy, x, mean, axis=self.axis, n_threads=n_threads)
+        except (TypeError, ValueError) as exc:
+            error = exc
+            sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)
+        sum_dy, sum_dy_xmu, n_bad, bad_ranks = self._exchange_grads(
+            sum_dy, sum_dy_xmu, error is not None)
+        self._raise_if_bad(n_bad, bad_ranks, error, "backward")
+        weight = self.weight if self.weight is not None else np.ones(c)
+        if batch_stats:
+            dx = bncore.batch_norm_backward_elemt(
+                dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, total,
+                axis=self.axis, n_threads=n_threads)
+        else:
+            # Constant statistics: the mean terms vanish, dx = dy*w*invstd.
+            zeros = np.zeros(c)
+            dx = bncore.batch_norm_backward_elemt(
+                dy, x, mean, invstd, weight, zeros, zeros, 1,
+                axis=self.axis, n_threads=n_threads)
+        pdtype = (self.weight.dtype if self.weight is not None
+                  else np.dtype(np.float64))
+        self.grad_bias = sum_dy.astype(pdtype)
+        self.grad_weight = (sum_dy_xmu * invstd).astype(pdtype)
+        return dx
+
+    @classmethod
+    def from_batchnorm(cls, layer, comm=None, reduction="allgather"):
+        """A SyncBatchNorm sharing ``layer``'s parameter and running arrays."""
+        sync = cls.__new__(cls)
+        comm = _check_comm(comm, reduction)
+        sync.__dict__.update(layer.__dict__)  # same arrays, same settings
+        sync.comm = comm
+        sync.reduction = reduction
+        sync._sync_saved = None
+        return sync
+
+
+def convert_sync_batchnorm(layers, comm=None, *, reduction="allgather"):
+    """Replace every ``BatchNorm`` in ``layers`` by a ``SyncBatchNorm``.
+
+    ``layers`` is a layer, or a list, tuple or dict of them (nested
+    containers are converted recursively); a new container of the same kind is
+    returned and anything that is not a ``BatchNorm`` is kept as is. The new
+    layers share the old ones' weight, bias and running arrays (an optimizer
+    holding them keeps working) and their training mode.
+    """
+    if isinstance(layers, SyncBatchNorm):
+        return layers
+    if isinstance(layers, BatchNorm):
+        return SyncBatchNorm.from_batchnorm(layers, comm, reduction)
+    if isinstance(layers, (list, tuple)):
+        return type(layers)(convert_sync_batchnorm(item, comm,
+                                                   reduction=reduction)
+                            for item in layers)
+    if isinstance(layers, dict):
+        return {key: convert_sync_batchnorm(item, comm, reduction=reduction)
+                for key, item in layers.items()}
+    return layers
