@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
 
 import bncore
 from bncore import BatchNorm
+from bncore.functional import _update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -116,7 +117,6 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **kwargs)
         self.comm = comm
         self.reduction = reduction
-        self._sync_saved = None
 
     # -- collectives -------------------------------------------------------
 
@@ -177,33 +177,21 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward / backward ------------------------------------------------
 
-    def _check_channels(self, arr, name):
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got "
-                            f"{type(arr).__name__}")
-        if arr.ndim < 2:
-            raise ValueError(f"{name} must have ndim >= 2, got shape "
-                             f"{arr.shape}")
-        axis = self.axis
-        if not -arr.ndim <= axis < arr.ndim:
-            raise ValueError(f"axis={axis} is out of range for {name} with "
-                             f"ndim={arr.ndim}")
-        if arr.shape[axis] != self.num_features:
-            raise ValueError(
-                f"{name} has {arr.shape[axis]} channels on axis {axis}, "
-                f"expected num_features={self.num_features}")
-        if arr.dtype not in _DTYPE_CODES:
-            raise TypeError(f"{name} must be float16, float32 or float64, "
-                            f"got dtype {arr.dtype}")
-
-    def forward(self, x, *, n_threads=None):
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats:
-            return self._forward_eval(x, n_threads)
+    def forward(self, x, *, out=None, n_threads=None):
+        if not (self.training or not self.track_running_stats):
+            # Running statistics: nothing to exchange.
+            y = super().forward(x, out=out, n_threads=n_threads)
+            x, mean, invstd, _ = self._saved
+            self._saved = (x, mean, invstd, None, False)
+            return y
         c = self.num_features
         error = None
         try:
-            self._check_channels(x, "x")
+            x = self._check_input(x)
+            if (out is not None and isinstance(out, np.ndarray)
+                    and np.may_share_memory(out, x)):
+                raise ValueError("out: must not overlap x in a layer "
+                                 "(backward needs the input)")
             count, mean, m2 = bncore.batch_norm_stats(x, axis=self.axis,
                                                       n_threads=n_threads)
             code = _DTYPE_CODES[x.dtype]
@@ -214,57 +202,36 @@ class SyncBatchNorm(BatchNorm):
             count, mean, m2, error is not None, code)
         self._raise_if_bad(n_bad, bad_ranks, error, "forward")
         if mixed:
-            raise TypeError("SyncBatchNorm.forward: ranks passed x of "
-                            f"different dtypes (this rank: {x.dtype})")
+            raise TypeError("x: expected the same dtype on every rank, got "
+                            f"{x.dtype} here and another dtype elsewhere")
         total, mean, m2 = merged
-        if total <= 1:
-            raise ValueError(
-                "SyncBatchNorm.forward: expected more than 1 value per "
-                f"channel over all ranks when training, got {total}")
+        if total < 2:
+            raise ValueError("x: expected more than 1 value per channel over "
+                             f"all ranks when training, got {total}")
         var = m2 / total
         invstd = 1.0 / np.sqrt(var + self.eps)
         y = bncore.batch_norm_elemt(x, mean, invstd, self.weight, self.bias,
-                                    axis=self.axis, n_threads=n_threads)
+                                    axis=self.axis, out=out,
+                                    n_threads=n_threads)
         if self.training and self.track_running_stats:
-            self._update_running(mean, m2 / (total - 1))
-        self._sync_saved = (x, mean, invstd, total, True)
+            n = int(self.num_batches_tracked) + 1
+            factor = 1.0 / n if self.momentum is None else self.momentum
+            _update_running(self.running_mean, self.running_var, mean, var,
+                            total, factor)
+            self.num_batches_tracked[...] = n
+        self._saved = (x, mean, invstd, total, True)
         return y
 
-    def _forward_eval(self, x, n_threads):
-        y = bncore.batch_norm_eval(x, self.running_mean, self.running_var,
-                                   self.weight, self.bias, axis=self.axis,
-                                   eps=self.eps, n_threads=n_threads)
-        mean = self.running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        self._sync_saved = (x, mean, invstd, None, False)
-        return y
-
-    def _update_running(self, mean, unbiased_var):
-        self.num_batches_tracked += 1
-        if self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        for run, new in ((self.running_mean, mean),
-                         (self.running_var, unbiased_var)):
-            run[...] = (1.0 - factor) * run.astype(np.float64) + factor * new
-
-    def backward(self, dy, *, n_threads=None):
-        if self._sync_saved is None:
-            raise RuntimeError("SyncBatchNorm.backward called before forward")
-        x, mean, invstd, total, batch_stats = self._sync_saved
+    def backward(self, dy, *, out=None, n_threads=None):
+        """dx of the most recent forward; sets the global grad_weight and
+        grad_bias on every rank (one collective)."""
+        if self._saved is None:
+            raise RuntimeError("backward: no forward call to differentiate; "
+                               "call forward first")
+        x, mean, invstd, total, batch_stats = self._saved
         c = self.num_features
         error = None
         try:
-            if not isinstance(dy, np.ndarray):
-                raise TypeError("dy must be a numpy.ndarray, got "
-                                f"{type(dy).__name__}")
-            if dy.shape != x.shape:
-                raise ValueError(f"dy has shape {dy.shape}, expected the "
-                                 f"shape of the forward input {x.shape}")
-            if dy.dtype not in _DTYPE_CODES:
-                raise TypeError("dy must be float16, float32 or float64, "
-                                f"got dtype {dy.dtype}")
             sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(
                 dy, x, mean, axis=self.axis, n_threads=n_threads)
         except (TypeError, ValueError) as exc:
@@ -273,21 +240,18 @@ class SyncBatchNorm(BatchNorm):
         sum_dy, sum_dy_xmu, n_bad, bad_ranks = self._exchange_grads(
             sum_dy, sum_dy_xmu, error is not None)
         self._raise_if_bad(n_bad, bad_ranks, error, "backward")
-        weight = self.weight if self.weight is not None else np.ones(c)
-        if batch_stats:
-            dx = bncore.batch_norm_backward_elemt(
-                dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, total,
-                axis=self.axis, n_threads=n_threads)
+        if not batch_stats:
+            # Constant statistics: dx = dy * weight * invstd.
+            sum_dy_xmu_dx = sum_dy_dx = np.zeros(c)
+            total = 1
         else:
-            # Constant statistics: the mean terms vanish, dx = dy*w*invstd.
-            zeros = np.zeros(c)
-            dx = bncore.batch_norm_backward_elemt(
-                dy, x, mean, invstd, weight, zeros, zeros, 1,
-                axis=self.axis, n_threads=n_threads)
-        pdtype = (self.weight.dtype if self.weight is not None
-                  else np.dtype(np.float64))
-        self.grad_bias = sum_dy.astype(pdtype)
-        self.grad_weight = (sum_dy_xmu * invstd).astype(pdtype)
+            sum_dy_dx, sum_dy_xmu_dx = sum_dy, sum_dy_xmu
+        dx = bncore.batch_norm_backward_elemt(
+            dy, x, mean, invstd, self.weight, sum_dy_dx, sum_dy_xmu_dx, total,
+            axis=self.axis, out=out, n_threads=n_threads)
+        if self.affine:
+            self.grad_weight = (sum_dy_xmu * invstd).astype(self.weight.dtype)
+            self.grad_bias = sum_dy.astype(self.bias.dtype)
         return dx
 
     @classmethod
@@ -298,7 +262,7 @@ class SyncBatchNorm(BatchNorm):
         sync.__dict__.update(layer.__dict__)  # same arrays, same settings
         sync.comm = comm
         sync.reduction = reduction
-        sync._sync_saved = None
+        sync._saved = None
         return sync
 
 

@@ -413,9 +413,8 @@ def test_sync_single_rank_equals_batchnorm(reduction, kwargs):
         tol = RTOL[dtype]
         assert_close(y, y_ref, tol, "y")
         assert_close(dx, dx_ref, tol, "dx")
-        assert_close(sync.grad_weight, ref.grad_weight, tol, "dweight")
-        assert_close(sync.grad_bias, ref.grad_bias, tol, "dbias")
-        for name in ("running_mean", "running_var"):
+        for name in ("grad_weight", "grad_bias", "running_mean",
+                     "running_var"):
             a, b = getattr(sync, name), getattr(ref, name)
             assert (a is None) == (b is None)
             if a is not None:
@@ -435,10 +434,10 @@ def test_sync_rejects_bad_arguments():
     with pytest.raises(ValueError, match="reduction"):
         dist.SyncBatchNorm(3, reduction="ring")
     sync = dist.SyncBatchNorm(3, comm=mpi().COMM_SELF)
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(RuntimeError, match="forward first"):
         sync.backward(np.ones((2, 3), dtype=np.float32))
     before = sync.running_mean.copy()
-    with pytest.raises(ValueError, match="num_features"):
+    with pytest.raises(ValueError, match="channels"):
         sync(np.ones((4, 5), dtype=np.float32))
     with pytest.raises(TypeError, match="dtype"):
         sync(np.ones((4, 3), dtype=np.int32))

@@ -72,7 +72,11 @@ def same_on_all_ranks(arr, what):
         f"{what} differs between ranks"
 
 
-def check_config(dtype, rest, axis, reduction, offset=0.0, **kwargs):
+def check_config(dtype, rest, axis, reduction, offset=0.0, grads_vs_layer=True,
+                 **kwargs):
+    """grads_vs_layer=False: with |mean| >> std, BatchNorm's float32
+    save_mean limits its own dx/dweight to ~1e-5, so compare those with the
+    float64 oracle only (SyncBatchNorm keeps the mean in float64)."""
     rng = np.random.default_rng(1234)  # same stream on every rank
     sync = SyncBatchNorm(C, axis=axis, dtype=dtype, reduction=reduction,
                          **kwargs)
@@ -100,9 +104,12 @@ def check_config(dtype, rest, axis, reduction, offset=0.0, **kwargs):
         assert y.shape == xs.shape and y.dtype == xs.dtype, what
         assert dx.shape == xs.shape and dx.dtype == xs.dtype, what
         close(y, y_ref[lo:lo + sizes[RANK]], dtype, f"y {what}")
-        close(dx, dx_ref[lo:lo + sizes[RANK]], dtype, f"dx {what}")
-        close(sync.grad_weight, ref.grad_weight, dtype, f"dweight {what}")
-        close(sync.grad_bias, ref.grad_bias, dtype, f"dbias {what}")
+        assert (sync.grad_weight is None) == (ref.grad_weight is None), what
+        if grads_vs_layer:
+            close(dx, dx_ref[lo:lo + sizes[RANK]], dtype, f"dx {what}")
+        if sync.affine and grads_vs_layer:
+            close(sync.grad_weight, ref.grad_weight, dtype, f"dweight {what}")
+            close(sync.grad_bias, ref.grad_bias, dtype, f"dbias {what}")
         if sync.training or not sync.track_running_stats:
             w = sync.weight if sync.weight is not None else np.ones(C)
             b = sync.bias if sync.bias is not None else np.zeros(C)
@@ -111,8 +118,9 @@ def check_config(dtype, rest, axis, reduction, offset=0.0, **kwargs):
             lo_hi = slice(lo, lo + sizes[RANK])
             close(y, yo[lo_hi], dtype, f"y vs oracle {what}")
             close(dx, dxo[lo_hi], dtype, f"dx vs oracle {what}")
-            close(sync.grad_weight, dwo, dtype, f"dweight vs oracle {what}")
-            close(sync.grad_bias, dbo, dtype, f"dbias vs oracle {what}")
+            if sync.affine:
+                close(sync.grad_weight, dwo, dtype, f"dweight vs oracle {what}")
+                close(sync.grad_bias, dbo, dtype, f"dbias vs oracle {what}")
         if sync.track_running_stats:
             close(sync.running_mean, ref.running_mean, dtype,
                   f"running_mean {what}")
@@ -193,7 +201,9 @@ def main():
     for reduction in ("allgather", "allreduce"):
         check_config(np.float64, (3, 2), 1, reduction)
         check_config(np.float64, (4,), -1, reduction, momentum=None)
-        check_config(np.float32, (), 1, reduction, offset=1e3)
+        check_config(np.float32, (), 1, reduction, offset=30.0)
+        check_config(np.float32, (2,), 1, reduction, offset=300.0,
+                     grads_vs_layer=False)
         check_config(np.float32, (2, 3), -1, reduction, affine=False,
                      track_running_stats=False)
         check_errors(reduction)
