@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
 
 import bncore
 from bncore import BatchNorm
+from bncore import _checks as chk
 from bncore.functional import _update_running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -56,7 +57,7 @@ def _chan_reduce(inbuf, inoutbuf, datatype):
     c = (width - _HEAD) // 2
     for ra, rb in zip(a, b):
         count, mean, m2 = bncore.merge_stats(
-            np.array([ra[0], rb[0]], dtype=np.int64),
+            np.array([ra[0], rb[0]]),
             np.stack([ra[_HEAD:_HEAD + c], rb[_HEAD:_HEAD + c]]),
             np.stack([ra[_HEAD + c:], rb[_HEAD + c:]]))
         rb[0] = count
@@ -84,6 +85,12 @@ def _record_type(width):
     if width not in _RECORD_TYPES:
         _RECORD_TYPES[width] = MPI.DOUBLE.Create_contiguous(width).Commit()
     return _RECORD_TYPES[width]
+
+
+def _check_out(out, x):
+    # Checked before the exchange, so a bad `out` fails on every rank too.
+    if out is not None:
+        chk.output(out, x, chk.compute_dtype(x.dtype), (x,))
 
 
 def _check_comm(comm, reduction):
@@ -118,6 +125,11 @@ class SyncBatchNorm(BatchNorm):
         self.comm = comm
         self.reduction = reduction
 
+    def __repr__(self):
+        return (super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)
+                [:-1] + f", ranks={self.comm.Get_size()}, "
+                f"reduction={self.reduction!r})")
+
     # -- collectives -------------------------------------------------------
 
     def _raise_if_bad(self, n_bad, bad_ranks, local_error, what):
@@ -145,7 +157,7 @@ class SyncBatchNorm(BatchNorm):
             merged = None
             if n_bad == 0 and lo == hi:
                 # Fixed rank order: every rank computes the same bits.
-                merged = bncore.merge_stats(head[:, 0].astype(np.int64),
+                merged = bncore.merge_stats(head[:, 0],
                                             recv[:, _HEAD:_HEAD + c],
                                             recv[:, _HEAD + c:])
         else:
@@ -178,7 +190,7 @@ class SyncBatchNorm(BatchNorm):
     # -- forward / backward ------------------------------------------------
 
     def forward(self, x, *, out=None, n_threads=None):
-        if not (self.training or not self.track_running_stats):
+        if not self.training and self.track_running_stats:
             # Running statistics: nothing to exchange.
             y = super().forward(x, out=out, n_threads=n_threads)
             x, mean, invstd, _ = self._saved
@@ -192,6 +204,7 @@ class SyncBatchNorm(BatchNorm):
                     and np.may_share_memory(out, x)):
                 raise ValueError("out: must not overlap x in a layer "
                                  "(backward needs the input)")
+            _check_out(out, x)
             count, mean, m2 = bncore.batch_norm_stats(x, axis=self.axis,
                                                       n_threads=n_threads)
             code = _DTYPE_CODES[x.dtype]
@@ -234,6 +247,7 @@ class SyncBatchNorm(BatchNorm):
         try:
             sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(
                 dy, x, mean, axis=self.axis, n_threads=n_threads)
+            _check_out(out, x)
         except (TypeError, ValueError) as exc:
             error = exc
             sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)

@@ -427,6 +427,27 @@ def test_sync_single_rank_equals_batchnorm(reduction, kwargs):
             assert_close(sd[key], sd_ref[key], RTOL[dtype], key)
 
 
+def test_sync_single_rank_float16_and_out():
+    dist = distributed()
+    rng = np.random.default_rng(18)
+    sync = dist.SyncBatchNorm(3, comm=mpi().COMM_SELF)
+    ref = bncore.BatchNorm(3)
+    x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2),
+                                                        np.float16)
+    y, y_ref = sync(x), ref(x)
+    assert y.dtype == np.float16
+    assert_close(y, y_ref, 2e-3, "y")
+    assert_close(sync.backward(dy), ref.backward(dy), 2e-3, "dx")
+    assert_close(sync.running_var, ref.running_var, 1e-5, "running_var")
+    x32 = x.astype(np.float32)
+    out, dx_out = np.empty_like(x32), np.empty_like(x32)
+    y = sync(x32, out=out)
+    assert y is out
+    assert_close(out, ref(x32), 1e-5, "out")
+    assert sync.backward(dy.astype(np.float32), out=dx_out) is dx_out
+    assert_close(dx_out, ref.backward(dy.astype(np.float32)), 1e-5, "dx out")
+
+
 def test_sync_rejects_bad_arguments():
     dist = distributed()
     with pytest.raises(TypeError, match="comm"):

@@ -171,6 +171,14 @@ def check_errors(reduction):
             assert hint in msg and "rejected" in msg, msg
         unchanged(before, what)
 
+    # A bad `out` on one rank is caught before the exchange as well.
+    before = snapshot()
+    out = np.empty((3, C, 2), dtype=np.float32 if RANK == bad_rank
+                   else np.float64)
+    expect_error(lambda: sync.forward(good, out=out), (ValueError, TypeError),
+                 f"{reduction} bad out")
+    unchanged(before, "bad out")
+
     # Different dtypes on different ranks: every rank raises TypeError.
     before = snapshot()
     mixed = good.astype(np.float32) if RANK == 0 else good
