@@ -547,3 +547,13 @@ def run_mpi(n, *args, timeout=180):
 def test_sync_batchnorm_under_mpiexec(n):
     out = run_mpi(n, MPI_SCRIPTS / "check_sync_bn.py")
     assert f"sync batch norm checks passed on {n} ranks" in out
+
+
+def test_example_matches_single_process_under_mpiexec():
+    pytest.importorskip("sklearn")
+    out = run_mpi(2, ROOT / "examples" / "mpi_train_mlp.py", "--epochs", "3",
+                  "--compare")
+    # --compare exits non-zero when the accuracies differ; check the report
+    accs = [float(line.split("test accuracy ")[1].split()[0].rstrip(";"))
+            for line in out.splitlines() if "test accuracy" in line]
+    assert len(accs) == 2 and accs[0] == accs[1] and accs[0] > 0.9, out
