@@ -19,8 +19,11 @@ import pytest
 
 import bncore
 
-ROOT = Path(bncore.__file__).resolve().parent.parent
-MPI_SCRIPTS = Path(__file__).resolve().parent / "mpi"
+# The ranks must import the same bncore as this process (a build in place or
+# an installed copy); scripts and examples live in the source tree.
+BNCORE_PARENT = Path(bncore.__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent
+MPI_SCRIPTS = REPO / "tests" / "mpi"
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 
@@ -526,13 +529,14 @@ def run_mpi(n, *args, timeout=180):
     """Run ``python -m mpi4py ARGS`` on n ranks; return its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(
-                   filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   filter(None, [str(BNCORE_PARENT),
+                               os.environ.get("PYTHONPATH")])),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [*mpiexec_command(), "-n", str(n), sys.executable, "-m", "mpi4py",
            *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
+                            cwd=REPO, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -551,7 +555,7 @@ def test_sync_batchnorm_under_mpiexec(n):
 
 def test_example_matches_single_process_under_mpiexec():
     pytest.importorskip("sklearn")
-    out = run_mpi(2, ROOT / "examples" / "mpi_train_mlp.py", "--epochs", "3",
+    out = run_mpi(2, REPO / "examples" / "mpi_train_mlp.py", "--epochs", "3",
                   "--compare")
     # --compare exits non-zero when the accuracies differ; check the report
     accs = [float(line.split("test accuracy ")[1].split()[0].rstrip(";"))
