@@ -527,11 +527,12 @@ def mpiexec_command():
 
 def run_mpi(n, *args, timeout=180):
     """Run ``python -m mpi4py ARGS`` on n ranks; return its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(
-                   filter(None, [str(BNCORE_PARENT),
-                               os.environ.get("PYTHONPATH")])),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    path = [str(BNCORE_PARENT), os.environ.get("PYTHONPATH")]
+    # One thread per rank: ranks share the cores (oversubscribed at -n 4).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [*mpiexec_command(), "-n", str(n), sys.executable, "-m", "mpi4py",
            *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
