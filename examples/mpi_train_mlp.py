@@ -115,12 +115,9 @@ def train(comm, x_train, y_train, x_test, y_test, args):
                 flat = np.concatenate([getattr(p, g).ravel()
                                        for p, g in summed])
                 comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
-                offset = 0
-                for p, g in summed:
-                    shape = getattr(p, g).shape
-                    setattr(p, g, flat[offset:offset + np.prod(shape,
-                                       dtype=int)].reshape(shape))
-                    offset += np.prod(shape, dtype=int)
+                ends = np.cumsum([getattr(p, g).size for p, g in summed])
+                for (p, g), part in zip(summed, np.split(flat, ends[:-1])):
+                    setattr(p, g, part.reshape(getattr(p, g).shape))
             for p, name, _ in params:
                 if getattr(p, name) is None:
                     continue
