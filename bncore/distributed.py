@@ -56,14 +56,11 @@ def _chan_reduce(inbuf, inoutbuf, datatype):
     b = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, width)
     c = (width - _HEAD) // 2
     for ra, rb in zip(a, b):
+        pair = np.stack([ra, rb])
         count, mean, m2 = bncore.merge_stats(
-            np.array([ra[0], rb[0]]),
-            np.stack([ra[_HEAD:_HEAD + c], rb[_HEAD:_HEAD + c]]),
-            np.stack([ra[_HEAD + c:], rb[_HEAD + c:]]))
-        rb[0] = count
-        rb[1] += ra[1]
-        rb[2] = min(ra[2], rb[2])
-        rb[3] = max(ra[3], rb[3])
+            pair[:, 0], pair[:, _HEAD:_HEAD + c], pair[:, _HEAD + c:])
+        rb[:_HEAD] = (count, ra[1] + rb[1], min(ra[2], rb[2]),
+                      max(ra[3], rb[3]))
         rb[_HEAD:_HEAD + c] = mean
         rb[_HEAD + c:] = m2
 
