@@ -205,6 +205,26 @@ def check_errors(reduction):
     assert np.isfinite(y).all()
 
 
+def check_subcommunicator(reduction):
+    """Even and odd ranks normalize over their own group only."""
+    color = RANK % 2
+    sub = COMM.Split(color, RANK)
+    rng = np.random.default_rng(100 + color)
+    sizes = [3 + r for r in range(sub.Get_size())]
+    x, dy = global_batch(rng, sum(sizes), (2,), 1, np.float64, 1.0)
+    lo = sum(sizes[:sub.Get_rank()])
+    mine = slice(lo, lo + sizes[sub.Get_rank()])
+    sync = SyncBatchNorm(C, dtype=np.float64, comm=sub, reduction=reduction)
+    ref = bncore.BatchNorm(C, dtype=np.float64)
+    close(sync.forward(x[mine]), ref.forward(x)[mine], np.float64,
+          f"sub-communicator y {reduction}")
+    close(sync.backward(dy[mine]), ref.backward(dy)[mine], np.float64,
+          f"sub-communicator dx {reduction}")
+    close(sync.running_var, ref.running_var, np.float64,
+          f"sub-communicator running_var {reduction}")
+    sub.Free()
+
+
 def main():
     for reduction in ("allgather", "allreduce"):
         check_config(np.float64, (3, 2), 1, reduction)
@@ -215,6 +235,7 @@ def main():
         check_config(np.float32, (2, 3), -1, reduction, affine=False,
                      track_running_stats=False)
         check_errors(reduction)
+        check_subcommunicator(reduction)
     COMM.Barrier()
     if RANK == 0:
         print(f"sync batch norm checks passed on {SIZE} ranks", flush=True)
