@@ -111,7 +111,7 @@ def resnet50_step(batch, reps):
     return res["local BN"][0] / batch, shapes
 
 
-def local_costs(reps):
+def local_costs(reps, ranks=(8, 64, 512)):
     """Measured CPU cost of the merges each rank runs, in seconds: the
     allgather path merges P records per layer (one merge_stats call), the
     allreduce path applies the Chan operation (one two-record merge in
@@ -124,7 +124,7 @@ def local_costs(reps):
         dtype = _record_type(rec.size)
         costs[("op", c)] = min(_time_serial(
             lambda: _chan_reduce(rec, rec.copy(), dtype), reps))
-        for p in (8, 64, 512):
+        for p in ranks:
             counts = np.full(p, 100.0)
             means = rng.standard_normal((p, c))
             costs[("merge", c, p)] = min(_time_serial(

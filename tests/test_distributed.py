@@ -451,6 +451,27 @@ def test_sync_single_rank_float16_and_out():
     assert_close(dx_out, ref.backward(dy.astype(np.float32)), 1e-5, "dx out")
 
 
+@pytest.mark.parametrize("counts", [(7, 5), (0, 4), (3, 0), (0, 0)])
+def test_chan_reduction_operation(counts):
+    # The MPI operation of reduction="allreduce", applied as MPI would.
+    dist = distributed()
+    rng = np.random.default_rng(19)
+    c = 6
+    parts = [sample(rng, (n, c), np.float64, offset=40.0) for n in counts]
+    recs = []
+    for rank, part in enumerate(parts):
+        n, mean, m2 = bncore.batch_norm_stats(part)
+        recs.append(np.concatenate([[n, rank == 1, 2 + rank, 2 + rank],
+                                    mean, m2]))
+    dtype = dist._record_type(recs[0].size)
+    dist._chan_reduce(recs[0], recs[1], dtype)
+    out = recs[1]
+    n, mean, m2 = oracle_stats(np.concatenate(parts))
+    assert out[0] == n and out[1] == 1 and out[2] == 2 and out[3] == 3
+    assert_close(out[4:4 + c], mean, 1e-13, "mean")
+    assert_close(out[4 + c:], m2, 1e-12, "m2")
+
+
 def test_sync_rejects_bad_arguments():
     dist = distributed()
     with pytest.raises(TypeError, match="comm"):
