@@ -210,8 +210,8 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
     } else {
         int64_t r0, nr, c0, nc;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        FN(tile_moments)(x + r0 * p->s.channels + c0, nr, nc, p->s.channels,
-                         part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        FN(tile_moments)(x + r0 * p->width + c0, nr, nc, p->width,
+                         part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -225,11 +225,13 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
         FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope,
                     part + 2 * u);
     } else {
+        double mc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
-        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->s.channels, mean + c0,
-                     act, slope, part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        o = r0 * p->width + c0;
+        for (int64_t j = 0; j < nc; j++) mc[j] = mean[bn_channel_of(p, c0 + j)];
+        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope,
+                     part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -254,18 +256,19 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         T tm[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
+        o = r0 * p->width + c0;
         for (int64_t j = 0; j < nc; j++) {
-            tm[j] = m ? (T)m[c0 + j] : 0;
-            ta[j] = (T)a[c0 + j];
-            tb[j] = b ? (T)b[c0 + j] : 0;
-            tc[j] = c ? (T)c[c0 + j] : 0;
+            int64_t ch = bn_channel_of(p, c0 + j);
+            tm[j] = m ? (T)m[ch] : 0;
+            ta[j] = (T)a[ch];
+            tb[j] = b ? (T)b[ch] : 0;
+            tc[j] = c ? (T)c[ch] : 0;
         }
         if (!dy)
-            FN(tile_apply)(x + o, out + o, nr, nc, p->s.channels, tm, ta, tb, act, (T)slope);
+            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, ta, tb, act, (T)slope);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->s.channels, tm, ta, tb, tc, act, (T)slope);
+                        p->width, tm, ta, tb, tc, act, (T)slope);
     }
 }
 
