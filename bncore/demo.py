@@ -52,8 +52,8 @@ def _read_digits(source):
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
         images, labels = table[:, :-1] / 255, table[:, -1].astype(np.intp)
     elif source == "digits":
-        from sklearn.datasets import load_digits
-        bunch = load_digits()  # 1,797 images of 8x8 pixels in 0..16
+        import sklearn.datasets
+        bunch = sklearn.datasets.load_digits()  # 1,797 images of 8x8 pixels in 0..16
         images, labels = (bunch.data / 16).astype(np.float32), bunch.target.astype(np.intp)
     else:
         raise ValueError(f"source must be 'mnist' or 'digits', got {source!r}")
@@ -192,12 +192,12 @@ class MLP:
 
 # ---------------------------------------------------------------- training
 
-def test_accuracy(net, x, labels):
+def accuracy(net, x, labels):
     """Fraction classified right, BN in eval mode (running statistics)."""
     net.eval()
-    accuracy = np.mean(net.forward(x).argmax(axis=1) == labels)
+    right = np.mean(net.forward(x).argmax(axis=1) == labels)
     net.train()
-    return accuracy
+    return right
 
 
 def sigmoid_input_percentiles(net, x):
@@ -207,8 +207,7 @@ def sigmoid_input_percentiles(net, x):
     while training (the paper's panels b and c); the BN layers' running
     statistics are put back afterwards, so the probe leaves no trace.
     """
-    saved = [{key: np.copy(value) for key, value in norm.state_dict().items()}
-             for norm in net.norms]
+    saved = [norm.state_dict() for norm in net.norms]  # copies
     net.forward(x)
     for norm, state in zip(net.norms, saved):
         norm.load_state_dict(state)
@@ -241,7 +240,7 @@ def train(net, data, *, steps, lr, batch_size, seed, checkpoints=(), progress=No
         for step in range(steps + 1):  # step = SGD updates done so far
             if step in checkpoints:
                 history["steps"].append(step)
-                history["accuracy"].append(test_accuracy(net, x_test, y_test))
+                history["accuracy"].append(accuracy(net, x_test, y_test))
                 history["percentiles"].append(sigmoid_input_percentiles(net, x_test))
             if step == steps:
                 break
@@ -282,21 +281,24 @@ def _progress_bar(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True)
 
 
-def run_experiment(*, steps=3000, lr=0.5, batch_size=60, seed=0, n_test=1000,
-                   n_train=None, source=None, high_lr_factor=HIGH_LR_FACTOR,
+def run_experiment(digits=None, *, steps=3000, lr=4.0, batch_size=60, seed=0,
+                   high_lr_factor=HIGH_LR_FACTOR, n_checkpoints=N_CHECKPOINTS,
                    progress=False, dtype=np.float32):
     """Train the plain and the BN net at ``lr`` and at ``high_lr_factor * lr``.
 
+    ``digits`` is what ``load_digits`` returns (``None``: ``load_digits(seed=seed)``).
+    Each net is evaluated at ``n_checkpoints`` evenly spaced steps and at the
+    table's steps (``TABLE_FRACTIONS`` of ``steps``).
     Returns a dict with the data set's ``name`` and sizes, ``table_steps`` and
-    ``runs``: a list of dicts (``label``, ``batch_norm``, ``lr``, ``history``).
+    ``runs``: a list of dicts (``label``, ``batch_norm``, ``lr``, ``history``
+    from ``train``), plain and BN at ``lr``, then plain and BN at the high rate.
     """
-    x_train, y_train, x_test, y_test, name = load_digits(
-        n_test=n_test, n_train=n_train, seed=seed, source=source)
+    x_train, y_train, x_test, y_test, name = load_digits(seed=seed) if digits is None else digits
     data = (x_train, y_train, x_test, y_test)
     sizes = (x_train.shape[1], *HIDDEN, 10)
     weights = init_weights(sizes, seed)
     table_steps = sorted({max(1, round(f * steps)) for f in TABLE_FRACTIONS})
-    checkpoints = set(np.linspace(0, steps, N_CHECKPOINTS + 1).round().astype(int))
+    checkpoints = set(np.linspace(0, steps, n_checkpoints + 1).round().astype(int))
     checkpoints |= set(table_steps)
 
     runs = []
@@ -333,41 +335,41 @@ def format_table(result):
 
 
 def plot(result, path, unit=0):
-    """Save the paper's panels (a-c) and the high learning rate panel (d) to ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    """Save the paper's panels (a-c) and the high learning rate panel (d) as a PNG.
+
+    ``unit`` picks the last-hidden-layer sigmoid of panels b and c.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no window, no global backend
 
     plain, bn, plain_high, bn_high = result["runs"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
-    (ax_a, ax_d), (ax_b, ax_c) = axes
-    for ax, runs, title in ((ax_a, (plain, bn), "(a) test accuracy"),
-                            (ax_d, (plain_high, bn_high),
-                             f"(d) learning rate x{plain_high['lr'] / plain['lr']:g}")):
-        for run, color in zip(runs, ("tab:blue", "tab:red")):
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    (ax_a, ax_d), (ax_b, ax_c) = fig.subplots(2, 2)
+    factor = plain_high["lr"] / plain["lr"]
+    for ax, runs, title in (
+            (ax_a, (plain, bn), "(a) test accuracy"),
+            (ax_d, (plain_high, bn_high, bn), f"(d) test accuracy, learning rate x{factor:g}")):
+        for run, color, style in zip(runs, ("tab:blue", "tab:red", "tab:red"), ("-", "-", ":")):
             h = run["history"]
-            ax.plot(h["steps"], h["accuracy"], color=color, label=run["label"])
+            ax.plot(h["steps"], h["accuracy"], color=color, ls=style, label=run["label"])
         ax.set(title=title, xlabel="training steps", ylabel="test accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    ax_d.plot(bn["history"]["steps"], bn["history"]["accuracy"], color="tab:red",
-              ls=":", alpha=0.6, label=bn["label"])
-    ax_d.legend(loc="lower right")
+        ax.legend(loc="center right")
 
     for ax, run, title in ((ax_b, plain, "(b) without BN"), (ax_c, bn, "(c) with BN")):
         h = run["history"]
-        for q, style in zip(PERCENTILES, ("--", "-", "--")):
-            ax.plot(h["steps"], h["percentiles"][:, PERCENTILES.index(q), unit],
-                    color="k", ls=style, lw=1, label=f"{q}th percentile")
-        ax.set(title=f"{title}: input to one last-layer sigmoid",
-               xlabel="training steps", ylabel="sigmoid input")
+        for i, q in enumerate(PERCENTILES):
+            trace = h["percentiles"][:, i, unit]
+            ax.plot(h["steps"], trace, color="k", lw=1, ls="-" if q == 50 else "--")
+            ax.annotate(f"{q}th", (h["steps"][-1], trace[-1]), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize="small")
+        ax.set(title=f"{title}: input to a last-hidden-layer sigmoid",
+               xlabel="training steps", ylabel="sigmoid input (percentiles)")
+        ax.margins(x=0.08)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
     fig.suptitle(f"Ioffe & Szegedy (2015), Figure 1, with bncore: {result['name']}, "
                  f"{result['n_train']} train / {result['n_test']} test images, "
                  f"SGD batch {result['batch_size']}", fontsize="medium")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -379,7 +381,7 @@ def main(argv=None):
                     "with plain SGD, without and with bncore batch normalization.")
     parser.add_argument("--steps", type=int, default=3000,
                         help="SGD steps per net (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.5,
+    parser.add_argument("--lr", type=float, default=4.0,
                         help=f"learning rate; panel (d) uses {HIGH_LR_FACTOR}x it "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=60,
@@ -403,11 +405,16 @@ def main(argv=None):
                      "or pass --no-plot")
 
     start = time.perf_counter()
-    result = run_experiment(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+    digits = load_digits(seed=args.seed)
+    name, n_train = digits[4], len(digits[1])
+    if args.batch_size > n_train:
+        parser.error(f"--batch-size must be at most the {n_train} training images, "
+                     f"got {args.batch_size}")
+    print(f"{name}: {n_train} training / {len(digits[3])} test images; MLP "
+          f"{digits[0].shape[1]}-{'-'.join(map(str, HIDDEN))}-10 with sigmoids; plain SGD, "
+          f"batch {args.batch_size}, {args.steps} steps, seed {args.seed}", flush=True)
+    result = run_experiment(digits, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, progress=sys.stderr.isatty())
-    print(f"{result['name']}: {result['n_train']} training / {result['n_test']} test "
-          f"images; MLP {'-'.join(map(str, result['sizes']))}, sigmoid, plain SGD "
-          f"with batch {args.batch_size}, seed {args.seed}")
     print(format_table(result))
     if not args.no_plot:
         print(f"figure saved to {plot(result, args.out)}")
