@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #ifdef __cplusplus
 #define BN_RESTRICT __restrict
@@ -34,6 +37,7 @@
 #define BN_MIN_RUN 32              /* inner runs shorter than this use the row layout */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (8 << 20)   /* channels processed per round: still in cache for the 2nd pass */
+#define BN_STREAM_BYTES (16 << 20)  /* outputs this large bypass the cache (no read-for-ownership) */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 16                /* independent double accumulators per run */
 
@@ -56,6 +60,7 @@ typedef struct {
     int64_t nunits;
     int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, channel) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
+    int stream;          /* write outputs with non-temporal stores */
     int64_t nrounds;
 } bn_plan;
 
@@ -71,6 +76,7 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     /* short inner runs (channels-last has inner == 1) are better read as
      * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C */
     p.rows = s.inner < BN_MIN_RUN;
+    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);
@@ -98,6 +104,31 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.nrounds = bn_cdiv(p.ntiles, p.round);
     }
     return p;
+}
+
+/* memcpy with non-temporal stores: a large output is not read into the cache
+ * before being overwritten, and does not evict the input being re-read. */
+static void bn_stream_store(void *dst, const void *src, size_t n)
+{
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+#if defined(__SSE2__)
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= 16; n -= 16, d += 16, s += 16)
+        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+#endif
+    memcpy(d, s, n);
+}
+
+/* Orders the non-temporal stores of a unit before anyone reads them. */
+static void bn_stream_fence(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
 }
 
 /* Units and channels of round r: [*u0, *u1) and [*c0, *c1). */

@@ -273,3 +273,21 @@ def test_work_decomposition_edges(rng, shape, axis):
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
     np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_outputs_bypassing_the_cache(rng, axis):
+    # > 16 MB: outputs are written with non-temporal stores
+    shape = (8, 64, 96, 96) if axis == 1 else (8, 96, 96, 64)
+    x = rng.standard_normal(shape, dtype=np.float32) + 3
+    C = 64
+    w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis, activation="relu")
+    y_ref, _, _, _ = ref.train(x, w, b, axis)
+    np.testing.assert_allclose(y, ref.activate(y_ref, "relu"), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    dx, _, _ = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, _, _ = ref.backward(dy, x, mean, invstd, w, axis)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
+    bncore.batch_norm_eval(x, mean, 1 / invstd.astype(np.float64) ** 2 - 1e-5, w, b, axis=axis, out=x)
+    np.testing.assert_allclose(x, y_ref, rtol=1e-4, atol=1e-4)
