@@ -9,8 +9,9 @@
 3. The model: bytes and collectives per rank per step for ResNet-50 at 8, 64
    and 512 ranks, exchange time on two networks (latency per message round,
    bandwidth per rank: InfiniBand 3 us, 12 GB/s; 10 GbE 30 us, 1.2 GB/s),
-   with the merge costs measured here, against the BN compute.
-Every time is the slowest rank's, median over --reps repetitions.
+   with the merge costs measured here, against the BN compute and the
+   whole step (assumptions in model()).
+Times are the slowest rank's: median and 10th percentile over --reps.
 docs/SYNC_BN.md discusses the numbers.
 """
 import argparse
@@ -174,25 +175,26 @@ def model(per_image_here, shapes, batch, costs):
     n_layers = len(shapes)
     elems = sum(c * h * w for c, h, w in shapes)
     sent = sum(8 * (4 * c + 5) for c, _, _ in shapes)
-    here = per_image_here * batch
-    # A rank = one server (e.g. 2 sockets, 200 GB/s); BN moves about 8
-    # float32 passes over the activations per step (forward reads x twice
-    # and writes y; backward reads x, dy twice and writes dx).
-    node = 8 * 4 * elems * batch / 200e9
+    # A rank = one two-socket server: BN is bandwidth bound, about 8 float32
+    # passes over the activations (forward reads x twice and writes y;
+    # backward reads x and dy twice and writes dx) at 200 GB/s; the rest of
+    # the step is ~3 x 4.1 GFLOP per image at 2 TFLOP/s.
+    bn = 8 * 4 * elems * batch / 200e9
+    step = bn + batch * 3 * 4.1e9 / 2e12
     say(f"\n3. model, ResNet-50, per-rank batch {batch}: {2 * n_layers} "
         f"collectives per step; each rank sends {sent / 1e6:.2f} MB per "
-        f"step. BN forward+backward per step per rank: {here * 1e3:.0f} ms "
-        f"at one core here (measured), {node * 1e3:.0f} ms on a 200 GB/s "
-        "server (bandwidth bound)")
+        f"step. BN forward+backward per step: {bn * 1e3:.0f} ms on a "
+        f"200 GB/s server ({per_image_here * batch * 1e3:.0f} ms on one core "
+        f"here, measured); whole step about {step * 1e3:.0f} ms")
     networks = {"IB": (3e-6, 12e9), "10GbE": (30e-6, 1.2e9)}
     say(f"{'ranks':>6} {'net':>6} {'method':>9} {'MB recv':>8} "
-        f"{'ms/step':>8} {'/BN node':>8} {'/BN core':>8}")
+        f"{'ms/step':>8} {'/BN':>6} {'/step':>6}")
     for p in (8, 64, 512):
         for net, (alpha, beta) in networks.items():
             res = exchange_model(shapes, p, alpha, beta, costs)
             for method, (t, nbytes) in res.items():
                 say(f"{p:>6} {net:>6} {method:>9} {nbytes / 1e6:>8.1f} "
-                    f"{t * 1e3:>8.1f} {t / node:>8.2f} {t / here:>8.3f}")
+                    f"{t * 1e3:>8.1f} {t / bn:>6.2f} {t / step:>6.2f}")
 
 
 def main():
