@@ -135,6 +135,36 @@ const char *bn_build_info(void);
 /* Threads a call with n_threads <= 0 would use (omp_get_max_threads()). */
 int bn_default_threads(void);
 
+/* ---- Normalization family: layer normalization ----------------------------
+ * (group and instance normalization run on the kernels above: statistics of
+ * (1, N*G, C/G*H*W), affine map of (1, N*C, H*W).)
+ *
+ * x is rows x cols, C-contiguous: statistics per row over its cols elements,
+ * affine map per column: y = (x - mean[r]) * invstd[r] * weight[j] + bias[j],
+ * invstd = 1/sqrt(M2/cols + eps). weight/bias may be NULL (ones/zeros).
+ * Writes mean and invstd (double[rows]). Rows up to 16384 elements are
+ * processed one per thread; longer ones are split into runs across threads.
+ * Same numerics and thread-count invariance as bn_stats. */
+int bn_layer_norm_f32(const float *x, float *y, int64_t rows, int64_t cols,
+                      const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+int bn_layer_norm_f64(const double *x, double *y, int64_t rows, int64_t cols,
+                      const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+
+/* Gradient of bn_layer_norm: with g = dy * weight[j] and
+ * xhat = (x - mean[r]) * invstd[r],
+ * dx = invstd[r] * (g - mean_r(g) - xhat * mean_r(g * xhat)) (dx may be dy),
+ * dweight[j] = sum_r dy * xhat, dbias[j] = sum_r dy (double[cols]). */
+int bn_layer_norm_backward_f32(const float *dy, const float *x, float *dx,
+                               int64_t rows, int64_t cols, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+int bn_layer_norm_backward_f64(const double *dy, const double *x, double *dx,
+                               int64_t rows, int64_t cols, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -273,12 +273,14 @@ const char *bn_build_info(void)
 #define T float
 #define SFX f32
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 
 #define T double
 #define SFX f64
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 
