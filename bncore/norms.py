@@ -42,6 +42,15 @@ def _array(x, name, min_ndim):
     return x
 
 
+def _like(a, x, name):
+    a = _array(a, name, 1)
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {a.dtype}")
+    return a
+
+
 def _param(v, shape, name):
     """A parameter of the given shape as a flat contiguous float64 copy (None stays None)."""
     if v is None:
@@ -143,7 +152,7 @@ def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None, *, o
     weight is None). `out` may be dy (in place).
     """
     x = _array(x, "x", 1)
-    dy = chk.like(_array(dy, "dy", 1), x, "dy")
+    dy = _like(dy, x, "dy")
     ns = _normalized_shape(normalized_shape, x)
     rows, cols = _prod(x.shape[:x.ndim - len(ns)]), _prod(ns)
     m = _saved(mean, rows, "mean")
