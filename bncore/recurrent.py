@@ -81,6 +81,9 @@ class RecurrentBatchNorm(_Module):
             raise ValueError(f"t: expected a non-negative int (the time step), got {t!r}")
         return x, int(t)
 
+    def __call__(self, x, t=None, **kwargs):
+        return self.forward(x, t, **kwargs)
+
     def forward(self, x, t=None, *, out=None, n_threads=None):
         x, t = self._check(x, "x", t)
         _not_overlapping(out, x)
@@ -123,6 +126,11 @@ class RecurrentBatchNorm(_Module):
         if missing:
             raise RuntimeError(f"backward: no forward call saved for step(s) {missing}; call "
                                f"forward for them first (a forward at step 0 starts over)")
+        for s in steps:
+            x = self._steps[s][0]
+            if x.shape != dy.shape[-2:] or x.dtype != dy.dtype:
+                raise ValueError(f"dy: expected steps of shape {x.shape} and dtype {x.dtype} "
+                                 f"(the input of step {s}), got {dy.shape} {dy.dtype}")
         if dy.ndim == 2:
             return self._step_backward(dy, t, out, n_threads)
         dx = np.empty_like(dy) if out is None else chk.output(out, dy, dy.dtype, ())[1]

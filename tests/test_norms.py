@@ -258,7 +258,7 @@ def test_group_norm_out_in_place_and_thread_invariance(rng):
     np.testing.assert_array_equal(dy, b1[0])
 
 
-@pytest.mark.parametrize("shape", [(64, 768), (2, 40000), (300, 20000)])
+@pytest.mark.parametrize("shape", [(128, 768), (2, 40000), (40, 20000)])
 def test_layer_norm_thread_invariance(rng, shape):
     x = (rng.standard_normal(shape) + 20).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
