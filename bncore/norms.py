@@ -6,12 +6,12 @@ statistics (`*_train -> (y, mean, invstd)`), the gradient of that form
 (`*_backward -> (dx, dweight, dbias)`) and a layer (`LayerNorm`, `GroupNorm`,
 `InstanceNorm`).
 
-Layer norm runs on its own row kernel (statistics per row, affine map per
-column, one pass over a cached row). Group and instance norm run on the batch
-norm kernels through the (outer, channels, inner) convention: the statistics
-of each (n, group) are those of the "channels" of x viewed as
-(1, N*G, C/G*H*W), and the affine map is per (n, c) on (1, N*C, H*W), with
-its O(N*C) coefficients computed here in float64.
+Both run on row kernels (include/bncore_norms_template.h) built from the batch
+norm kernels' run loops: statistics per row -- a layer-norm row, or an (n,
+group) of C/G*H*W elements -- with the same two-pass-in-double scheme, then
+the affine map while the row is still in cache; rows too long for that are
+split across threads through bn_stats / bn_apply on the (1, rows, length)
+view. Instance norm is group norm with one channel per group.
 """
 import numbers
 
@@ -183,48 +183,26 @@ class _Groups:
             raise ValueError(f"num_groups: expected a divisor of the channel count "
                              f"{self.C} (axis 1 of x, shape {self.x.shape}), got {self.G}")
         self.HW = _prod(self.x.shape[2:])
-        self.cpg = self.C // self.G
-        self.count = self.cpg * self.HW  # elements per group
+        self.count = self.C // self.G * self.HW  # elements per group
+        self.shape = (self.N, self.C, self.HW, self.G)
         self.cd = chk.compute_dtype(self.x.dtype)
         self.sd = chk.stat_dtype(self.x.dtype)
 
     def flat(self, a):
         return chk.contiguous(a, self.cd).reshape(-1)
 
-    def per_channel(self, v):
-        """(N*G,) per-group values repeated for each (n, c): length N*C."""
-        return np.repeat(v, self.cpg)
-
-    def per_group(self, v):
-        """(N*C,) per-(n, c) values summed over each group: length N*G."""
-        return v.reshape(self.N * self.G, self.cpg).sum(1)
-
-    def tile(self, v, fill):
-        """A per-channel (C,) parameter for each (n, c): length N*C."""
-        return np.full(self.N * self.C, fill, np.float64) if v is None else np.tile(v, self.N)
-
 
 def _group_forward(L, weight, bias, eps, out, n_threads):
-    """(y, mean, invstd, biased var) with mean/invstd/var flat float64 per (n, group)."""
+    """(y, mean, invstd) with mean/invstd flat float64 per (n, group)."""
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
     eps = chk.real(eps, "eps", 0.0)
     nt = chk.threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
-    mean, m2 = np.zeros(L.N * L.G), np.zeros(L.N * L.G)
+    mean, invstd = np.zeros(L.N * L.G), np.full(L.N * L.G, np.nan)
     if L.x.size:
-        xf = L.flat(L.x)
-        _k.stats(xf, (1, L.N * L.G, L.count), mean, m2, nt)
-        var = m2 / L.count
-        invstd = 1.0 / np.sqrt(var + eps)
-        inv_nc = L.per_channel(invstd)
-        scale = inv_nc if w is None else inv_nc * L.tile(w, 1.0)
-        _k.apply(xf, buf.reshape(-1), (1, L.N * L.C, L.HW), L.per_channel(mean), scale,
-                 L.tile(b, 0.0), 0, 0.0, nt)
-    else:
-        var = np.full(L.N * L.G, np.nan)
-        invstd = 1.0 / np.sqrt(var + eps)
-    return chk.finish(buf, final, L.x.dtype), mean, invstd, var
+        _k.group_norm(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, nt)
+    return chk.finish(buf, final, L.x.dtype), mean, invstd
 
 
 def _group_backward(L, dy, mean, invstd, weight, out, n_threads):
@@ -236,19 +214,8 @@ def _group_backward(L, dy, mean, invstd, weight, out, n_threads):
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy))
     dw, db = np.zeros(L.C), np.zeros(L.C)
     if L.x.size:
-        shape = (1, L.N * L.C, L.HW)
-        dyf, xf = L.flat(dy), L.flat(L.x)
-        m_nc, inv_nc, w_nc = L.per_channel(m), L.per_channel(inv), L.tile(w, 1.0)
-        # centered sums per (n, c): sum dy and sum dy * (x - group mean)
-        s_dy, s_dyx = np.empty(L.N * L.C), np.empty(L.N * L.C)
-        _k.backward_reduce(dyf, xf, None, shape, m_nc, 0, 0.0, s_dy, s_dyx, nt)
-        db = s_dy.reshape(L.N, L.C).sum(0)
-        dw = (s_dyx * inv_nc).reshape(L.N, L.C).sum(0)
-        # g = dy * w: dx = inv*(g - mean(g) - xhat*mean(g*xhat)) over each group
-        sg = L.per_channel(L.per_group(s_dy * w_nc))
-        sgx = L.per_channel(L.per_group(s_dyx * w_nc))
-        _k.backward_apply(dyf, xf, None, buf.reshape(-1), shape, m_nc, w_nc * inv_nc,
-                          -inv_nc ** 3 * sgx / L.count, -inv_nc * sg / L.count, 0, 0.0, nt)
+        _k.group_norm_backward(L.flat(dy), L.flat(L.x), buf.reshape(-1), L.shape, m, inv, w, dw,
+                               db, nt)
     return chk.finish(buf, final, L.x.dtype), dw.astype(L.sd), db.astype(L.sd)
 
 
@@ -257,7 +224,7 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=Non
     """Group normalization of x (N, C, *), as torch.nn.functional.group_norm;
     returns (y, mean, invstd) with mean and invstd of shape (N, num_groups)."""
     L = _Groups(x, num_groups)
-    y, mean, invstd, _ = _group_forward(L, weight, bias, eps, out, n_threads)
+    y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
     return y, mean.astype(L.sd).reshape(L.N, L.G), invstd.astype(L.sd).reshape(L.N, L.G)
 
 
@@ -291,9 +258,10 @@ def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, running_mean=Non
     if L.HW < 2:
         raise ValueError(f"x: expected more than 1 spatial element per channel when using "
                          f"the input's statistics, got shape {L.x.shape}")
-    y, mean, invstd, var = _group_forward(L, weight, bias, eps, out, n_threads)
+    y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
     if running_mean is not None:
         mean_c = mean.reshape(L.N, L.C).mean(0)
+        var = 1.0 / invstd ** 2 - eps  # the biased variance the kernel used
         var_c = (var * (L.HW / (L.HW - 1))).reshape(L.N, L.C).mean(0)
         rm = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean_c
         rv = (1 - momentum) * running_var.astype(np.float64) + momentum * var_c

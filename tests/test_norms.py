@@ -123,12 +123,13 @@ def test_layer_norm_float32_accuracy_far_from_zero(rng):
     y_ref, m_ref, inv_ref = ref_layer_norm(x, (1000,))
     np.testing.assert_allclose(invstd, inv_ref, rtol=1e-6)
     np.testing.assert_allclose(mean, m_ref, rtol=1e-7)
-    np.testing.assert_allclose(y, y_ref, atol=2e-3)
+    # the output is centered with the mean split in two floats: x - mean stays exact
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx, _, _ = bncore.layer_norm_backward(dy, x, 1000, mean, invstd)
     xhat = (x - m_ref) * inv_ref
     np.testing.assert_allclose(dx, ref_row_backward(dy.astype(np.float64), xhat, inv_ref, dy),
-                               atol=2e-3)
+                               atol=5e-4)
 
 
 def test_layer_norm_layouts_out_and_in_place(rng):
@@ -171,7 +172,7 @@ def test_layer_norm_empty_rows():
 # ---- group and instance norm -------------------------------------------------------------------
 
 GN_CASES = [((4, 6, 5, 3), 3), ((2, 8, 7), 4), ((5, 4), 2), ((2, 32, 9, 9), 32), ((3, 6, 3, 3), 1),
-            ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2)]
+            ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2), ((2, 4, 130, 130), 1)]
 GN_IDS = ["x".join(map(str, s)) + f"-g{g}" for s, g in GN_CASES]
 
 
@@ -239,18 +240,28 @@ def test_instance_norm_reference_and_running_stats(rng):
                                rtol=1e-14, atol=1e-14)
 
 
-def test_group_norm_out_in_place_and_thread_invariance(rng):
+@pytest.mark.parametrize("shape,G", [((4, 16, 40, 40), 4), ((1, 4, 150, 150), 2),
+                                     ((4096, 64), 8)])
+def test_group_norm_thread_invariance(rng, shape, G):
+    x = (rng.standard_normal(shape) + 30).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+    one = bncore.group_norm_train(x, G, w, n_threads=1)
+    for nt in (2, 3):
+        for a, c in zip(one, bncore.group_norm_train(x, G, w, n_threads=nt)):
+            np.testing.assert_array_equal(a, c)
+    b1 = bncore.group_norm_backward(dy, x, G, one[1], one[2], w, n_threads=1)
+    for nt in (2, 3):
+        for a, c in zip(b1, bncore.group_norm_backward(dy, x, G, one[1], one[2], w, n_threads=nt)):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_group_norm_out_and_in_place(rng):
     x = (rng.standard_normal((4, 16, 40, 40)) + 30).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     w = rng.standard_normal(16).astype(np.float32)
-    one = bncore.group_norm_train(x, 4, w, n_threads=1)
-    two = bncore.group_norm_train(x, 4, w, n_threads=2)
-    for a, c in zip(one, two):
-        np.testing.assert_array_equal(a, c)
-    b1 = bncore.group_norm_backward(dy, x, 4, one[1], one[2], w, n_threads=1)
-    b2 = bncore.group_norm_backward(dy, x, 4, one[1], one[2], w, n_threads=2)
-    for a, c in zip(b1, b2):
-        np.testing.assert_array_equal(a, c)
+    one = bncore.group_norm_train(x, 4, w)
+    b1 = bncore.group_norm_backward(dy, x, 4, one[1], one[2], w)
     xc = x.copy()
     assert bncore.group_norm(xc, 4, w, out=xc) is xc
     np.testing.assert_array_equal(xc, one[0])
