@@ -13,6 +13,7 @@ the affine map while the row is still in cache; rows too long for that are
 split across threads through bn_stats / bn_apply on the (1, rows, length)
 view. Instance norm is group norm with one channel per group.
 """
+import math
 import numbers
 
 import numpy as np
@@ -84,17 +85,20 @@ def _normalized_shape(normalized_shape, x=None):
     """normalized_shape as a tuple of non-negative ints, checked against x's trailing dims."""
     ns = normalized_shape
     if isinstance(ns, numbers.Integral) and not isinstance(ns, bool):
-        ns = (ns,)
-    try:
-        ns = tuple(ns)
-    except TypeError:
-        raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got "
-                        f"{normalized_shape!r}") from None
-    if not ns or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0
-                         for d in ns):
+        ns = (int(ns),)
+    elif not isinstance(ns, tuple) or not all(type(d) is int for d in ns):
+        try:
+            ns = tuple(ns)
+        except TypeError:
+            raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got "
+                            f"{normalized_shape!r}") from None
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in ns):
+            raise ValueError(f"normalized_shape: expected a tuple of non-negative ints, got "
+                             f"{normalized_shape!r}")
+        ns = tuple(int(d) for d in ns)
+    if not ns or min(ns) < 0:
         raise ValueError(f"normalized_shape: expected a non-empty tuple of non-negative ints, "
                          f"got {normalized_shape!r}")
-    ns = tuple(int(d) for d in ns)
     if x is not None and (len(ns) > x.ndim or x.shape[x.ndim - len(ns):] != ns):
         raise ValueError(f"normalized_shape: expected the trailing dimensions of x, got {ns} "
                          f"for x of shape {x.shape}")
@@ -102,7 +106,7 @@ def _normalized_shape(normalized_shape, x=None):
 
 
 def _prod(shape):
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(int(d) for d in shape)
 
 
 # ---- layer norm ------------------------------------------------------------------------
@@ -126,13 +130,15 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, o
     lead = x.shape[:x.ndim - len(ns)]
     rows, cols = _prod(lead), _prod(ns)
     buf, final = chk.output(out, x, cd, (x,))
-    mean, invstd = np.zeros(rows), np.full(rows, np.nan)
+    mean, invstd = np.empty(rows), np.empty(rows)
     if rows and cols:
         _k.layer_norm(chk.contiguous(x, cd).reshape(-1), buf.reshape(-1), rows, cols, w, b,
                       eps, mean, invstd, nt)
+    else:  # as torch: mean 0 and invstd nan over no elements
+        mean[:], invstd[:] = 0.0, np.nan
     stat_shape = lead + (1,) * len(ns)
-    return (chk.finish(buf, final, x.dtype), mean.astype(sd).reshape(stat_shape),
-            invstd.astype(sd).reshape(stat_shape))
+    return (chk.finish(buf, final, x.dtype), mean.astype(sd, copy=False).reshape(stat_shape),
+            invstd.astype(sd, copy=False).reshape(stat_shape))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
@@ -166,8 +172,8 @@ def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None, *, o
         _k.layer_norm_backward(chk.contiguous(dy, cd).reshape(-1),
                                chk.contiguous(x, cd).reshape(-1), buf.reshape(-1), rows, cols,
                                m, inv, w, dw, db, nt)
-    return (chk.finish(buf, final, x.dtype), dw.astype(sd).reshape(ns),
-            db.astype(sd).reshape(ns))
+    return (chk.finish(buf, final, x.dtype), dw.astype(sd, copy=False).reshape(ns),
+            db.astype(sd, copy=False).reshape(ns))
 
 
 # ---- group and instance norm -------------------------------------------------------------
@@ -199,9 +205,11 @@ def _group_forward(L, weight, bias, eps, out, n_threads):
     eps = chk.real(eps, "eps", 0.0)
     nt = chk.threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
-    mean, invstd = np.zeros(L.N * L.G), np.full(L.N * L.G, np.nan)
+    mean, invstd = np.empty(L.N * L.G), np.empty(L.N * L.G)
     if L.x.size:
         _k.group_norm(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, nt)
+    else:
+        mean[:], invstd[:] = 0.0, np.nan
     return chk.finish(buf, final, L.x.dtype), mean, invstd
 
 
@@ -216,7 +224,8 @@ def _group_backward(L, dy, mean, invstd, weight, out, n_threads):
     if L.x.size:
         _k.group_norm_backward(L.flat(dy), L.flat(L.x), buf.reshape(-1), L.shape, m, inv, w, dw,
                                db, nt)
-    return chk.finish(buf, final, L.x.dtype), dw.astype(L.sd), db.astype(L.sd)
+    return (chk.finish(buf, final, L.x.dtype), dw.astype(L.sd, copy=False),
+            db.astype(L.sd, copy=False))
 
 
 def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
@@ -225,7 +234,8 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=Non
     returns (y, mean, invstd) with mean and invstd of shape (N, num_groups)."""
     L = _Groups(x, num_groups)
     y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
-    return y, mean.astype(L.sd).reshape(L.N, L.G), invstd.astype(L.sd).reshape(L.N, L.G)
+    return (y, mean.astype(L.sd, copy=False).reshape(L.N, L.G),
+            invstd.astype(L.sd, copy=False).reshape(L.N, L.G))
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, n_threads=None):
@@ -267,7 +277,8 @@ def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, running_mean=Non
         rv = (1 - momentum) * running_var.astype(np.float64) + momentum * var_c
         running_mean[...] = rm
         running_var[...] = rv
-    return y, mean.astype(L.sd).reshape(L.N, L.C), invstd.astype(L.sd).reshape(L.N, L.C)
+    return (y, mean.astype(L.sd, copy=False).reshape(L.N, L.C),
+            invstd.astype(L.sd, copy=False).reshape(L.N, L.C))
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,

@@ -1,16 +1,17 @@
-/* bncore_norms_template.h -- layer-normalization kernels (statistics per row,
- * affine map per column), included by bncore_impl.h right after
- * bncore_template.h once per element type with T and SFX defined. They reuse
- * that file's run_moments and its accuracy scheme: exact two-pass moments over
- * runs of BN_RUN elements, merged in double with Chan's formula in a fixed
- * order, so results are bitwise identical for any thread count. */
+/* bncore_norms_template.h -- layer and group normalization kernels
+ * (statistics per row or per (sample, group), affine map per column or per
+ * channel), included by bncore_impl.h right after bncore_template.h once per
+ * element type with T and SFX defined. They reuse that file's run loops and
+ * its accuracy scheme: two-pass moments in double over runs of BN_RUN
+ * elements, merged with Chan's formula in a fixed order, so results are
+ * bitwise identical for any thread count. */
 
 #ifndef BN_LN_ROW_MAX
 #define BN_LN_ROW_MAX 16384        /* longer rows are split into runs across threads */
 #define BN_LN_MAX_BLOCKS 64        /* row blocks of the backward's column partials */
 #define BN_LN_SCRATCH (4 << 20)    /* bytes of those partials at most */
-#define BN_GN_ROW_MAX 65536
-#define BN_LANES 32                /* double accumulators: 8 AVX2 dependency chains */        /* longer groups: statistics split into runs across threads */
+#define BN_GN_ROW_MAX 65536        /* longer groups: statistics split into runs across threads */
+#define BN_GN_SHORT 256            /* channel runs shorter than this: gn_short_dot */
 #endif
 
 #define LN_CAT2(a, b) a##_##b
@@ -332,6 +333,33 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
     return 0;
 }
 
+/* {sum dy, sum dy*(x - m)} of a short run (n < BN_GN_SHORT, e.g. a 7x7
+ * channel): eight lanes closed by a tree, so the closing reduction costs less
+ * than run_dot's sixteen-lane chain on such runs. */
+BN_CLONES static void LN(gn_short_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
+                                       int64_t n, double m, double *out)
+{
+    double a1[8] = {0}, a2[8] = {0};
+    int64_t nv = n - n % 8, i;
+    for (i = 0; i < nv; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double g = dy[i + l];
+            a1[l] += g;
+            a2[l] += g * ((double)x[i + l] - m);
+        }
+    for (; i < n; i++) {
+        double g = dy[i];
+        a1[i - nv] += g;
+        a2[i - nv] += g * ((double)x[i] - m);
+    }
+    for (int l = 0; l < 4; l++) {
+        a1[l] += a1[l + 4];
+        a2[l] += a2[l + 4];
+    }
+    out[0] = (a1[0] + a1[1]) + (a1[2] + a1[3]);
+    out[1] = (a2[0] + a2[1]) + (a2[2] + a2[3]);
+}
+
 /* Backward for long groups: the batch-norm reductions and dx kernels over the
  * (1, N*C, HW) view, which split long rows across threads. */
 static int LN(gn_backward_long)(const T *dy, const T *x, T *dx, int64_t N, int64_t C,
@@ -413,9 +441,11 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 for (int64_t c = 0; c < cpg; c++) {
                     double sc[2] = {0, 0}, part2[2];
                     for (int64_t k = 0; k < HW; k += BN_RUN) {
-                        int64_t o = c * HW + k;
-                        LN(run_dot)(dr + o, xr + o, NULL, bn_min64(BN_RUN, HW - k), m,
-                                    BN_ACT_NONE, 0, part2);
+                        int64_t o = c * HW + k, n = bn_min64(BN_RUN, HW - k);
+                        if (n < BN_GN_SHORT)
+                            LN(gn_short_dot)(dr + o, xr + o, n, m, part2);
+                        else
+                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, part2);
                         sc[0] += part2[0];
                         sc[1] += part2[1];
                     }
