@@ -194,7 +194,8 @@ def table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bncore.bench_norms", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bncore.bench_norms",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one layer-norm and one group-norm shape")
     p.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell (default 7)")

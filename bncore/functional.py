@@ -281,7 +281,8 @@ def _ghost_stats(v, K, C, name):
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
     if a.shape != (K, C):
-        raise ValueError(f"{name}: expected shape ({K}, {C}), one row per ghost batch, got {a.shape}")
+        raise ValueError(f"{name}: expected shape ({K}, {C}), one row per ghost batch, "
+                         f"got {a.shape}")
     return np.ascontiguousarray(a, dtype=np.float64)
 
 

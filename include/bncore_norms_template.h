@@ -228,7 +228,7 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
         /* few long rows: column chunks own their dweight/dbias entries and keep
          * per-(chunk, row) partial row sums, merged in chunk order */
         int64_t kc = bn_cdiv(cols, BN_RUN);
-        double *part = (double *)malloc(sizeof(double) * (2 * (size_t)(kc * rows) + 2 * (size_t)rows));
+        double *part = (double *)malloc(sizeof(double) * 2 * (size_t)(kc * rows + rows));
         if (!part) {
             free(w);
             return BN_ENOMEM;
@@ -295,7 +295,8 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
         double *co = (double *)malloc(sizeof(double) * 3 * (size_t)bn_max64(1, N * C));
         int err = co ? LN(bn_stats)(x, s, mean, invstd, n_threads) : BN_ENOMEM;
         if (!err) {
-            for (int64_t r = 0; r < rows; r++) invstd[r] = 1.0 / sqrt(invstd[r] / (double)len + eps);
+            for (int64_t r = 0; r < rows; r++)
+                invstd[r] = 1.0 / sqrt(invstd[r] / (double)len + eps);
             for (int64_t i = 0; i < N * C; i++) {
                 int64_t r = (i / C) * G + (i % C) / cpg;
                 co[i] = mean[r];
