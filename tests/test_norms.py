@@ -4,6 +4,7 @@ modules) and the ONNX node test cases."""
 import glob
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -154,11 +155,18 @@ def test_layer_norm_layouts_out_and_in_place(rng):
     np.testing.assert_array_equal(dy, dx_ref)
 
 
-def test_layer_norm_float16(rng):
-    x = (rng.standard_normal((5, 40)) + 2).astype(np.float16)
+def test_float16_input(rng):
+    x = (rng.standard_normal((5, 4, 40)) + 2).astype(np.float16)
     y, mean, invstd = bncore.layer_norm_train(x, 40)
     assert y.dtype == np.float16 and mean.dtype == np.float32
     np.testing.assert_allclose(y, ref_layer_norm(x, (40,))[0], atol=4e-3, rtol=2e-3)
+    y, mean, invstd = bncore.group_norm_train(x, 2)
+    assert y.dtype == np.float16 and mean.dtype == np.float32
+    np.testing.assert_allclose(y, ref_group_norm(x, 2)[0], atol=4e-3, rtol=2e-3)
+    dx, dw, _ = bncore.group_norm_backward(x, x, 2, mean, invstd)
+    assert dx.dtype == np.float16 and dw.dtype == np.float32
+    layer = bncore.LayerNorm(40, dtype=np.float16)
+    assert layer(x).dtype == np.float16 and layer.backward(x).dtype == np.float16
 
 
 def test_layer_norm_empty_rows():
@@ -557,3 +565,21 @@ def test_bench_norms_peers_agree(op, shape):
             np.testing.assert_allclose(np.asarray(g), w, rtol=1e-9, atol=1e-9, err_msg=name)
     assert "| layer_norm" in bench_norms.table([{"op": "layer_norm", "shape": [2, 3], "threads": 1,
                                                  "median_s": {n: 1e-3 for n in bench_norms.NAMES}}])
+
+
+def test_readme_section_examples_run():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "FAMILY_README_SECTION.md")
+    with open(path) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(blocks) == 5
+    ns = {}
+    exec(compile(blocks[0], path, "exec"), ns)  # layer norm
+    np.testing.assert_allclose(ns["y"], ref_layer_norm(ns["x"], (768,))[0], atol=3e-5)
+    exec(compile(blocks[1], path, "exec"), ns)  # group and instance norm
+    np.testing.assert_allclose(ns["y"], ref_group_norm(ns["x"], 256)[0], atol=3e-5)
+    exec(compile(blocks[2], path, "exec"), ns)  # batch renorm
+    assert ns["brn"].limits() == (1.0, 0.0) and ns["r"].shape == ns["d"].shape == (64,)
+    exec(compile(blocks[3], path, "exec"), ns)  # recurrent
+    assert ns["dzs"].shape == ns["zs"].shape == (20, 16, 128)
+    exec(compile(blocks[4], path, "exec"), ns)  # ghost
+    assert ns["mean"].shape == (16, 64) and ns["dx"].shape == (512, 64)
