@@ -18,39 +18,13 @@
 #define LN_CAT(a, b) LN_CAT2(a, b)
 #define LN(name) LN_CAT(name, SFX)
 
-/* Mean and M2 of a run of n <= BN_RUN elements by the plain two-pass
- * algorithm in double (numpy.var's): the mean of a double sum, then the sum
- * of (x - mean)^2 while the run is in L1. Two sweeps where run_moments makes
- * three (it also corrects the mean with sum(x - mean), which changes nothing
- * that matters here: the double sum's rounding is far below float precision
- * and enters M2 only squared). out = {mean, M2}. */
-BN_CLONES static void LN(ln_run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
-{
-    double acc[BN_LANES] = {0}, d2[BN_LANES] = {0}, tot = 0, s2 = 0;
-    int64_t nv = n - n % BN_LANES, i;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
-    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
-    for (i = nv; i < n; i++) tot += x[i];
-    double m = tot / (double)n;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m;
-            d2[j] += d * d;
-        }
-    for (int j = 0; j < BN_LANES; j++) s2 += d2[j];
-    for (i = nv; i < n; i++) s2 += ((double)x[i] - m) * ((double)x[i] - m);
-    out[0] = m;
-    out[1] = s2;
-}
-
 /* Mean and M2 of one row: runs of BN_RUN merged with Chan's formula in order. */
 static void LN(ln_row_moments)(const T *x, int64_t cols, double *out)
 {
     double n = 0, m = 0, q = 0, part[2];
     for (int64_t k = 0; k < cols; k += BN_RUN) {
         int64_t len = bn_min64(BN_RUN, cols - k);
-        LN(ln_run_moments)(x + k, len, part);
+        LN(run_moments)(x + k, len, part);
         bn_chan(&n, &m, &q, (double)len, part[0], part[1]);
     }
     out[0] = m;
@@ -122,18 +96,6 @@ static T *LN(ln_params)(const double *weight, const double *bias, int64_t cols)
     return p;
 }
 
-static int LN(ln_threads)(int n_threads, int64_t work, int64_t units)
-{
-#ifdef _OPENMP
-    int64_t nt = n_threads > 0 ? n_threads : omp_get_max_threads();
-    if (work < BN_MIN_PARALLEL) nt = 1;
-    return (int)bn_max64(1, bn_min64(nt, units));
-#else
-    (void)n_threads; (void)work; (void)units;
-    return 1;
-#endif
-}
-
 int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double *weight,
                       const double *bias, double eps, double *mean, double *invstd,
                       int n_threads)
@@ -143,7 +105,7 @@ int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double
     int err = 0;
     if (cols <= BN_LN_ROW_MAX) {
         /* row mode: each row's statistics, then its output while it is in cache */
-        int nt = LN(ln_threads)(n_threads, rows * cols, rows);
+        int nt = bn_threads_for(n_threads, rows * cols, rows);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t r = 0; r < rows; r++) {
             double mo[2];
@@ -163,7 +125,7 @@ int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double
             for (int64_t r = 0; r < rows; r++)
                 invstd[r] = 1.0 / sqrt(invstd[r] / (double)cols + eps);
             int64_t kc = bn_cdiv(cols, BN_RUN);
-            int nt = LN(ln_threads)(n_threads, rows * cols, rows * kc);
+            int nt = bn_threads_for(n_threads, rows * cols, rows * kc);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
             for (int64_t u = 0; u < rows * kc; u++) {
                 int64_t r = u / kc, j0 = (u % kc) * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
@@ -196,7 +158,7 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
             free(w);
             return BN_ENOMEM;
         }
-        int nt = LN(ln_threads)(n_threads, rows * cols, nb);
+        int nt = bn_threads_for(n_threads, rows * cols, nb);
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
 #pragma omp for schedule(static)
@@ -234,7 +196,7 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
             return BN_ENOMEM;
         }
         double *rs = part + 2 * kc * rows;
-        int nt = LN(ln_threads)(n_threads, rows * cols, kc);
+        int nt = bn_threads_for(n_threads, rows * cols, kc);
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
 #pragma omp for schedule(static)
@@ -310,7 +272,7 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
     }
     T *wb = LN(ln_params)(weight, bias, C);
     if (!wb) return BN_ENOMEM;
-    int nt = LN(ln_threads)(n_threads, rows * len, rows);
+    int nt = bn_threads_for(n_threads, rows * len, rows);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < rows; r++) {
         const T *xr = x + r * len;
@@ -426,7 +388,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
         return BN_ENOMEM;
     }
     double *pdy = part, *pdx = part + N * C;
-    int nt = LN(ln_threads)(n_threads, rows * len, rows);
+    int nt = bn_threads_for(n_threads, rows * len, rows);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
 #pragma omp for schedule(static)
