@@ -4,6 +4,7 @@ Everything here runs before a kernel or a running statistic is touched, so a
 bad argument leaves all state as it was. Messages name the argument and say
 what was expected and what was received.
 """
+import math
 import numbers
 import operator
 import os
@@ -48,9 +49,7 @@ def channel_axis(axis, ndim):
 
 def geometry(shape, ax):
     """(outer, C, inner) of a C-contiguous array with channel axis ax."""
-    outer = int(np.prod(shape[:ax], dtype=np.int64))
-    inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
-    return outer, int(shape[ax]), inner
+    return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
 
 
 def compute_dtype(dtype):
@@ -125,7 +124,7 @@ def real(v, name, lo=None, hi=None):
         f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
     except OverflowError:  # an int beyond float
         f = None
-    if f is None or not np.isfinite(f):
+    if f is None or not math.isfinite(f):
         raise ValueError(f"{name}: expected a finite real number, got {v!r}")
     if (lo is not None and f < lo) or (hi is not None and f > hi):
         want = f"a value >= {lo}" if hi is None else f"a value in [{lo}, {hi}]"

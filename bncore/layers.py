@@ -18,6 +18,8 @@ class BatchNorm:
     mode; backward(dy) returns dx for the most recent forward call and sets
     grad_weight / grad_bias. momentum=None is the cumulative moving average;
     track_running_stats=False uses batch statistics in eval mode too.
+    virtual_batch_size (ghost batch norm): in training mode each slice of that
+    many samples along axis 0 is normalized with its own statistics.
 
     skip_nonfinite_update=True leaves running_mean, running_var and
     num_batches_tracked untouched on a training step whose batch mean or
@@ -26,7 +28,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32,
+                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
                  skip_nonfinite_update=False):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
@@ -59,6 +61,13 @@ class BatchNorm:
         self.training = True
         self.grad_weight = self.grad_bias = None
         self._saved = None
+        if virtual_batch_size is not None and (
+                isinstance(virtual_batch_size, bool) or
+                not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
+            raise ValueError(f"virtual_batch_size: expected None or a positive int, got "
+                             f"{virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
+        self._ghost = None
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -96,14 +105,18 @@ class BatchNorm:
                              "backward; use the functional API to normalize in place), got one "
                              "sharing memory with x")
         common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
+        self._ghost = None
         if self.training or not self.track_running_stats:
+            if self.training and self.virtual_batch_size is not None:
+                common["virtual_batch_size"] = self._ghost = self.virtual_batch_size
             update = self.training and self.track_running_stats
             if update:
                 n = int(self.num_batches_tracked) + 1
                 factor = 1.0 / n if self.momentum is None else self.momentum
                 y, mean, invstd, updated = _train(
                     x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
-                    self.running_var, factor, out, None, n_threads, self.skip_nonfinite_update)
+                    self.running_var, factor, out, None, n_threads, self._ghost,
+                    self.skip_nonfinite_update)
                 if updated:
                     self.num_batches_tracked[...] = n
             else:
@@ -122,7 +135,8 @@ class BatchNorm:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
         x, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
-                                         training=training, out=out, n_threads=n_threads)
+                                         training=training, out=out, n_threads=n_threads,
+                                         virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)
