@@ -74,8 +74,10 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     memset(&p, 0, sizeof p);
     p.s = s;
     /* short inner runs (channels-last has inner == 1) are better read as
-     * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C */
-    p.rows = s.inner < BN_MIN_RUN;
+     * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C.
+     * inner == 0 stays on the run layout, whose rounds still visit every channel
+     * (rows of width 0 would have no tile, so no round to write the results in) */
+    p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
     p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;

@@ -207,3 +207,34 @@ def test_hundreds_of_thousands_of_channels(shape, axis):
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(m2, m2_ref, rtol=1e-9, atol=1e-9)
 
+
+
+# ---- no elements ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,axis", [((257, 0), 0), ((4, 3, 0), 1), ((2, 300, 0), 1),
+                                        ((3, 0, 5), 0), ((0, 3), 1), ((0, 3, 4), 1), ((4, 0), 1),
+                                        ((2, 0, 7), 1)])
+def test_zero_elements_per_channel_or_no_channels(shape, axis):
+    """Empty sums are 0, empty outputs are empty; training refuses a zero batch."""
+    x = np.zeros(shape, np.float32)
+    C = shape[axis]
+    ones = np.ones(C)
+    for training in (True, False):
+        dx, dw, db = bncore.batch_norm_backward(x, x, ones, ones, axis=axis, training=training)
+        assert dx.shape == shape and dw.shape == db.shape == (C,)
+        np.testing.assert_array_equal(dw, 0)
+        np.testing.assert_array_equal(db, 0)
+    n, mean, m2 = bncore.batch_norm_stats(x, axis=axis)
+    np.testing.assert_array_equal(mean, 0)
+    np.testing.assert_array_equal(m2, 0)
+    sdy, sdx = bncore.batch_norm_backward_reduce(x, x, ones, axis=axis)
+    np.testing.assert_array_equal(sdy, 0)
+    np.testing.assert_array_equal(sdx, 0)
+    assert bncore.batch_norm_eval(x, ones, ones, axis=axis).shape == shape
+    assert bncore.batch_norm_elemt(x, ones, ones, axis=axis).shape == shape
+    if n < 2:
+        with pytest.raises(ValueError, match="^x: expected more than 1 value"):
+            bncore.batch_norm_train(x, axis=axis)
+    else:
+        y, m, inv = bncore.batch_norm_train(x, axis=axis)
+        assert y.shape == shape and m.shape == inv.shape == (0,)
