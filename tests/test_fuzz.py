@@ -107,11 +107,11 @@ def _vector(rng, C, kind, dtype, layout):
 
 
 @st.composite
-def geometry(draw):
+def geometry(draw, fixed_axis=None):
     ndim = draw(st.integers(2, 5))
     shape = draw(st.lists(st.sampled_from([0, 1, 1, 2, 2, 3, 3, 4, 5, 5, 5]),
                           min_size=ndim, max_size=ndim))
-    axis = draw(st.integers(-ndim, ndim - 1))
+    axis = draw(st.integers(-ndim, ndim - 1)) if fixed_axis is None else fixed_axis
     if draw(st.integers(0, 9)) == 0:
         # one long axis: several kernel blocks and column tiles, many channels,
         # or (70,000) past the single-thread threshold
@@ -129,7 +129,7 @@ OUTS = ["none", "fresh", "fortran", "strided", "alias", "overlap", "reversed", "
 
 @st.composite
 def cases(draw, spec):
-    shape, axis = draw(geometry())
+    shape, axis = draw(geometry(spec.fixed_axis))
     dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -215,6 +215,8 @@ class Spec:
     min_channels: int = 0
     returns_out: bool = True
     refuses_overlap: bool = False
+    fixed_axis: object = None
+    errors: object = None  # case -> [(exception, argument)] for spec-specific refusals
     options: dict = field(default_factory=dict)
 
     def arrays_for(self, opts):
@@ -371,6 +373,115 @@ def _layer_ref(c):
     return y, dx, ye, dw, db, rm, rv, 1
 
 
+# ---- the normalization family: train + backward in one call, parameters from the seed ----
+
+def _seeded_params(c, shape):
+    rng = np.random.default_rng(c.seed + 1)
+    return rng.uniform(0.5, 1.5, shape), rng.standard_normal(shape)
+
+
+def _rows_ref(x, dy, rows_shape, w, b, eps, sd):
+    """Normalization over the rows of x viewed as rows_shape = (rows, n), with an
+    affine (w, b) shaped like x (broadcast): (y, mean, invstd, dx, xhat). The
+    backward takes the saved statistics as returned, rounded to sd, as the
+    functions' backward does."""
+    xr = x.reshape(rows_shape)
+    n = rows_shape[1]
+    mean = xr.mean(1, keepdims=True) if n else np.zeros((rows_shape[0], 1))
+    var = ((xr - mean) ** 2).mean(1, keepdims=True) if n else np.full((rows_shape[0], 1), np.nan)
+    invstd = 1 / np.sqrt(var + eps)
+    y = ((xr - mean) * invstd).reshape(x.shape) * w + b
+    mean, invstd = (a.astype(sd).astype(np.float64) for a in (mean, invstd))
+    xhat = ((xr - mean) * invstd).reshape(x.shape)
+    g = (dy * w).reshape(rows_shape)
+    xh = xhat.reshape(rows_shape)
+    dx = invstd * (g - g.mean(1, keepdims=True) - xh * (g * xh).mean(1, keepdims=True)) if n \
+        else g
+    return y, mean[:, 0], invstd[:, 0], dx.reshape(x.shape), xhat
+
+
+def _group_count(c):
+    """The number of groups: a divisor of C picked from the seed."""
+    divisors = [g for g in range(1, c.C + 1) if c.C % g == 0] or [1]
+    return divisors[c.seed % len(divisors)]
+
+
+def _group_call(c, out):
+    G = _group_count(c)
+    x, dy = c.arrays["x"], c.arrays["dy"]
+    w, b = _seeded_params(c, c.C) if c.opts["affine"] else (None, None)
+    _, m, inv = bncore.group_norm_train(x, G, w, b, c.opts["eps"])
+    dx, dw, db = bncore.group_norm_backward(dy, x, G, m, inv, w)
+    y, m, inv = bncore.group_norm_train(x, G, w, b, c.opts["eps"], out=out)  # last: out may be x
+    return y, m, inv, dx, dw, db
+
+
+def _group_ref(c):
+    G = _group_count(c)
+    x, dy = c.orig["x"], c.orig["dy"]
+    N, C = c.shape[:2]
+    bshape = (1, C) + (1,) * (len(c.shape) - 2)
+    w, b = _seeded_params(c, C) if c.opts["affine"] else (np.ones(C), np.zeros(C))
+    y, m, inv, dx, xhat = _rows_ref(x, dy, (N * G, -1 if x.size else 0) if N * G else (0, 0),
+                                    w.reshape(bshape), b.reshape(bshape), c.opts["eps"],
+                                    _stat_dtype(c.dtype))
+    red = (0,) + tuple(range(2, len(c.shape)))
+    return (y, m.reshape(N, G), inv.reshape(N, G), dx, (dy * xhat).sum(red), dy.sum(red))
+
+
+def _layer_norm_k(c):
+    return 1 + c.seed % (len(c.shape) - 1)  # normalize over 1 .. ndim-1 trailing dims
+
+
+def _layer_norm_call(c, out):
+    ns = c.shape[-_layer_norm_k(c):]
+    x, dy = c.arrays["x"], c.arrays["dy"]
+    w, b = _seeded_params(c, ns) if c.opts["affine"] else (None, None)
+    _, m, inv = bncore.layer_norm_train(x, ns, w, b, c.opts["eps"])
+    dx, dw, db = bncore.layer_norm_backward(dy, x, ns, m, inv, w)
+    y, m, inv = bncore.layer_norm_train(x, ns, w, b, c.opts["eps"], out=out)  # last: out may be x
+    return y, m, inv, dx, dw, db
+
+
+def _layer_norm_ref(c):
+    k = _layer_norm_k(c)
+    ns, lead = c.shape[-k:], c.shape[:-k]
+    x, dy = c.orig["x"], c.orig["dy"]
+    w, b = _seeded_params(c, ns) if c.opts["affine"] else (np.ones(ns), np.zeros(ns))
+    rows, n = int(np.prod(lead)), int(np.prod(ns))
+    y, m, inv, dx, xhat = _rows_ref(x, dy, (rows, n), w, b, c.opts["eps"], _stat_dtype(c.dtype))
+    stat = lead + (1,) * k
+    red = tuple(range(len(lead)))
+    return y, m.reshape(stat), inv.reshape(stat), dx, (dy * xhat).sum(red), dy.sum(red)
+
+
+def _instance_call(c, out):
+    x, dy = c.arrays["x"], c.arrays["dy"]
+    rm, rv = c.vectors["state_rm"], c.vectors["state_rv"]
+    _, m, inv = bncore.instance_norm_train(x, eps=c.opts["eps"])
+    dx, dw, db = bncore.instance_norm_backward(dy, x, m, inv)
+    y, m, inv = bncore.instance_norm_train(x, eps=c.opts["eps"], running_mean=rm,
+                                           running_var=rv, out=out)  # last: out may be x
+    return y, m, inv, dx, dw, db, rm, rv
+
+
+def _instance_ref(c):
+    N, C = c.shape[:2]
+    HW = int(np.prod(c.shape[2:]))
+    x, dy = c.orig["x"], c.orig["dy"]
+    y, m, inv, dx, xhat = _rows_ref(x, dy, (N * C, HW), 1.0, 0.0, c.opts["eps"],
+                                    _stat_dtype(c.dtype))
+    red = (0,) + tuple(range(2, len(c.shape)))
+    var_u = (1 / inv ** 2 - c.opts["eps"]) * HW / (HW - 1)
+    rm = 0.9 * c.v64("state_rm") + 0.1 * m.reshape(N, C).mean(0)
+    rv = 0.9 * c.v64("state_rv") + 0.1 * var_u.reshape(N, C).mean(0)
+    return (y, m.reshape(N, C), inv.reshape(N, C), dx, (dy * xhat).sum(red), dy.sum(red), rm, rv)
+
+
+def _instance_errors(c):
+    return [(ValueError, "x")] if int(np.prod(c.shape[2:])) < 2 else []
+
+
 EPS = st.sampled_from([1e-5, 1e-3, 0.1])
 ACT = st.sampled_from(ACTIVATIONS)
 SPECS = [
@@ -404,6 +515,13 @@ SPECS = [
          min_channels=1, returns_out=False, refuses_overlap=True,
          options=dict(eps=EPS, momentum=st.sampled_from([None, 0.1, 0.5]),
                       affine=st.booleans())),
+    Spec("group_norm", ("dy", "x"), {}, _group_call, _group_ref, like_x=(0, 3),
+         returns_out=False, fixed_axis=1, options=dict(eps=EPS, affine=st.booleans())),
+    Spec("layer_norm", ("dy", "x"), {}, _layer_norm_call, _layer_norm_ref, like_x=(0, 3),
+         returns_out=False, options=dict(eps=EPS, affine=st.booleans())),
+    Spec("instance_norm", ("dy", "x"), dict(state_rm="state_normal", state_rv="state_positive"),
+         _instance_call, _instance_ref, like_x=(0, 3), returns_out=False, fixed_axis=1,
+         errors=_instance_errors, options=dict(eps=EPS)),
 ]
 
 
@@ -440,6 +558,8 @@ def _expected_errors(spec, case, out_kind, out):
         errors.append((ValueError, "out"))
     if spec.refuses_overlap and out is not None and np.shares_memory(out, case.arrays["x"]):
         errors.append((ValueError, "out"))  # a layer keeps x for backward
+    if spec.errors is not None:
+        errors += spec.errors(case)
     return errors
 
 
@@ -449,6 +569,8 @@ def _close(got, want, dtype, name, factor=1.0):
     assert got64.shape == want.shape, f"{name}: shape {got64.shape} != {want.shape}"
     if not want.size:
         return
+    both_nan = np.isnan(got64) & np.isnan(want)
+    got64, want = np.where(both_nan, 0, got64), np.where(both_nan, 0, want)
     scale = max(1.0, float(np.abs(want).max()))
     err = np.abs(got64 - want)
     bound = factor * (RTOL[dtype] * np.abs(want) + ATOL[dtype] * scale)
