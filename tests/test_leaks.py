@@ -1,6 +1,7 @@
 """Leaks: 100,000 calls of each function leave resident memory, the number of
 live Python objects and the reference counts of the arguments flat (10,000
-more through the copy, float16 and error paths).
+more through the copy, float16 and error paths, and of the normalization
+family's train + backward).
 
 Tiny inputs keep each call at a few microseconds, so the whole file stays
 well under a minute. BNCORE_LEAK_CALLS overrides the count (the sanitizer run
@@ -73,10 +74,19 @@ CALLS_UNDER_TEST = {
         a["dy"], a["x"], a["m"], a["inv"], a["w"], a["m"], a["m"], 8),
     "errors": lambda a: (_raises(lambda: bncore.batch_norm_train(a["bad"])),
                          _raises(lambda: bncore.batch_norm_eval(a["x"], a["rm"], a["rv"][:2]))),
+    # the normalization family (train + backward per call)
+    "layer_norm": lambda a: bncore.layer_norm_backward(
+        a["dy"], a["x"], (2,), *bncore.layer_norm_train(a["x"], (2,))[1:]),
+    "group_norm": lambda a: bncore.group_norm_backward(
+        a["dy"], a["x"], 3, *bncore.group_norm_train(a["x"], 3)[1:]),
+    "instance_norm": lambda a: bncore.instance_norm_backward(
+        a["dy"], a["x"], *bncore.instance_norm_train(a["x"], running_mean=a["rm"],
+                                                     running_var=a["rv"])[1:]),
 }
 
 
-VARIANTS = ("batch_norm_train_copy_path", "batch_norm_train_float16", "errors")
+VARIANTS = ("batch_norm_train_copy_path", "batch_norm_train_float16", "errors", "layer_norm",
+            "group_norm", "instance_norm")
 
 
 @pytest.mark.parametrize("name", list(CALLS_UNDER_TEST) + ["BatchNorm"])
