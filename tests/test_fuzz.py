@@ -1,4 +1,6 @@
-"""Property-based fuzzing of every public function and the layer.
+"""Property-based fuzzing of the batch-norm functions, the BatchNorm layer and
+the normalization family (group, layer, instance norm), plus every kind of
+bad argument (the README's error table, at the end).
 
 Hypothesis draws the structure of a case -- ndim 2-5, sizes 0-5 (now and then
 one long axis, to cross the kernels' block and threading thresholds), the
@@ -8,8 +10,8 @@ read-only inputs, parameter dtypes and strides, and the kind of `out` (none,
 fresh, strided, x itself, dy itself, a partially overlapping view of x, x
 reversed, read-only) -- and a seed for the values. Every case checks:
 
-* the result matches the float64 reference (tests/reference.py) within the
-  dtype's tolerance, in the documented output dtypes;
+* the result matches a float64 reference (tests/reference.py, or written
+  below) within the dtype's tolerance, in the documented output dtypes;
 * inputs not meant to change are bitwise unchanged;
 * an `out` that overlaps an input is either handled correctly or refused with a
   ValueError naming `out`: never a wrong answer;
