@@ -365,7 +365,9 @@ def _layer_ref(c):
     rv0 = c.vectors["rv"].astype(dt).astype(np.float64)
     x, dy = c.orig["x"], c.orig["dy"]
     y, m, inv, var_u = ref.train(x, w, b, c.axis, o["eps"])
-    dx, dw, db = ref.backward(dy, x, m, inv, w, c.axis, True)
+    # the layer's backward uses the statistics it saved, rounded to the stat dtype
+    sd = _stat_dtype(c.dtype)
+    dx, dw, db = ref.backward(dy, x, m.astype(sd), inv.astype(sd), w, c.axis, True)
     mom = 1.0 if o["momentum"] is None else o["momentum"]  # cumulative average of one batch
     rm = (1 - mom) * rm0 + mom * m
     rv = (1 - mom) * rv0 + mom * var_u
