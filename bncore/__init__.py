@@ -17,6 +17,9 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_reduce, batch_norm_elemt, batch_norm_eval,
                          batch_norm_stats, batch_norm_train, merge_stats)
 from .layers import BatchNorm
+from .inference import (FrozenBatchNorm, InPlaceABN, batch_norm_backward_from_output,
+                        batch_norm_from_keras, batch_norm_from_onnx, fold_batch_norm,
+                        fold_into_conv, fold_into_linear)
 from ._config import show_config
 
 __all__ = [
@@ -24,4 +27,6 @@ __all__ = [
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
     "batch_norm_stats", "merge_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+    "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
+    "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
 ]

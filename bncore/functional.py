@@ -34,11 +34,14 @@ class _Layout:
 
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None):
+                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
+                     running_var_unbiased=True):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
     (None, 'relu' or ('leaky_relu', slope)) is fused into the same pass.
+    running_var_unbiased=False updates running_var with the biased batch
+    variance (the Keras and ONNX convention) instead of PyTorch's n/(n-1).
     """
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
@@ -55,13 +58,15 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
     if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, L.count, momentum)
+        _update_running(running_mean, running_var, mean, var,
+                        L.count if running_var_unbiased else 1, momentum)
     y = chk.finish(buf, final, L.x.dtype)
     return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    # computed aside in float64, then both arrays are written: never half updated
+    # computed aside in float64, then both arrays are written: never half updated;
+    # count 1 applies no Bessel correction (bn_update_running)
     rm = np.array(running_mean, dtype=np.float64)
     rv = np.array(running_var, dtype=np.float64)
     _k.update_running(mean, var, float(count), momentum, rm, rv)

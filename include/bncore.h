@@ -42,7 +42,8 @@ extern "C" {
 #endif
 
 #define BNCORE_VERSION "0.1.0"
-#define BN_ENOMEM 1
+#define BN_ENOMEM 1   /* scratch allocation failed; outputs untouched */
+#define BN_EINVAL 2   /* invalid argument (see the function); outputs untouched */
 
 typedef struct {
     int64_t outer, channels, inner;
@@ -88,7 +89,9 @@ int bn_train_f64(const double *x, double *y, bn_shape s, const double *weight,
 
 /* PyTorch's running-statistics update:
  * rm = (1-momentum)*rm + momentum*mean,
- * rv = (1-momentum)*rv + momentum*var*count/(count-1). */
+ * rv = (1-momentum)*rv + momentum*var*count/(count-1).
+ * count <= 1 applies no Bessel correction (rv follows the biased variance,
+ * the Keras and ONNX convention, with momentum = 1 - their momentum). */
 void bn_update_running(int64_t channels, const double *mean, const double *var,
                        double count, double momentum, double *running_mean,
                        double *running_var);
@@ -129,6 +132,39 @@ int bn_backward_f64(const double *dy, const double *x, const double *y,
                     const double *invstd, const double *weight, int training,
                     double *dweight, double *dbias, bn_act act, double slope,
                     int n_threads);
+
+/* Backward of the in-place training forward (in the spirit of Inplace-ABN):
+ * bn_train was run with y == x, so x is gone; the normalized input is rebuilt
+ * from the output, xhat = (act^-1(y) - bias) / weight, inside the same passes
+ * as bn_backward (no extra memory pass, no full-size scratch). Same results
+ * as bn_backward(dy, x, y, ...) to rounding. act is BN_ACT_NONE or
+ * BN_ACT_LEAKY_RELU with slope > 0 (ReLU is not invertible); every
+ * weight[c] * invstd[c] must be non-zero with a finite inverse. Otherwise
+ * returns BN_EINVAL before writing anything. The rebuilt xhat loses about
+ * ulp(y) / |weight| of accuracy, so keep |weight| well away from 0.
+ * weight/bias may be NULL (ones/zeros). dx may alias dy or y exactly. */
+int bn_backward_from_output_f32(const float *dy, const float *y, float *dx, bn_shape s,
+                                const double *invstd, const double *weight,
+                                const double *bias, int training, double *dweight,
+                                double *dbias, bn_act act, double slope, int n_threads);
+int bn_backward_from_output_f64(const double *dy, const double *y, double *dx, bn_shape s,
+                                const double *invstd, const double *weight,
+                                const double *bias, int training, double *dweight,
+                                double *dbias, bn_act act, double slope, int n_threads);
+
+/* Eval forward from the stored parameters (the usual inference call):
+ * y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias).
+ * weight/bias may be NULL. Bitwise the same as bncore.batch_norm_eval in
+ * Python. Allocates 2*channels doubles per call; a service calling it often
+ * can precompute scale = weight / sqrt(running_var + eps) once and call
+ * bn_apply(x, y, s, running_mean, scale, bias, ...) instead (that is what
+ * bncore.FrozenBatchNorm does). y may be x. */
+int bn_eval_f32(const float *x, float *y, bn_shape s, const double *running_mean,
+                const double *running_var, const double *weight, const double *bias,
+                double eps, bn_act act, double slope, int n_threads);
+int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_mean,
+                const double *running_var, const double *weight, const double *bias,
+                double eps, bn_act act, double slope, int n_threads);
 
 /* Build description: compiler, OpenMP, SIMD targets. Static string. */
 const char *bn_build_info(void);
