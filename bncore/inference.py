@@ -195,7 +195,7 @@ class FrozenBatchNorm:
         shift = chk.vector(b, C, "bias", required=True)
         params = []
         for a in (w, b, rm, rv):
-            a = np.array(a, dtype=self.dtype)
+            a = np.array(np.asarray(a), dtype=self.dtype)
             a.flags.writeable = False
             params.append(a)
         # everything is validated: now assign
