@@ -73,34 +73,42 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
     }
 }
 
-/* y = act((x - m) * a + b) over a contiguous run. */
-BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T a, T b,
-                                    bn_act act, T slope)
+/* y = act((x - m) * a + b) over a contiguous run (n <= BN_RUN); with stream,
+ * computed in L1 and written with non-temporal stores. The mean is split as
+ * m + ml (ml its rounding residue): x - m is exact for x near m, so float32
+ * output keeps full precision even when |mean| >> std. */
+BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a, T b,
+                                    bn_act act, T slope, int stream)
 {
+    T buf[BN_RUN], *o = stream ? buf : y;
     if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m) * a + b;
+        for (int64_t i = 0; i < n; i++) o[i] = ((x[i] - m) - ml) * a + b;
     else
         for (int64_t i = 0; i < n; i++) {
-            T v = (x[i] - m) * a + b;
-            y[i] = v < 0 ? v * slope : v;
+            T v = ((x[i] - m) - ml) * a + b;
+            o[i] = v < 0 ? v * slope : v;
         }
+    if (stream) bn_stream_store(y, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column y = act((x - m[j]) * a[j] + b[j]) over an nr x nc tile. */
 BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, int64_t ld,
-                                     const T *BN_RESTRICT m, const T *BN_RESTRICT a,
-                                     const T *BN_RESTRICT b, bn_act act, T slope)
+                                     const T *BN_RESTRICT m, const T *BN_RESTRICT ml,
+                                     const T *BN_RESTRICT a, const T *BN_RESTRICT b,
+                                     bn_act act, T slope, int stream)
 {
+    T buf[BN_MAX_COLS];
     for (int64_t r = 0; r < nr; r++) {
         const T *xr = x + r * ld;
-        T *yr = y + r * ld;
+        T *o = stream ? buf : y + r * ld;
         if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) yr[j] = (xr[j] - m[j]) * a[j] + b[j];
+            for (int64_t j = 0; j < nc; j++) o[j] = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
         else
             for (int64_t j = 0; j < nc; j++) {
-                T v = (xr[j] - m[j]) * a[j] + b[j];
-                yr[j] = v < 0 ? v * slope : v;
+                T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
+                o[j] = v < 0 ? v * slope : v;
             }
+        if (stream) bn_stream_store(y + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -174,39 +182,46 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
 
 /* dx = a*g + b*(x - m) + c over a contiguous run (x unused when it is NULL). */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T a, T b, T c, bn_act act, T slope, T xneg)
+                                 T m, T ml, T a, T b, T c, bn_act act, T slope, T xneg,
+                                 int stream)
 {
+    T buf[BN_RUN], *o = stream ? buf : dx;
     if (!x)
-        for (int64_t i = 0; i < n; i++) dx[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
+        for (int64_t i = 0; i < n; i++) o[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
     else if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * a + (x[i] - m) * b + c;
+        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a + ((x[i] - m) - ml) * b + c;
     else
         for (int64_t i = 0; i < n; i++) {
             int pos = y[i] > 0;
             T g = pos ? dy[i] : dy[i] * slope, xv = pos ? x[i] : x[i] * xneg;
-            dx[i] = g * a + (xv - m) * b + c;
+            o[i] = g * a + ((xv - m) - ml) * b + c;
         }
+    if (stream) bn_stream_store(dx, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column dx over an nr x nc tile. */
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
-                                  const T *BN_RESTRICT a, const T *BN_RESTRICT b,
-                                  const T *BN_RESTRICT c, bn_act act, T slope, T xneg)
+                                  const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
+                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c, bn_act act,
+                                  T slope, T xneg, int stream)
 {
+    T buf[BN_MAX_COLS];
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
-        T *o = dx + r * ld;
+        T *o = stream ? buf : dx + r * ld;
         if (!xr)
             for (int64_t j = 0; j < nc; j++) o[j] = BN_GRAD(dr[j], yr[j], act, slope) * a[j];
         else if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j] + (xr[j] - m[j]) * b[j] + c[j];
+            for (int64_t j = 0; j < nc; j++)
+                o[j] = dr[j] * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
         else
             for (int64_t j = 0; j < nc; j++) {
                 int pos = yr[j] > 0;
                 T g = pos ? dr[j] : dr[j] * slope, xv = pos ? xr[j] : xr[j] * xneg;
-                o[j] = g * a[j] + (xv - m[j]) * b[j] + c[j];
+                o[j] = g * a[j] + ((xv - m[j]) - ml[j]) * b[j] + c[j];
             }
+        if (stream) bn_stream_store(dx + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -221,8 +236,8 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
     } else {
         int64_t r0, nr, c0, nc;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        FN(tile_moments)(x + r0 * p->s.channels + c0, nr, nc, p->s.channels,
-                         part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        FN(tile_moments)(x + r0 * p->width + c0, nr, nc, p->width,
+                         part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -236,11 +251,13 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
         FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope, xneg,
                     part + 2 * u);
     } else {
+        double mc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
-        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->s.channels, mean + c0,
-                     act, slope, xneg, part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        o = r0 * p->width + c0;
+        for (int64_t j = 0; j < nc; j++) mc[j] = mean[bn_channel_of(p, c0 + j)];
+        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope, xneg,
+                     part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -255,29 +272,35 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
     if (!p->rows) {
         int64_t off, len, ch;
         bn_run_of(p, u, &off, &len, &ch);
+        T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
         if (!dy)
-            FN(run_apply)(x + off, out + off, len, (T)m[ch], (T)a[ch], (T)b[ch], act, (T)slope);
+            FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope,
+                          p->stream);
         else
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       b ? (T)m[ch] : 0, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0,
-                       act, (T)slope, (T)xneg);
+                       mh, ml, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0, act, (T)slope,
+                       (T)xneg, p->stream);
     } else {
-        T tm[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
+        T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
+        o = r0 * p->width + c0;
         for (int64_t j = 0; j < nc; j++) {
-            tm[j] = m ? (T)m[c0 + j] : 0;
-            ta[j] = (T)a[c0 + j];
-            tb[j] = b ? (T)b[c0 + j] : 0;
-            tc[j] = c ? (T)c[c0 + j] : 0;
+            int64_t ch = bn_channel_of(p, c0 + j);
+            tm[j] = m ? (T)m[ch] : 0;
+            tl[j] = m ? (T)(m[ch] - (double)tm[j]) : 0;
+            ta[j] = (T)a[ch];
+            tb[j] = b ? (T)b[ch] : 0;
+            tc[j] = c ? (T)c[ch] : 0;
         }
         if (!dy)
-            FN(tile_apply)(x + o, out + o, nr, nc, p->s.channels, tm, ta, tb, act, (T)slope);
+            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope,
+                           p->stream);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->s.channels, tm, ta, tb, tc, act, (T)slope, (T)xneg);
+                        p->width, tm, tl, ta, tb, tc, act, (T)slope, (T)xneg, p->stream);
     }
+    if (p->stream) bn_stream_fence();
 }
 
 /* ---- public entry points --------------------------------------------------- */

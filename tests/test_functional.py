@@ -247,3 +247,47 @@ def test_empty_channels_and_zero_batch(rng):
     count, mean, m2 = bncore.batch_norm_stats(np.zeros((0, 5)))
     assert count == 0 and not mean.any() and not m2.any()
 
+
+
+@pytest.mark.parametrize("shape,axis", [
+    ((10, 40, 7), 1),          # short inner runs: row layout, tiles of whole channels
+    ((3000, 100, 3), 1),       # ... over several rounds
+    ((3, 3000), 1),            # wide channels-last: several column tiles
+    ((600, 700), -1),
+    ((1, 7, 100000), 1),       # long planes split into runs
+    ((2, 1, 9000), 1),         # one channel
+    ((97, 3), -1),             # prime row count: no folding
+    ((4096, 2, 2), -1),        # folded rows
+], ids=lambda v: str(v))
+def test_work_decomposition_edges(rng, shape, axis):
+    x = (rng.standard_normal(shape) * 2 + 7).astype(np.float32)
+    C = shape[axis]
+    w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis)
+    y_ref, m_ref, inv_ref, _ = ref.train(x, w, b, axis)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(invstd, inv_ref, rtol=1e-5)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean, invstd, w, axis)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_outputs_bypassing_the_cache(rng, axis):
+    # > 16 MB: outputs are written with non-temporal stores
+    shape = (8, 64, 96, 96) if axis == 1 else (8, 96, 96, 64)
+    x = rng.standard_normal(shape, dtype=np.float32) + 3
+    C = 64
+    w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis, activation="relu")
+    y_ref, _, _, _ = ref.train(x, w, b, axis)
+    np.testing.assert_allclose(y, ref.activate(y_ref, "relu"), rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    dx, _, _ = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, _, _ = ref.backward(dy, x, mean, invstd, w, axis)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
+    bncore.batch_norm_eval(x, mean, 1 / invstd.astype(np.float64) ** 2 - 1e-5, w, b, axis=axis, out=x)
+    np.testing.assert_allclose(x, y_ref, rtol=1e-4, atol=1e-4)
