@@ -106,11 +106,20 @@ def fused_impls(shape, torch, n_threads):
 
 
 def bench_fused(shapes, n_threads, rounds, torch):
+    """n_threads (None: all) applies to bncore and, for the run, to PyTorch."""
     rows = []
-    for shape in shapes:
-        fwd, bwd = fused_impls(shape, torch, n_threads)
-        for op, impls in (("train forward", fwd), ("backward", bwd)):
-            rows.append({"op": op, "shape": list(shape), "median_s": interleaved(impls, rounds)})
+    default = torch.get_num_threads() if torch is not None else None
+    try:
+        if torch is not None and n_threads:
+            torch.set_num_threads(n_threads)
+        for shape in shapes:
+            fwd, bwd = fused_impls(shape, torch, n_threads)
+            for op, impls in (("train forward", fwd), ("backward", bwd)):
+                rows.append({"op": op, "shape": list(shape), "n_threads": n_threads,
+                             "median_s": interleaved(impls, rounds)})
+    finally:
+        if torch is not None:
+            torch.set_num_threads(default)
     return rows
 
 
@@ -284,7 +293,8 @@ def report(res):
              f"{res['OMP_WAIT_POLICY']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}, "
              f"load {res['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}"]
     if "fused" in res:
-        lines += ["", "batch norm + ReLU, float32, ms (median):", ""]
+        lines += ["", f"batch norm + ReLU, float32, n_threads={res['fused'][0]['n_threads']}, "
+                  "ms (median):", ""]
         names = list(res["fused"][0]["median_s"])
         lines += ["| op | shape | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for r in res["fused"]:
@@ -314,7 +324,8 @@ def main(argv=None):
                                 description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--parts", default="fused,rps,memory")
-    p.add_argument("--threads", type=int, default=None, help="n_threads for the fused cells")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for the fused cells, bncore and PyTorch (default: all)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--rps-duration", type=float, default=None)
     p.add_argument("--wait-policy", action="store_true",

@@ -188,19 +188,17 @@ class FrozenBatchNorm:
         return layer
 
     def _set(self, w, b, rm, rv):
-        C = self.num_features
-        center = chk.vector(rm, C, "running_mean", required=True)
-        scale = _eval_coefficients(center, chk.vector(rv, C, "running_var", required=True),
-                                   chk.vector(w, C, "weight", required=True), self.eps)
-        shift = chk.vector(b, C, "bias", required=True)
         params = []
-        for a in (w, b, rm, rv):
-            a = np.array(np.asarray(a), dtype=self.dtype)
+        for a, name in zip((w, b, rm, rv), ("weight", "bias", "running_mean", "running_var")):
+            a = chk.vector(a, self.num_features, name, required=True).astype(self.dtype)
             a.flags.writeable = False
             params.append(a)
+        # coefficients from the stored (rounded) parameters: the same as batch_norm_eval's
+        w, b, rm, rv = (a.astype(np.float64) for a in params)
+        scale = _eval_coefficients(rm, rv, w, self.eps)
         # everything is validated: now assign
         self.weight, self.bias, self.running_mean, self.running_var = params
-        self._center, self._scale, self._shift = center, scale, shift
+        self._center, self._scale, self._shift = rm, scale, b
 
     def load_state_dict(self, state, strict=True):
         """Sets any of weight, bias, running_mean, running_var (missing keys keep

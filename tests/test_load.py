@@ -48,7 +48,9 @@ def _make_calls(rng):
         frozen = bncore.FrozenBatchNorm.from_state_dict(
             {"weight": w, "bias": b, "running_mean": rm, "running_var": rv},
             axis=axis, activation=act, dtype=dtype)
-        calls.append(lambda x=x, a=(rm, rv, w, b), kw=dict(axis=axis, activation=act, n_threads=nt):
+        # the frozen layer's stored (dtype-rounded) parameters: the same computation
+        a = (frozen.running_mean, frozen.running_var, frozen.weight, frozen.bias)
+        calls.append(lambda x=x, a=a, kw=dict(axis=axis, activation=act, n_threads=nt):
                      bncore.batch_norm_eval(x, *a, **kw))
         calls.append(lambda x=x, f=frozen, nt=nt: f(x, n_threads=nt))
         y = frozen(x)
