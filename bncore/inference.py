@@ -170,6 +170,7 @@ class FrozenBatchNorm:
         self.dtype = dtype
         self._act = chk.activation(activation)
         self.activation = activation
+        self._checked = {}  # (shape, dtype) -> kernel geometry, for forward's fast path
         self._set(np.ones(C, dtype), np.zeros(C, dtype), np.zeros(C, dtype), np.ones(C, dtype))
 
     @classmethod
@@ -239,12 +240,26 @@ class FrozenBatchNorm:
         return self.forward(x, **kwargs)
 
     def forward(self, x, *, out=None, n_threads=None):
+        act, slope = self._act
+        # serving fast path: an input shape and dtype already checked once
+        # (C-contiguous float32/64, fresh output) skips the argument machinery
+        fast = (out is None and type(x) is np.ndarray and x.flags.c_contiguous
+                and (n_threads is None or (type(n_threads) is int and 0 < n_threads <= 4096)))
+        geometry = self._checked.get((x.shape, x.dtype)) if fast else None
+        if geometry is not None:
+            y = np.empty(x.shape, x.dtype)
+            _k.apply(x.reshape(-1), y.reshape(-1), geometry, self._center, self._scale,
+                     self._shift, act, slope, n_threads or 0)
+            return y
         L = self._layout(x)
         nt = chk.threads(n_threads)
         buf, final = chk.output(out, L.x, L.cd, (L.x,))
-        act, slope = self._act
         _k.apply(L.flat(L.x), buf.reshape(-1), L.shape, self._center, self._scale, self._shift,
                  act, slope, nt)
+        if fast and L.x is x and L.cd == x.dtype:
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            self._checked[x.shape, x.dtype] = L.shape
         return chk.finish(buf, final, L.x.dtype)
 
     def backward(self, dy, *, y=None, out=None, n_threads=None):
