@@ -342,6 +342,9 @@ class InPlaceABN(BatchNorm):
     def __init__(self, num_features, *, activation=("leaky_relu", 0.01), min_abs_weight=None,
                  **kwargs):
         _invertible(activation)
+        if kwargs.get("virtual_batch_size") is not None:
+            raise ValueError("virtual_batch_size: not supported by InPlaceABN (its backward "
+                             "rebuilds x from one set of batch statistics)")
         super().__init__(num_features, activation=activation, **kwargs)
         self.min_abs_weight = min_abs_weight
 

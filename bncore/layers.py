@@ -17,14 +17,16 @@ class BatchNorm:
     mode; backward(dy) returns dx for the most recent forward call and sets
     grad_weight / grad_bias. momentum=None is the cumulative moving average;
     track_running_stats=False uses batch statistics in eval mode too.
+    virtual_batch_size (ghost batch norm): in training mode each slice of that
+    many samples along axis 0 is normalized with its own statistics.
     activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
     backward; running_var_unbiased=False keeps the biased running variance
     (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, activation=None,
-                 running_var_unbiased=True):
+                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
+                 activation=None, running_var_unbiased=True):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -53,6 +55,13 @@ class BatchNorm:
         self.training = True
         self.grad_weight = self.grad_bias = None
         self._saved = None
+        if virtual_batch_size is not None and (
+                isinstance(virtual_batch_size, bool) or
+                not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
+            raise ValueError(f"virtual_batch_size: expected None or a positive int, got "
+                             f"{virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
+        self._ghost = None
 
     def __repr__(self):
         act = "" if self.activation is None else f", activation={self.activation!r}"
@@ -94,7 +103,10 @@ class BatchNorm:
         self._check_out(x, out)
         common = dict(axis=self.axis, eps=self.eps, out=out, activation=self.activation,
                       n_threads=n_threads)
+        self._ghost = None
         if self.training or not self.track_running_stats:
+            if self.training and self.virtual_batch_size is not None:
+                common["virtual_batch_size"] = self._ghost = self.virtual_batch_size
             update = self.training and self.track_running_stats
             if update:
                 n = int(self.num_batches_tracked) + 1
@@ -123,7 +135,7 @@ class BatchNorm:
         x, y, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
                                          training=training, out=out, activation=self.activation,
-                                         y=y, n_threads=n_threads)
+                                         y=y, n_threads=n_threads, virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)

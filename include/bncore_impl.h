@@ -245,17 +245,23 @@ static void bn_channel_sums(const bn_plan *p, const double *part, int64_t c,
     *s1 = b;
 }
 
-static int bn_threads(int n_threads, const bn_plan *p)
+/* Threads for `work` elements in `units` independent pieces: one below
+ * BN_MIN_PARALLEL elements, where a fork/join costs more than it saves. */
+static int bn_threads_for(int n_threads, int64_t work, int64_t units)
 {
 #ifdef _OPENMP
-    int64_t work = p->s.outer * p->s.channels * p->s.inner;
     int64_t nt = n_threads > 0 ? n_threads : omp_get_max_threads();
     if (work < BN_MIN_PARALLEL) nt = 1;
-    return (int)bn_max64(1, bn_min64(nt, p->nunits));
+    return (int)bn_max64(1, bn_min64(nt, units));
 #else
-    (void)n_threads; (void)p;
+    (void)n_threads; (void)work; (void)units;
     return 1;
 #endif
+}
+
+static int bn_threads(int n_threads, const bn_plan *p)
+{
+    return bn_threads_for(n_threads, p->s.outer * p->s.channels * p->s.inner, p->nunits);
 }
 
 int bn_default_threads(void)
@@ -335,12 +341,14 @@ const char *bn_build_info(void)
 #define T float
 #define SFX f32
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 
 #define T double
 #define SFX f64
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 
