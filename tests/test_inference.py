@@ -227,8 +227,19 @@ def test_frozen_state_and_errors(rng):
         frozen.load_state_dict({"gamma": w}, strict=False)
     for k, v in frozen.state_dict().items():  # nothing changed
         np.testing.assert_array_equal(v, before[k])
+    # the second call of a shape takes the fast path: same result, and reloaded
+    # parameters are used at once
+    x = rng.standard_normal((4, 3, 5))
+    first = frozen(x)
+    np.testing.assert_array_equal(frozen(x), first)
+    frozen.load_state_dict({"bias": b + 1.0}, strict=False)
+    np.testing.assert_allclose(frozen(x), np.maximum(ref.evaluate(x, rm, rv, w, b + 1.0), 0),
+                               rtol=1e-12, atol=1e-12)
+    frozen.load_state_dict({"bias": b}, strict=False)
     with pytest.raises(ValueError, match="channels"):
         frozen(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="n_threads"):
+        frozen(x, n_threads=0)
     with pytest.raises(ValueError, match="y"):
         frozen.backward(np.ones((2, 3)))
     with pytest.raises(ValueError, match="track_running_stats"):
@@ -399,6 +410,8 @@ def test_inplace_abn_layer_matches_batchnorm(rng):
 def test_inplace_abn_errors(rng):
     with pytest.raises(ValueError, match="invertible"):
         bncore.InPlaceABN(4, activation="relu")
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        bncore.InPlaceABN(4, virtual_batch_size=8)
     with pytest.raises(ValueError, match="invertible"):
         bncore.batch_norm_backward_from_output(np.ones((3, 4)), np.ones((3, 4)), np.ones(4),
                                                activation=("leaky_relu", 0.0))
