@@ -277,16 +277,22 @@ void bn_merge_stats(int64_t k, int64_t channels, const double *count,
                     const double *mean, const double *m2,
                     double *out_count, double *out_mean, double *out_m2)
 {
-    double total = 0;
-    for (int64_t j = 0; j < k; j++) total += count[j];
-    for (int64_t c = 0; c < channels; c++) {
-        double n = 0, m = 0, q = 0;
-        for (int64_t j = 0; j < k; j++)
-            bn_chan(&n, &m, &q, count[j], mean[j * channels + c], m2[j * channels + c]);
-        out_mean[c] = m;
-        out_m2[c] = q;
+    /* bn_chan's arithmetic, part by part, with channels innermost (contiguous) */
+    double n = 0;
+    for (int64_t c = 0; c < channels; c++) out_mean[c] = out_m2[c] = 0;
+    for (int64_t j = 0; j < k; j++) {
+        double nb = count[j];
+        if (nb == 0) continue;
+        double f = nb / (n + nb);
+        const double *mj = mean + j * channels, *qj = m2 + j * channels;
+        for (int64_t c = 0; c < channels; c++) {
+            double d = mj[c] - out_mean[c];
+            out_mean[c] += d * f;
+            out_m2[c] += qj[c] + d * d * n * f;
+        }
+        n += nb;
     }
-    *out_count = total;
+    *out_count = n;
 }
 
 void bn_update_running(int64_t channels, const double *mean, const double *var,
