@@ -363,7 +363,8 @@ class InPlaceABN(BatchNorm):
         """dx of the most recent forward (out may be dy); sets grad_weight, grad_bias."""
         if self._saved is None:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
-        _, y, _, invstd, training = self._saved
+        _, _, invstd, training = self._saved
+        y = self._saved_y
         dx, dw, db = batch_norm_backward_from_output(
             dy, y, invstd, self.weight, self.bias, axis=self.axis, training=training,
             activation=self.activation, out=out, min_abs_weight=self.min_abs_weight,

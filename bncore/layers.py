@@ -54,7 +54,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self.grad_weight = self.grad_bias = None
-        self._saved = None
+        self._saved = self._saved_y = None
         if virtual_batch_size is not None and (
                 isinstance(virtual_batch_size, bool) or
                 not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
@@ -118,24 +118,25 @@ class BatchNorm:
                 self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(x, self.weight, self.bias, **common)
-            saved = (mean, invstd, True)
+            self._saved = (x, mean, invstd, True)
         else:
             y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 **common)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            saved = (self.running_mean.astype(np.float64), invstd, False)
-        # y is the activation's mask source; kept only when there is one
-        self._saved = (x, y if self.activation is not None else None) + saved
+            self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
+        # the activation's mask source, kept only when there is one
+        self._saved_y = y if self.activation is not None else None
         return y
 
     def backward(self, dy, *, out=None, n_threads=None):
         """dx of the most recent forward; sets grad_weight and grad_bias."""
         if self._saved is None:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
-        x, y, mean, invstd, training = self._saved
+        x, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
                                          training=training, out=out, activation=self.activation,
-                                         y=y, n_threads=n_threads, virtual_batch_size=self._ghost)
+                                         y=self._saved_y, n_threads=n_threads,
+                                         virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)

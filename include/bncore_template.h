@@ -61,27 +61,41 @@ BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double 
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
- * out[2*j], out[2*j+1] for column j. Vectorized across columns. */
+ * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
+ * two-pass per L1-sized block of rows, blocks merged with Chan's formula. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
                                        int64_t ld, double *out)
 {
-    double m[BN_MAX_COLS] = {0}, d1[BN_MAX_COLS] = {0}, d2[BN_MAX_COLS] = {0};
-    for (int64_t r = 0; r < nr; r++) {
-        const T *row = x + r * ld;
-        for (int64_t j = 0; j < nc; j++) m[j] += row[j];
-    }
-    for (int64_t j = 0; j < nc; j++) m[j] /= (double)nr;
-    for (int64_t r = 0; r < nr; r++) {
-        const T *row = x + r * ld;
+    double m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS], am[BN_MAX_COLS], aq[BN_MAX_COLS];
+    int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
+    double n = 0;
+    for (int64_t r0 = 0; r0 < nr; r0 += sb) {
+        int64_t rows = bn_min64(sb, nr - r0);
+        const T *xb = x + r0 * ld;
+        for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
+        for (int64_t j = 0; j < nc; j++) m[j] /= (double)rows;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) d1[j] += (double)xb[r * ld + j] - m[j];
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) {
+                double d = (double)xb[r * ld + j] - m[j];
+                d2[j] += d * d;
+            }
+        /* block (mean, M2), then bn_chan into the running (am, aq) */
+        double f = (double)rows / (n + (double)rows);
         for (int64_t j = 0; j < nc; j++) {
-            double d = (double)row[j] - m[j];
-            d1[j] += d;
-            d2[j] += d * d;
+            double mb = m[j] + d1[j] / (double)rows, qb = d2[j] - d1[j] * d1[j] / (double)rows;
+            double d = mb - (n ? am[j] : 0);
+            am[j] = (n ? am[j] : 0) + d * f;
+            aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
         }
+        n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        out[2 * j] = m[j] + d1[j] / (double)nr;
-        out[2 * j + 1] = d2[j] - d1[j] * d1[j] / (double)nr;
+        out[2 * j] = am[j];
+        out[2 * j + 1] = aq[j];
     }
 }
 
@@ -338,7 +352,11 @@ int FN(bn_stats)(const T *x, bn_shape s, double *mean, double *m2, int n_threads
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < p.nunits; u++) FN(unit_moments)(&p, x, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; c++) bn_channel_moments(&p, part, c, mean + c, m2 + c);
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 1, mean, m2);
+        }
     }
     free(part);
     return 0;
@@ -359,9 +377,9 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
                  bn_act act, double slope, int n_threads)
 {
     bn_plan p = bn_make_plan(s, sizeof(T));
-    double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 2 * (size_t)s.channels + 1));
+    double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 3 * (size_t)s.channels + 1));
     if (!part) return BN_ENOMEM;
-    double *scale = part + 2 * p.nslots, *shift = scale + s.channels;
+    double *scale = part + 2 * p.nslots, *shift = scale + s.channels, *m2 = shift + s.channels;
     double count = (double)(s.outer * s.inner);
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -371,15 +389,17 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++) FN(unit_moments)(&p, x, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = c0; c < c1; c++) {
-            double mean, m2;
-            bn_channel_moments(&p, part, c, &mean, &m2);
-            double var = m2 / count, invstd = 1.0 / sqrt(var + eps);
-            save_mean[c] = mean;
-            save_invstd[c] = invstd;
-            if (batch_var) batch_var[c] = var;
-            scale[c] = (weight ? weight[c] : 1.0) * invstd;
-            shift[c] = bias ? bias[c] : 0.0;
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(c0, c1, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 1, save_mean, m2);
+            for (int64_t c = a; c < b; c++) {
+                double var = m2[c] / count, invstd = 1.0 / sqrt(var + eps);
+                save_invstd[c] = invstd;
+                if (batch_var) batch_var[c] = var;
+                scale[c] = (weight ? weight[c] : 1.0) * invstd;
+                shift[c] = bias ? bias[c] : 0.0;
+            }
         }
         /* the same static schedule hands each thread the units it just reduced */
 #pragma omp for schedule(static)
@@ -405,8 +425,11 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
         for (int64_t u = 0; u < p.nunits; u++)
             FN(unit_dot)(&p, dy, x, y, mean, act, slope, 1, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; c++)
-            bn_channel_sums(&p, part, c, sum_dy + c, sum_dy_xmu + c);
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 0, sum_dy, sum_dy_xmu);
+        }
     }
     free(part);
     return 0;
@@ -447,18 +470,21 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
         for (int64_t u = u0; u < u1; u++)
             FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = c0; c < c1; c++) {
-            double sg, sgx;
-            bn_channel_sums(&p, part, c, &sg, &sgx);
-            double k = (weight ? weight[c] : 1.0) * invstd[c];
-            double rs = from_y ? 1.0 / k : 1.0;
-            sgx *= rs;  /* sum g * (x - mean) */
-            dbias[c] = sg;
-            dweight[c] = sgx * invstd[c];
-            /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
-            ca[c] = k;
-            cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count * rs : 0.0;
-            cc[c] = training ? -k * sg / count : 0.0;
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(c0, c1, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 0, dbias, dweight);
+            for (int64_t c = a; c < b; c++) {
+                double sg = dbias[c], sgx = dweight[c];
+                double k = (weight ? weight[c] : 1.0) * invstd[c];
+                double rs = from_y ? 1.0 / k : 1.0;
+                sgx *= rs;  /* sum g * (x - mean) */
+                dweight[c] = sgx * invstd[c];
+                /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
+                ca[c] = k;
+                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count * rs : 0.0;
+                cc[c] = training ? -k * sg / count : 0.0;
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
