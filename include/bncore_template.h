@@ -1,7 +1,7 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
  * once per element type with T (float or double) and SFX (f32 or f64).
- * Sums are taken in double: exact enough for any float32 input, and the
- * squares of |x| ~ 1e30 do not overflow. */
+ * Statistics: exact two-pass sums in T over short L1-resident blocks, merged
+ * in double (Chan); a block whose T sums overflow is redone in double. */
 
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)
@@ -26,76 +26,106 @@
 #define BN_PRE(xv, yv, act, xneg) \
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
-/* Mean and M2 of a contiguous run, exact two-pass: the run is L1-resident
- * for the second pass. out = {mean, M2}. */
-BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
+#define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
+
+/* Mean and M2 of a run in plain double arithmetic: the fallback of the
+ * vector kernels below when their T sums are not finite (squares of
+ * |x| ~ 1e30 overflow float; NaN/Inf data). out = {mean, M2}. */
+static void FN(run_moments_exact)(const T *x, int64_t n, int64_t stride, double *out)
 {
-    double acc[BN_LANES] = {0}, d1[BN_LANES] = {0}, d2[BN_LANES] = {0};
-    int64_t nv = n - n % BN_LANES, i;
-    double tot = 0, s1 = 0, s2 = 0;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
-    for (; i < n; i++) tot += x[i];
-    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
-    double m = tot / (double)n;
-    /* d1 and d2 in separate sweeps of the (L1-resident) run: fused, gcc 12
-     * leaves part of d2 scalar and the kernel runs ~1.5x slower */
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) d1[j] += (double)x[i + j] - m;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m;
-            d2[j] += d * d;
-        }
-    for (i = nv; i < n; i++) {
-        double d = (double)x[i] - m;
+    double m = 0, s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < n; i++) m += x[i * stride];
+    m /= (double)n;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)x[i * stride] - m;
         s1 += d;
         s2 += d * d;
     }
-    for (int j = 0; j < BN_LANES; j++) {
+    out[0] = m + s1 / (double)n;
+    out[1] = s2 - s1 * s1 / (double)n;
+}
+
+/* Mean and M2 of a contiguous run (n <= BN_RUN, L1-resident), exact
+ * two-pass in T lanes: the first pass only centres the second, whose sum of
+ * deviations s1 corrects the mean; each lane adds at most BN_RUN/BN_TLANES
+ * values, and lanes and runs are merged in double. out = {mean, M2}. */
+BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
+{
+    T acc[BN_TLANES] = {0}, d1[BN_TLANES] = {0}, d2[BN_TLANES] = {0};
+    int64_t nv = n - n % BN_TLANES, i;
+    double tot = 0, s1 = 0, s2 = 0;
+    for (i = 0; i < nv; i += BN_TLANES)
+        for (int j = 0; j < BN_TLANES; j++) acc[j] += x[i + j];
+    for (; i < n; i++) tot += x[i];
+    for (int j = 0; j < BN_TLANES; j++) tot += acc[j];
+    T m = (T)(tot / (double)n);
+    for (i = 0; i < nv; i += BN_TLANES)
+        for (int j = 0; j < BN_TLANES; j++) {
+            T d = x[i + j] - m;
+            d1[j] += d;
+            d2[j] += d * d;
+        }
+    for (i = nv; i < n; i++) {
+        double d = (double)x[i] - (double)m;
+        s1 += d;
+        s2 += d * d;
+    }
+    for (int j = 0; j < BN_TLANES; j++) {
         s1 += d1[j];
         s2 += d2[j];
     }
-    out[0] = m + s1 / (double)n;      /* s1 ~ 0 corrects the rounding of m */
+    if (!isfinite(s1) || !isfinite(s2)) {
+        FN(run_moments_exact)(x, n, 1, out);
+        return;
+    }
+    out[0] = (double)m + s1 / (double)n;
     out[1] = s2 - s1 * s1 / (double)n;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
  * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
- * two-pass per L1-sized block of rows, blocks merged with Chan's formula. */
+ * two-pass in T per L1-sized block of rows, blocks merged in double with
+ * Chan's formula. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
                                        int64_t ld, double *out)
 {
-    double m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS], am[BN_MAX_COLS], aq[BN_MAX_COLS];
+    T m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS];
+    double am[BN_MAX_COLS], aq[BN_MAX_COLS];
     int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
     double n = 0;
+    int finite = 1;
     for (int64_t r0 = 0; r0 < nr; r0 += sb) {
         int64_t rows = bn_min64(sb, nr - r0);
         const T *xb = x + r0 * ld;
         for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
-        for (int64_t j = 0; j < nc; j++) m[j] /= (double)rows;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < nc; j++) d1[j] += (double)xb[r * ld + j] - m[j];
+        for (int64_t j = 0; j < nc; j++) m[j] /= (T)rows;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) {
-                double d = (double)xb[r * ld + j] - m[j];
+                T d = xb[r * ld + j] - m[j];
+                d1[j] += d;
                 d2[j] += d * d;
             }
         /* block (mean, M2), then bn_chan into the running (am, aq) */
         double f = (double)rows / (n + (double)rows);
         for (int64_t j = 0; j < nc; j++) {
-            double mb = m[j] + d1[j] / (double)rows, qb = d2[j] - d1[j] * d1[j] / (double)rows;
+            double mb = (double)m[j] + (double)d1[j] / (double)rows;
+            double qb = (double)d2[j] - (double)d1[j] * (double)d1[j] / (double)rows;
             double d = mb - (n ? am[j] : 0);
             am[j] = (n ? am[j] : 0) + d * f;
             aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
+            finite &= isfinite(qb) & isfinite(mb);
         }
         n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        out[2 * j] = am[j];
-        out[2 * j + 1] = aq[j];
+        if (!finite) {
+            FN(run_moments_exact)(x + j, nr, ld, out + 2 * j);
+        } else {
+            out[2 * j] = am[j];
+            out[2 * j + 1] = aq[j];
+        }
     }
 }
 
