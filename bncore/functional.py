@@ -35,7 +35,8 @@ class _Layout:
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
                      running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
-                     virtual_batch_size=None, skip_nonfinite_update=False):
+                     virtual_batch_size=None, running_var_unbiased=True,
+                     skip_nonfinite_update=False):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
@@ -44,6 +45,8 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     that many samples along axis 0 is normalized with its own statistics;
     save_mean/save_invstd are then (K, C) for K ghost batches and the running
     statistics move toward their average over the ghost batches.
+    running_var_unbiased=False updates running_var with the biased batch
+    variance (the Keras and ONNX convention) instead of PyTorch's n/(n-1).
 
     skip_nonfinite_update: when True and the batch mean or the batch variance
     of any channel (of any ghost batch) is NaN or +-inf, running_mean and
@@ -54,11 +57,12 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     and a non-finite channel makes that channel's running statistics non-finite.
     """
     return _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
-                  activation, n_threads, virtual_batch_size, skip_nonfinite_update)[:3]
+                  activation, n_threads, virtual_batch_size, running_var_unbiased,
+                  skip_nonfinite_update)[:3]
 
 
 def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
-           n_threads, virtual_batch_size, skip_nonfinite_update):
+           n_threads, virtual_batch_size, running_var_unbiased, skip_nonfinite_update):
     """batch_norm_train, plus whether the running statistics were updated."""
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
@@ -76,12 +80,14 @@ def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
     chk.disjoint_from_running(out, running_mean, running_var)
     if ghosts is not None:
         return _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var,
-                            momentum, act, slope, nt, skip_nonfinite_update)
+                            momentum, act, slope, nt, running_var_unbiased,
+                            skip_nonfinite_update)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
     update = _updates(running_mean, skip_nonfinite_update, mean, var)
     if update:
-        _update_running(running_mean, running_var, mean, var, L.count, momentum)
+        _update_running(running_mean, running_var, mean, var,
+                        L.count if running_var_unbiased else 1, momentum)
     y = chk.finish(buf, final, L.x.dtype)
     return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False), update
 
@@ -93,7 +99,8 @@ def _updates(running_mean, skip_nonfinite_update, mean, var):
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    # computed aside in float64, then both arrays are written: never half updated
+    # computed aside in float64, then both arrays are written: never half updated;
+    # count 1 applies no Bessel correction (bn_update_running)
     rm = np.array(running_mean, dtype=np.float64)
     rv = np.array(running_var, dtype=np.float64)
     _k.update_running(mean, var, float(count), momentum, rm, rv)
@@ -296,7 +303,7 @@ def _ghost_views(L, ghosts, arrays):
 
 
 def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, momentum, act,
-                 slope, nt, skip_nonfinite_update):
+                 slope, nt, unbiased, skip_nonfinite_update):
     K = len(ghosts)
     mean, invstd, var = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
     counts = np.empty(K)
@@ -306,9 +313,10 @@ def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, mo
     update = _updates(running_mean, skip_nonfinite_update, mean, var)
     if update:
         # average over ghost batches of the means and unbiased variances
-        unbiased = var * (counts / np.maximum(counts - 1, 1))[:, None]
+        if unbiased:
+            var = var * (counts / np.maximum(counts - 1, 1))[:, None]
         rm = (1 - momentum) * np.array(running_mean, np.float64) + momentum * mean.mean(0)
-        rv = (1 - momentum) * np.array(running_var, np.float64) + momentum * unbiased.mean(0)
+        rv = (1 - momentum) * np.array(running_var, np.float64) + momentum * var.mean(0)
         running_mean[...] = rm
         running_var[...] = rv
     y = chk.finish(buf, final, L.x.dtype)

@@ -20,6 +20,9 @@ class BatchNorm:
     track_running_stats=False uses batch statistics in eval mode too.
     virtual_batch_size (ghost batch norm): in training mode each slice of that
     many samples along axis 0 is normalized with its own statistics.
+    activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
+    backward; running_var_unbiased=False keeps the biased running variance
+    (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
 
     skip_nonfinite_update=True leaves running_mean, running_var and
     num_batches_tracked untouched on a training step whose batch mean or
@@ -29,7 +32,7 @@ class BatchNorm:
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
-                 skip_nonfinite_update=False):
+                 activation=None, running_var_unbiased=True, skip_nonfinite_update=False):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -48,6 +51,9 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.dtype = dtype
+        chk.activation(activation)
+        self.activation = activation
+        self.running_var_unbiased = bool(running_var_unbiased)
         self.skip_nonfinite_update = bool(skip_nonfinite_update)
         C = self.num_features
         self.weight = np.ones(C, dtype) if affine else None
@@ -60,7 +66,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self.grad_weight = self.grad_bias = None
-        self._saved = None
+        self._saved = self._saved_y = None
         if virtual_batch_size is not None and (
                 isinstance(virtual_batch_size, bool) or
                 not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
@@ -70,9 +76,10 @@ class BatchNorm:
         self._ghost = None
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}{act})")
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -98,13 +105,17 @@ class BatchNorm:
                              f"got shape {x.shape}")
         return x
 
-    def forward(self, x, *, out=None, n_threads=None):
-        x = self._check_input(x)
+    def _check_out(self, x, out):
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
             raise ValueError("out: expected an array separate from x (a layer keeps x for "
-                             "backward; use the functional API to normalize in place), got one "
-                             "sharing memory with x")
-        common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
+                             "backward; use the functional API or InPlaceABN to normalize in "
+                             "place), got one sharing memory with x")
+
+    def forward(self, x, *, out=None, n_threads=None):
+        x = self._check_input(x)
+        self._check_out(x, out)
+        common = dict(axis=self.axis, eps=self.eps, out=out, activation=self.activation,
+                      n_threads=n_threads)
         self._ghost = None
         if self.training or not self.track_running_stats:
             if self.training and self.virtual_batch_size is not None:
@@ -115,8 +126,8 @@ class BatchNorm:
                 factor = 1.0 / n if self.momentum is None else self.momentum
                 y, mean, invstd, updated = _train(
                     x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
-                    self.running_var, factor, out, None, n_threads, self._ghost,
-                    self.skip_nonfinite_update)
+                    self.running_var, factor, out, self.activation, n_threads, self._ghost,
+                    self.running_var_unbiased, self.skip_nonfinite_update)
                 if updated:
                     self.num_batches_tracked[...] = n
             else:
@@ -127,6 +138,8 @@ class BatchNorm:
                                 **common)
             invstd = _invstd_of(self.running_var, self.eps)
             self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
+        # the activation's mask source, kept only when there is one
+        self._saved_y = y if self.activation is not None else None
         return y
 
     def backward(self, dy, *, out=None, n_threads=None):
@@ -135,12 +148,23 @@ class BatchNorm:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
         x, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
-                                         training=training, out=out, n_threads=n_threads,
+                                         training=training, out=out, activation=self.activation,
+                                         y=self._saved_y, n_threads=n_threads,
                                          virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)
         return dx
+
+    def freeze(self):
+        """A FrozenBatchNorm with copies of this layer's eval-mode parameters."""
+        from .inference import FrozenBatchNorm
+        if not self.track_running_stats:
+            raise ValueError("freeze: the layer has no running statistics to freeze "
+                             "(track_running_stats=False)")
+        return FrozenBatchNorm.from_state_dict(
+            self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
+            dtype=self.dtype)
 
     def _state_names(self):
         names = ["weight", "bias"] if self.affine else []

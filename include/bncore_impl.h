@@ -32,9 +32,11 @@
 #endif
 
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once) */
-#define BN_TILE_BYTES 65536        /* channels-last: bytes per rows x columns unit */
-#define BN_MAX_COLS 256            /* channels-last: columns per unit */
-#define BN_MIN_RUN 32              /* inner runs shorter than this use the row layout */
+#define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
+#define BN_SUB_BYTES (32 << 10)    /* row layout: two-pass sub-block, L1-resident */
+#define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
+                                    * short row segments defeat the hardware prefetcher) */
+#define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (8 << 20)   /* channels processed per round: still in cache for the 2nd pass */
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large bypass the cache (no read-for-ownership) */
@@ -210,49 +212,63 @@ static void bn_chan(double *na, double *ma, double *m2a, double nb, double mb, d
     *na = n;
 }
 
-/* Merge channel c's (mean, M2) partials in a fixed order. */
-static void bn_channel_moments(const bn_plan *p, const double *part, int64_t c,
-                               double *mean, double *m2)
+/* Merges the partials of channels [lo, hi) in a fixed order, whatever the
+ * thread count: Chan's formula on (mean, M2) partials when moments is set
+ * (o0 = mean, o1 = M2), plain sums otherwise. NCHW partials of a channel are
+ * contiguous; row-layout partials are stored row block by row block, so they
+ * are merged row block by row block with channels innermost (contiguous). */
+static void bn_merge(const bn_plan *p, const double *part, int64_t lo, int64_t hi,
+                     int moments, double *o0, double *o1)
 {
-    double n = 0, m = 0, q = 0;
     if (!p->rows) {
         int64_t per = p->s.outer * p->kruns;
-        for (int64_t j = c * per; j < (c + 1) * per; j++)
-            bn_chan(&n, &m, &q, bn_slot_count(p, j), part[2 * j], part[2 * j + 1]);
-    } else {
-        for (int64_t rb = 0; rb < p->nrb; rb++)
-            for (int64_t i = 0; i < p->fold; i++)
-                for (int64_t l = 0; l < p->s.inner; l++) {
-                    const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, c, l));
-                    bn_chan(&n, &m, &q, bn_slot_count(p, rb), s[0], s[1]);
+        for (int64_t c = lo; c < hi; c++) {
+            double n = 0, a = 0, q = 0;
+            for (int64_t j = c * per; j < (c + 1) * per; j++) {
+                if (moments) {
+                    bn_chan(&n, &a, &q, bn_slot_count(p, j), part[2 * j], part[2 * j + 1]);
+                } else {
+                    a += part[2 * j];
+                    q += part[2 * j + 1];
                 }
+            }
+            o0[c] = a;
+            o1[c] = q;
+        }
+        return;
     }
-    *mean = m;
-    *m2 = q;
+    int64_t ci = p->s.inner;
+    double n = 0;
+    for (int64_t c = lo; c < hi; c++) o0[c] = o1[c] = 0;
+    for (int64_t rb = 0; rb < p->nrb; rb++) {
+        double nb = bn_slot_count(p, rb);
+        for (int64_t i = 0; i < p->fold; i++)
+            for (int64_t l = 0; l < ci; l++) {
+                const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, 0, l));
+                if (moments) {  /* bn_chan, with the count shared by all channels */
+                    double f = nb / (n + nb);
+                    for (int64_t c = lo; c < hi; c++) {
+                        double d = s[2 * c * ci] - o0[c];
+                        o0[c] += d * f;
+                        o1[c] += s[2 * c * ci + 1] + d * d * n * f;
+                    }
+                    n += nb;
+                } else {
+                    for (int64_t c = lo; c < hi; c++) {
+                        o0[c] += s[2 * c * ci];
+                        o1[c] += s[2 * c * ci + 1];
+                    }
+                }
+            }
+    }
 }
 
-/* Plain sums of channel c's two partials, in a fixed order. */
-static void bn_channel_sums(const bn_plan *p, const double *part, int64_t c,
-                            double *s0, double *s1)
+/* Chunk t of nt of the range [lo, hi), for merging channels in parallel. */
+static void bn_chunk(int64_t lo, int64_t hi, int64_t t, int64_t nt, int64_t *a, int64_t *b)
 {
-    double a = 0, b = 0;
-    if (!p->rows) {
-        int64_t per = p->s.outer * p->kruns;
-        for (int64_t j = c * per; j < (c + 1) * per; j++) {
-            a += part[2 * j];
-            b += part[2 * j + 1];
-        }
-    } else {
-        for (int64_t rb = 0; rb < p->nrb; rb++)
-            for (int64_t i = 0; i < p->fold; i++)
-                for (int64_t l = 0; l < p->s.inner; l++) {
-                    const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, c, l));
-                    a += s[0];
-                    b += s[1];
-                }
-    }
-    *s0 = a;
-    *s1 = b;
+    int64_t len = hi - lo, q = len / nt, r = len % nt;
+    *a = lo + t * q + (t < r ? t : r);
+    *b = *a + q + (t < r);
 }
 
 /* Threads for `work` elements in `units` independent pieces: one below
@@ -287,16 +303,22 @@ void bn_merge_stats(int64_t k, int64_t channels, const double *count,
                     const double *mean, const double *m2,
                     double *out_count, double *out_mean, double *out_m2)
 {
-    double total = 0;
-    for (int64_t j = 0; j < k; j++) total += count[j];
-    for (int64_t c = 0; c < channels; c++) {
-        double n = 0, m = 0, q = 0;
-        for (int64_t j = 0; j < k; j++)
-            bn_chan(&n, &m, &q, count[j], mean[j * channels + c], m2[j * channels + c]);
-        out_mean[c] = m;
-        out_m2[c] = q;
+    /* bn_chan's arithmetic, part by part, with channels innermost (contiguous) */
+    double n = 0;
+    for (int64_t c = 0; c < channels; c++) out_mean[c] = out_m2[c] = 0;
+    for (int64_t j = 0; j < k; j++) {
+        double nb = count[j];
+        if (nb == 0) continue;
+        double f = nb / (n + nb);
+        const double *mj = mean + j * channels, *qj = m2 + j * channels;
+        for (int64_t c = 0; c < channels; c++) {
+            double d = mj[c] - out_mean[c];
+            out_mean[c] += d * f;
+            out_m2[c] += qj[c] + d * d * n * f;
+        }
+        n += nb;
     }
-    *out_count = total;
+    *out_count = n;
 }
 
 void bn_update_running(int64_t channels, const double *mean, const double *var,

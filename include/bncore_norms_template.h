@@ -408,7 +408,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                         if (n < BN_GN_SHORT)
                             LN(gn_short_dot)(dr + o, xr + o, n, m, part2);
                         else
-                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, part2);
+                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, 1, part2);
                         sc[0] += part2[0];
                         sc[1] += part2[1];
                     }
@@ -432,7 +432,8 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 for (int64_t k = 0; k < HW; k += BN_RUN) {
                     int64_t o = c * HW + k;
                     LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
-                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 0);
+                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 1,
+                               0);
                 }
         }
 #pragma omp for schedule(static)

@@ -65,17 +65,19 @@ def test_more_than_2_31_elements_without_the_memory(shape, axis):
     x, count, mean, m2, pos, chan = _spiked(shape, axis, 40, seed=len(shape) + shape[-1])
     n, got_mean, got_m2 = bncore.batch_norm_stats(x, axis=axis)
     assert n == count > 2**29
-    np.testing.assert_allclose(got_mean, mean, rtol=1e-12)
-    np.testing.assert_allclose(got_m2, m2, rtol=1e-9)
+    # float32 statistics are summed in float lanes within a block (~1e-6 here);
+    # a wrapped index loses a whole spike, a few percent
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(got_m2, m2, rtol=1e-5)
     # backward_reduce on two such arrays: sum(dy) and sum(dy * (x - mean))
     dy = x  # the same lazily mapped array, read twice
     sdy, sdx = bncore.batch_norm_backward_reduce(dy, x, mean, axis=axis)
     vals = x.reshape(-1)[pos].astype(np.float64)
     C = shape[axis]
-    np.testing.assert_allclose(sdy, np.bincount(chan, weights=vals, minlength=C), rtol=1e-12)
+    np.testing.assert_allclose(sdy, np.bincount(chan, weights=vals, minlength=C), rtol=1e-5)
     # sum over all elements of x*(x - mean) = sum over spikes of v*(v - mean): zeros add nothing
     np.testing.assert_allclose(sdx, np.bincount(chan, weights=vals * (vals - mean[chan]),
-                                                minlength=C), rtol=1e-9)
+                                                minlength=C), rtol=1e-5)
 
 
 @pytest.mark.slow
