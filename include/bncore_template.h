@@ -91,9 +91,9 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
 {
     T m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS];
     double am[BN_MAX_COLS], aq[BN_MAX_COLS];
+    unsigned char redo[BN_MAX_COLS] = {0};  /* per column: a NaN in one channel leaves the others as they are */
     int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
     double n = 0;
-    int finite = 1;
     for (int64_t r0 = 0; r0 < nr; r0 += sb) {
         int64_t rows = bn_min64(sb, nr - r0);
         const T *xb = x + r0 * ld;
@@ -115,12 +115,12 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
             double d = mb - (n ? am[j] : 0);
             am[j] = (n ? am[j] : 0) + d * f;
             aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
-            finite &= isfinite(qb) & isfinite(mb);
+            redo[j] |= !isfinite(qb) || !isfinite(mb);
         }
         n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        if (!finite) {
+        if (redo[j]) {
             FN(run_moments_exact)(x + j, nr, ld, out + 2 * j);
         } else {
             out[2 * j] = am[j];
