@@ -27,6 +27,19 @@
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
 #define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
+/* Below this mean square deviation, T squares of the deviations may have
+ * underflowed (to subnormals or 0) by more than T's epsilon of the sum. */
+#define BN_TINY (sizeof(T) == 4 ? (double)FLT_MIN / FLT_EPSILON : DBL_MIN / DBL_EPSILON)
+
+/* Whether the T-lane moments (mean m of the run, deviation sums s1, s2 over n
+ * values) must be redone in double: not finite (squares of |x| ~ 1e30
+ * overflow float; NaN/Inf data), or squares small enough to have underflowed
+ * (std ~ 1e-20 in float) -- unless everything is exactly 0 (a run of zeros,
+ * common after ReLU, is exact as it is). */
+static int FN(moments_inexact)(double m, double s1, double s2, double n)
+{
+    return !isfinite(s1) || !isfinite(s2) || (s2 < n * BN_TINY && (m != 0 || s1 != 0 || s2 != 0));
+}
 
 /* Mean and M2 of a run in plain double arithmetic: the fallback of the
  * vector kernels below when their T sums are not finite (squares of
@@ -74,7 +87,7 @@ BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double 
         s1 += d1[j];
         s2 += d2[j];
     }
-    if (!isfinite(s1) || !isfinite(s2)) {
+    if (FN(moments_inexact)((double)m, s1, s2, (double)n)) {
         FN(run_moments_exact)(x, n, 1, out);
         return;
     }
@@ -115,7 +128,7 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
             double d = mb - (n ? am[j] : 0);
             am[j] = (n ? am[j] : 0) + d * f;
             aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
-            redo[j] |= !isfinite(qb) || !isfinite(mb);
+            redo[j] |= FN(moments_inexact)((double)m[j], (double)d1[j], (double)d2[j], (double)rows);
         }
         n += (double)rows;
     }
@@ -600,4 +613,5 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
 #undef BN_CAT2
 #undef BN_GRAD
 #undef BN_PRE
+#undef BN_TINY
 #undef BN_OPAQUE
