@@ -50,7 +50,8 @@ def _spiked(shape, axis, spikes, seed):
     mean = sums / count
     # M2 = sum over spikes of (v - mean)^2 + (count - spikes in channel) * mean^2
     nz = np.bincount(chan, minlength=C)
-    m2 = np.bincount(chan, weights=(flat[pos] - mean[chan]) ** 2, minlength=C) + (count - nz) * mean**2
+    m2 = (np.bincount(chan, weights=(flat[pos] - mean[chan]) ** 2, minlength=C)
+          + (count - nz) * mean**2)
     return x, count, mean, m2, pos, chan
 
 
@@ -170,7 +171,8 @@ def test_one_channel(shape, axis, dtype):
     np.testing.assert_allclose(rv, 0.9 + 0.1 * var_u, **tol)
     dx, dw, db = bncore.batch_norm_backward(dy, x, m, inv, w, axis=axis)
     for g, r in zip((dx, dw, db), ref.backward(dy, x, m, inv, w, axis)):
-        np.testing.assert_allclose(g, r, rtol=tol["rtol"], atol=tol["atol"] * max(1, np.abs(r).max()))
+        np.testing.assert_allclose(g, r, rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(1, np.abs(r).max()))
     np.testing.assert_allclose(bncore.batch_norm_eval(x, rm, rv, w, b, axis=axis),
                                ref.evaluate(x, rm, rv, w, b, axis), **tol)
 
@@ -206,8 +208,9 @@ def test_hundreds_of_thousands_of_channels(shape, axis):
                                      [p[2] for p in parts])
     cnt, mean_ref, m2_ref = ref.stats(x, axis)
     assert n == cnt
-    np.testing.assert_allclose(mean, mean_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(m2, m2_ref, rtol=1e-9, atol=1e-9)
+    # float32 data: float-lane sums within blocks, float32-level accuracy
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m2, m2_ref, rtol=1e-5, atol=1e-6)
 
 
 

@@ -167,7 +167,8 @@ def test_skip_nonfinite_update_layer(momentum):
     for k, v in clean.state_dict().items():
         np.testing.assert_array_equal(skipping.state_dict()[k], v, err_msg=k)
     assert int(skipping.num_batches_tracked) == 3 and int(default.num_batches_tracked) == 5
-    assert not np.isfinite(default.running_mean[BAD]) and np.isfinite(default.running_mean[:BAD]).all()
+    assert not np.isfinite(default.running_mean[BAD])
+    assert np.isfinite(default.running_mean[:BAD]).all()
 
 
 def test_skip_nonfinite_update_is_off_by_default_and_checked():
@@ -196,7 +197,8 @@ def test_extreme_magnitudes_float32(layout, scale, offset, eps):
     C = shape[axis]
     w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
     rm, rv = np.zeros(C), np.ones(C)
-    y, m, inv = bncore.batch_norm_train(x, w, b, axis=axis, eps=eps, running_mean=rm, running_var=rv)
+    y, m, inv = bncore.batch_norm_train(x, w, b, axis=axis, eps=eps, running_mean=rm,
+                                        running_var=rv)
     y_ref, m_ref, inv_ref, var_u = ref.train(x, w, b, axis, eps)
     for got, want in ((y, y_ref), (m, m_ref), (inv, inv_ref), (rm, 0.1 * m_ref),
                       (rv, 0.9 + 0.1 * var_u)):
@@ -239,7 +241,8 @@ def test_constant_channel_gives_xhat_exactly_zero(layout, dtype, eps):
     b = np.linspace(-1, 1, C).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     rm, rv = np.zeros(C), np.ones(C)
-    y, m, inv = bncore.batch_norm_train(x, w, b, axis=axis, eps=eps, running_mean=rm, running_var=rv)
+    y, m, inv = bncore.batch_norm_train(x, w, b, axis=axis, eps=eps, running_mean=rm,
+                                        running_var=rv)
     const = _take(y, 1, axis)
     assert np.all(const == b[1]), np.unique(const)
     assert m[1] == np.float64(dtype(1 / 3 * 1e3)).astype(m.dtype)
