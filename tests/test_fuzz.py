@@ -373,8 +373,13 @@ def _layer_ref(c):
     mom = 1.0 if o["momentum"] is None else o["momentum"]  # cumulative average of one batch
     rm = (1 - mom) * rm0 + mom * m
     rv = (1 - mom) * rv0 + mom * var_u
-    # eval uses the running statistics as stored, in the layer's dtype
-    ye = ref.evaluate(x, rm.astype(dt), rv.astype(dt), w, b, c.axis, o["eps"])
+    # eval is a function of the running statistics as the layer stored them (in
+    # its dtype: a float16 rounding of rm moves y by invstd ulps); they are
+    # checked against rm, rv above
+    rm_stored, rv_stored = rm0.astype(dt), rv0.astype(dt)
+    bncore.batch_norm_train(c.arrays["x"], axis=c.axis, eps=o["eps"], momentum=mom,
+                            running_mean=rm_stored, running_var=rv_stored)
+    ye = ref.evaluate(x, rm_stored, rv_stored, w, b, c.axis, o["eps"])
     if not o["affine"]:
         dw, db = np.zeros(c.C), np.zeros(c.C)
     return y, dx, ye, dw, db, rm, rv, 1
