@@ -7,6 +7,7 @@ what was expected and what was received.
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -88,8 +89,10 @@ def vector(v, C, name, *, required=False):
 def running(rm, rv, C):
     """Checks the pair of running statistics that training updates in place."""
     if (rm is None) != (rv is None):
-        missing = "running_var" if rv is None else "running_mean"
-        raise ValueError(f"{missing}: running_mean and running_var must be given together")
+        missing, given = ("running_var", "running_mean") if rv is None else ("running_mean",
+                                                                             "running_var")
+        raise ValueError(f"{missing}: expected an array of length {C} since {given} is given "
+                         f"(the two go together), got None")
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
         if a is None:
             continue
@@ -100,26 +103,58 @@ def running(rm, rv, C):
         if a.shape != (C,):
             raise ValueError(f"{name}: expected shape ({C},), one value per channel, got {a.shape}")
         if not a.flags.writeable:
-            raise ValueError(f"{name}: must be writable (it is updated in place)")
+            raise ValueError(f"{name}: expected a writable array (it is updated in place), "
+                             f"got a read-only one")
     if rm is not None and np.may_share_memory(rm, rv):
-        raise ValueError("running_var: must not share memory with running_mean")
+        raise ValueError("running_var: expected an array separate from running_mean, got one "
+                         "sharing its memory")
+
+
+def disjoint_from_running(out, rm, rv):
+    """out is written before the running statistics are read: they must not overlap."""
+    for a, name in ((rm, "running_mean"), (rv, "running_var")):
+        if out is not None and a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"out: expected an array separate from {name} (the output is "
+                             f"written before {name} is updated from its old value), got one "
+                             f"sharing its memory")
 
 
 def real(v, name, lo=None, hi=None):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+    try:
+        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+    except OverflowError:  # an int beyond float
+        f = None
+    if f is None or not math.isfinite(f):
         raise ValueError(f"{name}: expected a finite real number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {v!r}")
-    return float(v)
+    if (lo is not None and f < lo) or (hi is not None and f > hi):
+        want = f"a value >= {lo}" if hi is None else f"a value in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {want}, got {v!r}")
+    return f
+
+
+# libgomp keeps its thread pool across fork() without the threads: a forked
+# child that enters a parallel region waits forever for them. Every kernel
+# call in a forked child therefore runs on the calling thread.
+_forked_child = False
+
+
+def _mark_forked_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
 
 
 def threads(n_threads):
-    """0 (the kernel reads omp_get_max_threads() at call time) or a positive int."""
+    """0 (the kernel reads omp_get_max_threads() at call time) or a positive
+    int; 1 in a process forked from the one that imported bncore."""
     if n_threads is None:
-        return 0
+        return 1 if _forked_child else 0
     if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
         raise ValueError(f"n_threads: expected None or a positive int, got {n_threads!r}")
-    return int(min(n_threads, 4096))
+    return 1 if _forked_child else int(min(n_threads, 4096))
 
 
 def activation(act):
@@ -159,7 +194,7 @@ def output(out, x, cd, inputs):
     if out.dtype != x.dtype:
         raise TypeError(f"out: expected dtype {x.dtype}, got {out.dtype}")
     if not out.flags.writeable:
-        raise ValueError("out: must be writable, got a read-only array")
+        raise ValueError("out: expected a writable array, got a read-only one")
     direct = out.dtype == cd and out.flags.c_contiguous and all(
         a is None or not np.may_share_memory(out, a) or _same_view(out, a) for a in inputs)
     return (out, out) if direct else (np.empty(x.shape, cd), out)

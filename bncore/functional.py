@@ -35,7 +35,8 @@ class _Layout:
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
                      running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
-                     virtual_batch_size=None, running_var_unbiased=True):
+                     virtual_batch_size=None, running_var_unbiased=True,
+                     skip_nonfinite_update=False):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
@@ -46,7 +47,23 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     statistics move toward their average over the ghost batches.
     running_var_unbiased=False updates running_var with the biased batch
     variance (the Keras and ONNX convention) instead of PyTorch's n/(n-1).
+
+    skip_nonfinite_update: when True and the batch mean or the batch variance
+    of any channel (of any ghost batch) is NaN or +-inf, running_mean and
+    running_var are left exactly as they were, for every channel (a NaN/inf
+    batch, e.g. an overflowed mixed-precision step, then does not poison the
+    running statistics; PyTorch issue 88474). y, save_mean and save_invstd are
+    still returned as computed. Off by default: the update is then PyTorch's,
+    and a non-finite channel makes that channel's running statistics non-finite.
     """
+    return _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+                  activation, n_threads, virtual_batch_size, skip_nonfinite_update,
+                  running_var_unbiased)[:3]
+
+
+def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
+           n_threads, virtual_batch_size, skip_nonfinite_update, running_var_unbiased=True):
+    """batch_norm_train, plus whether the running statistics were updated."""
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
@@ -60,16 +77,25 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
                          f"{L.count} (shape {L.x.shape}, axis={axis})")
     ghosts = _ghost_batches(L, virtual_batch_size)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    chk.disjoint_from_running(out, running_mean, running_var)
     if ghosts is not None:
         return _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var,
-                            momentum, act, slope, nt, running_var_unbiased)
+                            momentum, act, slope, nt, running_var_unbiased,
+                            skip_nonfinite_update)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
-    if running_mean is not None:
+    update = _updates(running_mean, skip_nonfinite_update, mean, var)
+    if update:
         _update_running(running_mean, running_var, mean, var,
                         L.count if running_var_unbiased else 1, momentum)
     y = chk.finish(buf, final, L.x.dtype)
-    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
+    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False), update
+
+
+def _updates(running_mean, skip_nonfinite_update, mean, var):
+    """Whether the running statistics are updated from these batch statistics."""
+    return running_mean is not None and not (
+        skip_nonfinite_update and not (np.isfinite(mean).all() and np.isfinite(var).all()))
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
@@ -89,7 +115,17 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axi
     rm = chk.vector(running_mean, L.C, "running_mean", required=True)
     rv = chk.vector(running_var, L.C, "running_var", required=True)
     eps = chk.real(eps, "eps", 0.0)
-    return _elemt(L, rm, 1.0 / np.sqrt(rv + eps), weight, bias, out, activation, n_threads)
+    return _elemt(L, rm, _invstd_of(rv, eps), weight, bias, out, activation, n_threads)
+
+
+def _invstd_of(var, eps):
+    """1/sqrt(var + eps) in float64, taken as 0 where var + eps == 0 (eps = 0 and
+    a zero variance), as the training kernel and PyTorch's CPU kernel do."""
+    s = np.asarray(var, np.float64) + eps
+    with np.errstate(divide="ignore"):  # only s == 0 divides by zero, and is set to 0
+        inv = 1.0 / np.sqrt(s)
+    inv[s == 0] = 0.0
+    return inv
 
 
 def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None,
@@ -144,8 +180,8 @@ def _mask_source(y, L, act):
     if act == 0:
         return None
     if y is None:
-        raise ValueError("y: the forward output is required when activation is set "
-                         "(its sign is the activation's mask)")
+        raise ValueError(f"y: expected the forward output (shape {L.x.shape}; its sign is the "
+                         f"activation's mask) since activation is set, got None")
     return chk.like(y, L.x, "y")
 
 
@@ -167,11 +203,16 @@ def batch_norm_stats(x, *, axis=1, n_threads=None):
 def merge_stats(counts, means, m2s):
     """Chan's merge of K (count, mean, M2) triples: counts (K,), means and m2s
     (K, C). Returns (count, mean, M2); merged in the given order in float64."""
-    counts = np.asarray(counts, dtype=np.float64)
+    try:
+        counts = np.asarray(counts, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"counts: expected real numbers, got {counts!r:.80}") from None
     if counts.ndim != 1:
         raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {counts.shape}")
-    if np.any(counts < 0) or not np.all(np.isfinite(counts)):
-        raise ValueError("counts: expected finite non-negative counts")
+    bad = (counts < 0) | ~np.isfinite(counts)
+    if bad.any():
+        raise ValueError(f"counts: expected finite non-negative counts, got {counts[bad][0]} "
+                         f"at index {np.flatnonzero(bad)[0]}")
     shape = None
     arrays = []
     for a, name in ((means, "means"), (m2s, "m2s")):
@@ -262,14 +303,15 @@ def _ghost_views(L, ghosts, arrays):
 
 
 def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, momentum, act,
-                 slope, nt, unbiased=True):
+                 slope, nt, unbiased=True, skip_nonfinite_update=False):
     K = len(ghosts)
     mean, invstd, var = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
     counts = np.empty(K)
     for k, (shape, (xk, yk)) in enumerate(_ghost_views(L, ghosts, (L.flat(L.x), buf.reshape(-1)))):
         counts[k] = shape[0] * shape[2]
         _k.train(xk, yk, shape, w, b, eps, mean[k], invstd[k], var[k], act, slope, nt)
-    if running_mean is not None:
+    update = _updates(running_mean, skip_nonfinite_update, mean, var)
+    if update:
         # average over ghost batches of the means and unbiased variances
         if unbiased:
             var = var * (counts / np.maximum(counts - 1, 1))[:, None]
@@ -278,7 +320,7 @@ def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, mo
         running_mean[...] = rm
         running_var[...] = rv
     y = chk.finish(buf, final, L.x.dtype)
-    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
+    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False), update
 
 
 def _ghost_stats(v, K, C, name):

@@ -4,7 +4,8 @@ import numbers
 import numpy as np
 
 from . import _checks as chk
-from .functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import (_train, batch_norm_backward, batch_norm_eval, batch_norm_train,
+                         _invstd_of)
 
 __all__ = ["BatchNorm"]
 
@@ -22,17 +23,27 @@ class BatchNorm:
     activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
     backward; running_var_unbiased=False keeps the biased running variance
     (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
+
+    skip_nonfinite_update=True leaves running_mean, running_var and
+    num_batches_tracked untouched on a training step whose batch mean or
+    variance is NaN or inf in any channel (see batch_norm_train); the step's
+    output is still returned. Off by default, as in PyTorch.
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
-                 activation=None, running_var_unbiased=True):
+                 activation=None, running_var_unbiased=True, skip_nonfinite_update=False):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in chk.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt is None or dt not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, float32 or float64, "
+                            f"got {dt if dt is not None else repr(dtype)}")
+        dtype = dt
         self.num_features = int(num_features)
         self.eps = chk.real(eps, "eps", 0.0)
         self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
@@ -43,6 +54,7 @@ class BatchNorm:
         chk.activation(activation)
         self.activation = activation
         self.running_var_unbiased = bool(running_var_unbiased)
+        self.skip_nonfinite_update = bool(skip_nonfinite_update)
         C = self.num_features
         self.weight = np.ones(C, dtype) if affine else None
         self.bias = np.zeros(C, dtype) if affine else None
@@ -95,8 +107,9 @@ class BatchNorm:
 
     def _check_out(self, x, out):
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
-            raise ValueError("out: must not overlap x in a layer (backward needs the input); "
-                             "use the functional API or InPlaceABN for in-place normalization")
+            raise ValueError("out: expected an array separate from x (a layer keeps x for "
+                             "backward; use the functional API or InPlaceABN to normalize in "
+                             "place), got one sharing memory with x")
 
     def forward(self, x, *, out=None, n_threads=None):
         x = self._check_input(x)
@@ -111,18 +124,19 @@ class BatchNorm:
             if update:
                 n = int(self.num_batches_tracked) + 1
                 factor = 1.0 / n if self.momentum is None else self.momentum
-                y, mean, invstd = batch_norm_train(
-                    x, self.weight, self.bias, running_mean=self.running_mean,
-                    running_var=self.running_var, momentum=factor,
-                    running_var_unbiased=self.running_var_unbiased, **common)
-                self.num_batches_tracked[...] = n
+                y, mean, invstd, updated = _train(
+                    x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
+                    self.running_var, factor, out, self.activation, n_threads, self._ghost,
+                    self.skip_nonfinite_update, self.running_var_unbiased)
+                if updated:
+                    self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(x, self.weight, self.bias, **common)
             self._saved = (x, mean, invstd, True)
         else:
             y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 **common)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            invstd = _invstd_of(self.running_var, self.eps)
             self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
         # the activation's mask source, kept only when there is one
         self._saved_y = y if self.activation is not None else None

@@ -253,7 +253,10 @@ def group_norm_backward(dy, x, num_groups, mean, invstd, weight=None, *, out=Non
 def _instances(x):
     """x (N, C, *) as N*C groups of one channel."""
     x = chk.tensor(x, "x")
-    return _Groups(x, max(x.shape[1], 1))
+    L = _Groups(x, max(x.shape[1], 1))
+    if L.C == 0:  # no channels: no groups (not one), so the statistics are (N, 0)
+        L.G, L.shape = 0, (L.N, 0, L.HW, 0)
+    return L
 
 
 def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, running_mean=None,

@@ -92,7 +92,9 @@ void bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
  * y = act((x - mean) * invstd * weight + bias).  weight/bias may be NULL
  * (ones/zeros). Writes save_mean, save_invstd and the biased variance
  * batch_var (each double[C]; batch_var may be NULL). The caller updates
- * running statistics from mean and batch_var (see bn_update_running). */
+ * running statistics from mean and batch_var (see bn_update_running).
+ * invstd = 1/sqrt(var + eps), taken as 0 where var + eps == 0 (eps = 0 and a
+ * constant channel; PyTorch's convention): that channel's y is then bias. */
 int bn_train_f32(const float *x, float *y, bn_shape s, const double *weight,
                  const double *bias, double eps, double *save_mean,
                  double *save_invstd, double *batch_var, bn_act act,

@@ -76,8 +76,10 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     memset(&p, 0, sizeof p);
     p.s = s;
     /* short inner runs (channels-last has inner == 1) are better read as
-     * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C */
-    p.rows = s.inner < BN_MIN_RUN;
+     * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C.
+     * inner == 0 stays on the run layout, whose rounds still visit every channel
+     * (rows of width 0 would have no tile, so no round to write the results in) */
+    p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
     p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
@@ -189,6 +191,14 @@ static double bn_slot_count(const bn_plan *p, int64_t j)
     if (!p->rows)
         return (double)bn_min64(BN_RUN, p->s.inner - (j % p->kruns) * BN_RUN);
     return (double)bn_min64(p->rb_rows, p->mrows - j * p->rb_rows);
+}
+
+/* 1/sqrt(var + eps), taken as 0 where var + eps == 0 (eps = 0 and a constant
+ * channel), as PyTorch's CPU kernel does: xhat is then 0, the limit as eps -> 0,
+ * rather than 0 * inf = NaN. NaN stays NaN. */
+static double bn_invstd(double var, double eps)
+{
+    return var + eps == 0 ? 0.0 : 1.0 / sqrt(var + eps);
 }
 
 /* Chan's merge of (nb, mb, m2b) into (*na, *ma, *m2a). */

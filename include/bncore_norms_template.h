@@ -420,6 +420,9 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
             }
             /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)) over the group, g = dy*w */
             T bcoef = (T)(-inv * inv * inv * sums[1] / dlen), ccoef = (T)(-inv * sums[0] / dlen);
+            /* the same with inv factored out, for run_dx: inv^3 * sums[1] ~ 1/std^2 would
+             * leave float's range when std does, inv^2 * sums[1] ~ 1/std does not */
+            T bk = (T)(-inv * inv * sums[1] / dlen), ck = (T)(-sums[0] / dlen);
             if (HW == 1) {
                 LN(ln_seg_dx)(dr, xr, dx + r * len, len, w + c0, LN_SPLIT(m), (T)inv, bcoef,
                               ccoef);
@@ -429,8 +432,8 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 for (int64_t k = 0; k < HW; k += BN_RUN) {
                     int64_t o = c * HW + k;
                     LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
-                               LN_SPLIT(m), (T)(inv * (double)w[c0 + c]), bcoef, ccoef,
-                               BN_ACT_NONE, 0, 1, 0);
+                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 1,
+                               0);
                 }
         }
 #pragma omp for schedule(static)

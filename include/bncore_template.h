@@ -1,7 +1,7 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
  * once per element type with T (float or double) and SFX (f32 or f64).
- * Statistics: exact two-pass sums in T over short L1-resident blocks, merged
- * in double (Chan); a block whose T sums overflow is redone in double. */
+ * Sums are taken in double: exact enough for any float32 input, and the
+ * squares of |x| ~ 1e30 (or 1e-30) neither overflow nor underflow. */
 
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)
@@ -26,106 +26,76 @@
 #define BN_PRE(xv, yv, act, xneg) \
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
-#define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
-
-/* Mean and M2 of a run in plain double arithmetic: the fallback of the
- * vector kernels below when their T sums are not finite (squares of
- * |x| ~ 1e30 overflow float; NaN/Inf data). out = {mean, M2}. */
-static void FN(run_moments_exact)(const T *x, int64_t n, int64_t stride, double *out)
-{
-    double m = 0, s1 = 0, s2 = 0;
-    for (int64_t i = 0; i < n; i++) m += x[i * stride];
-    m /= (double)n;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)x[i * stride] - m;
-        s1 += d;
-        s2 += d * d;
-    }
-    out[0] = m + s1 / (double)n;
-    out[1] = s2 - s1 * s1 / (double)n;
-}
-
-/* Mean and M2 of a contiguous run (n <= BN_RUN, L1-resident), exact
- * two-pass in T lanes: the first pass only centres the second, whose sum of
- * deviations s1 corrects the mean; each lane adds at most BN_RUN/BN_TLANES
- * values, and lanes and runs are merged in double. out = {mean, M2}. */
+/* Mean and M2 of a contiguous run, exact two-pass: the run is L1-resident
+ * for the second pass. out = {mean, M2}. */
 BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
 {
-    T acc[BN_TLANES] = {0}, d1[BN_TLANES] = {0}, d2[BN_TLANES] = {0};
-    int64_t nv = n - n % BN_TLANES, i;
+    double acc[BN_LANES] = {0}, d1[BN_LANES] = {0}, d2[BN_LANES] = {0};
+    int64_t nv = n - n % BN_LANES, i;
     double tot = 0, s1 = 0, s2 = 0;
-    for (i = 0; i < nv; i += BN_TLANES)
-        for (int j = 0; j < BN_TLANES; j++) acc[j] += x[i + j];
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
     for (; i < n; i++) tot += x[i];
-    for (int j = 0; j < BN_TLANES; j++) tot += acc[j];
-    T m = (T)(tot / (double)n);
-    for (i = 0; i < nv; i += BN_TLANES)
-        for (int j = 0; j < BN_TLANES; j++) {
-            T d = x[i + j] - m;
-            d1[j] += d;
+    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
+    double m = tot / (double)n;
+    /* d1 and d2 in separate sweeps of the (L1-resident) run: fused, gcc 12
+     * leaves part of d2 scalar and the kernel runs ~1.5x slower */
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) d1[j] += (double)x[i + j] - m;
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) {
+            double d = (double)x[i + j] - m;
             d2[j] += d * d;
         }
     for (i = nv; i < n; i++) {
-        double d = (double)x[i] - (double)m;
+        double d = (double)x[i] - m;
         s1 += d;
         s2 += d * d;
     }
-    for (int j = 0; j < BN_TLANES; j++) {
+    for (int j = 0; j < BN_LANES; j++) {
         s1 += d1[j];
         s2 += d2[j];
     }
-    if (!isfinite(s1) || !isfinite(s2)) {
-        FN(run_moments_exact)(x, n, 1, out);
-        return;
-    }
-    out[0] = (double)m + s1 / (double)n;
+    out[0] = m + s1 / (double)n;      /* s1 ~ 0 corrects the rounding of m */
     out[1] = s2 - s1 * s1 / (double)n;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
  * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
- * two-pass in T per L1-sized block of rows, blocks merged in double with
- * Chan's formula. */
+ * two-pass per L1-sized block of rows, blocks merged with Chan's formula. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
                                        int64_t ld, double *out)
 {
-    T m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS];
-    double am[BN_MAX_COLS], aq[BN_MAX_COLS];
+    double m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS], am[BN_MAX_COLS], aq[BN_MAX_COLS];
     int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
     double n = 0;
-    int finite = 1;
     for (int64_t r0 = 0; r0 < nr; r0 += sb) {
         int64_t rows = bn_min64(sb, nr - r0);
         const T *xb = x + r0 * ld;
         for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
-        for (int64_t j = 0; j < nc; j++) m[j] /= (T)rows;
+        for (int64_t j = 0; j < nc; j++) m[j] /= (double)rows;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) d1[j] += (double)xb[r * ld + j] - m[j];
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) {
-                T d = xb[r * ld + j] - m[j];
-                d1[j] += d;
+                double d = (double)xb[r * ld + j] - m[j];
                 d2[j] += d * d;
             }
         /* block (mean, M2), then bn_chan into the running (am, aq) */
         double f = (double)rows / (n + (double)rows);
         for (int64_t j = 0; j < nc; j++) {
-            double mb = (double)m[j] + (double)d1[j] / (double)rows;
-            double qb = (double)d2[j] - (double)d1[j] * (double)d1[j] / (double)rows;
+            double mb = m[j] + d1[j] / (double)rows, qb = d2[j] - d1[j] * d1[j] / (double)rows;
             double d = mb - (n ? am[j] : 0);
             am[j] = (n ? am[j] : 0) + d * f;
             aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
-            finite &= isfinite(qb) & isfinite(mb);
         }
         n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        if (!finite) {
-            FN(run_moments_exact)(x + j, nr, ld, out + 2 * j);
-        } else {
-            out[2 * j] = am[j];
-            out[2 * j + 1] = aq[j];
-        }
+        out[2 * j] = am[j];
+        out[2 * j + 1] = aq[j];
     }
 }
 
@@ -240,9 +210,9 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
     }
 }
 
-/* dx = a*g + b*(x - m) + c over a contiguous run (x unused when it is NULL). */
+/* dx = (a*g + b*(x - m) + c) * k over a contiguous run; x == NULL: dx = a*g. */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T ml, T a, T b, T c, bn_act act, T slope, T xneg,
+                                 T m, T ml, T a, T b, T c, T k, bn_act act, T slope, T xneg,
                                  int stream)
 {
     T buf[BN_RUN], *o = stream ? buf : dx;
@@ -253,11 +223,11 @@ BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int
     else if (!x)
         for (int64_t i = 0; i < n; i++) o[i] = dy[i] * (y[i] > 0 ? one : slope) * a;
     else if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a + ((x[i] - m) - ml) * b + c;
+        for (int64_t i = 0; i < n; i++) o[i] = (dy[i] * a + ((x[i] - m) - ml) * b + c) * k;
     else
         for (int64_t i = 0; i < n; i++) {
             T g = dy[i] * (y[i] > 0 ? one : slope), xv = x[i] * (y[i] > zero ? one : xneg);
-            o[i] = g * a + ((xv - m) - ml) * b + c;
+            o[i] = (g * a + ((xv - m) - ml) * b + c) * k;
         }
     if (stream) bn_stream_store(dx, buf, (size_t)n * sizeof(T));
 }
@@ -266,8 +236,9 @@ BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
                                   const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
-                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c, bn_act act,
-                                  T slope, T xneg, int stream)
+                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c,
+                                  const T *BN_RESTRICT k, bn_act act, T slope, T xneg,
+                                  int stream)
 {
     T buf[BN_MAX_COLS];
     BN_OPAQUE(T, one, 1);
@@ -281,14 +252,29 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
             for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * (yr[j] > 0 ? one : slope) * a[j];
         else if (act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++)
-                o[j] = dr[j] * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
+                o[j] = (dr[j] * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j]) * k[j];
         else
             for (int64_t j = 0; j < nc; j++) {
                 T g = dr[j] * (yr[j] > 0 ? one : slope), xv = xr[j] * (yr[j] > zero ? one : xneg);
-                o[j] = g * a[j] + ((xv - m[j]) - ml[j]) * b[j] + c[j];
+                o[j] = (g * a[j] + ((xv - m[j]) - ml[j]) * b[j] + c[j]) * k[j];
             }
         if (stream) bn_stream_store(dx + r * ld, buf, (size_t)nc * sizeof(T));
     }
+}
+
+/* The backward coefficients a, b, c (double) as T: (a*g + b*(x-m) + c) is
+ * evaluated as (g*(a/k) + (x-m)*(b/k) + c/k) * k with k = a. In training
+ * b = -a*invstd^2*sum(g*(x-m))/n ~ a/std, and b alone leaves float's range
+ * when std does (it underflows to 0 at |x| ~ 1e30, overflows at std ~ 1e-20);
+ * b/a ~ 1/std and c/a ~ mean(g) do not. */
+static void FN(dx_coefs)(const double *a, const double *b, const double *c, int64_t ch,
+                         T *ta, T *tb, T *tc, T *tk)
+{
+    double k = b && a[ch] != 0 && isfinite(a[ch]) ? a[ch] : 1.0;
+    *ta = (T)(a[ch] / k);
+    *tb = b ? (T)(b[ch] / k) : 0;
+    *tc = b && c ? (T)(c[ch] / k) : 0;
+    *tk = (T)k;
 }
 
 /* ---- per-unit dispatch on the layout ------------------------------------- */
@@ -328,7 +314,7 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
 }
 
 /* Elementwise pass of unit u: forward (dy == NULL: y = act((x-m)*a + b)) or
- * backward (dx = a*g + b*(x-m) + c). Coefficients are double[C], rounded to T
+ * backward (dx = a*g + b*(x-m) + c, see dx_coefs). Coefficients are double[C], rounded to T
  * per unit. */
 static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, const T *y,
                                  T *out, const double *m, const double *a,
@@ -339,15 +325,18 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         int64_t off, len, ch;
         bn_run_of(p, u, &off, &len, &ch);
         T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
-        if (!dy)
+        if (!dy) {
             FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope,
                           p->stream);
-        else
+        } else {
+            T ta, tb, tc, tk;
+            FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       mh, ml, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0, act, (T)slope,
-                       (T)xneg, p->stream);
+                       mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg, p->stream);
+        }
     } else {
-        T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
+        T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
+            tk[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
@@ -355,16 +344,19 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
             int64_t ch = bn_channel_of(p, c0 + j);
             tm[j] = m ? (T)m[ch] : 0;
             tl[j] = m ? (T)(m[ch] - (double)tm[j]) : 0;
-            ta[j] = (T)a[ch];
-            tb[j] = b ? (T)b[ch] : 0;
-            tc[j] = c ? (T)c[ch] : 0;
+            if (dy) {
+                FN(dx_coefs)(a, b, c, ch, ta + j, tb + j, tc + j, tk + j);
+            } else {
+                ta[j] = (T)a[ch];
+                tb[j] = b ? (T)b[ch] : 0;
+            }
         }
         if (!dy)
             FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope,
                            p->stream);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->width, tm, tl, ta, tb, tc, act, (T)slope, (T)xneg, p->stream);
+                        p->width, tm, tl, ta, tb, tc, tk, act, (T)slope, (T)xneg, p->stream);
     }
     if (p->stream) bn_stream_fence();
 }
@@ -424,7 +416,7 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
             bn_chunk(c0, c1, t, nt, &a, &b);
             bn_merge(&p, part, a, b, 1, save_mean, m2);
             for (int64_t c = a; c < b; c++) {
-                double var = m2[c] / count, invstd = 1.0 / sqrt(var + eps);
+                double var = m2[c] / count, invstd = bn_invstd(var, eps);
                 save_invstd[c] = invstd;
                 if (batch_var) batch_var[c] = var;
                 scale[c] = (weight ? weight[c] : 1.0) * invstd;
