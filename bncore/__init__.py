@@ -1,0 +1,27 @@
+"""bncore: fast, accurate CPU batch normalization for NumPy.
+
+Functions follow shared/API.md: batch_norm_train, batch_norm_eval,
+batch_norm_backward and the BatchNorm layer, plus the building blocks of
+synchronized batch norm (batch_norm_stats, merge_stats, ...).
+"""
+from ._version import __version__
+
+try:
+    from . import _kernels
+except ImportError as e:  # an unbuilt source tree
+    raise ImportError(
+        "bncore's compiled kernels are missing: install with `pip install .` or build in "
+        "place with `python setup.py build_ext --inplace`") from e
+
+from .functional import (batch_norm_backward, batch_norm_backward_elemt,
+                         batch_norm_backward_reduce, batch_norm_elemt, batch_norm_eval,
+                         batch_norm_stats, batch_norm_train, merge_stats)
+from .layers import BatchNorm
+from ._config import show_config
+
+__all__ = [
+    "__version__", "show_config", "BatchNorm",
+    "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
+    "batch_norm_stats", "merge_stats", "batch_norm_elemt",
+    "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+]

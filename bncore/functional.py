@@ -1,0 +1,210 @@
+"""The NumPy-facing batch-norm functions (contract: shared/API.md).
+
+Each function checks every argument first (bncore._checks), brings x to a
+C-contiguous (outer, C, inner) view -- inner == 1 is the channels-last path,
+which also serves (N, C) -- and calls one kernel with the GIL released.
+"""
+import numpy as np
+
+from . import _checks as chk
+from . import _kernels as _k
+
+__all__ = [
+    "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
+    "batch_norm_stats", "merge_stats", "batch_norm_elemt",
+    "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+]
+
+
+class _Layout:
+    """x checked and laid out for the kernels."""
+
+    def __init__(self, x, axis, name="x"):
+        self.x = chk.tensor(x, name)
+        self.axis = chk.channel_axis(axis, self.x.ndim)
+        self.shape = chk.geometry(self.x.shape, self.axis)
+        self.C = self.shape[1]
+        self.count = self.shape[0] * self.shape[2]
+        self.cd = chk.compute_dtype(self.x.dtype)
+        self.sd = chk.stat_dtype(self.x.dtype)
+
+    def flat(self, a):
+        """a (shaped like x) as the flat contiguous compute-dtype buffer."""
+        return None if a is None else chk.contiguous(a, self.cd).reshape(-1)
+
+
+def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
+                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None):
+    """Normalize with the batch statistics; update running statistics in place.
+
+    Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
+    (None, 'relu' or ('leaky_relu', slope)) is fused into the same pass.
+    """
+    L = _Layout(x, axis)
+    w = chk.vector(weight, L.C, "weight")
+    b = chk.vector(bias, L.C, "bias")
+    eps = chk.real(eps, "eps", 0.0)
+    momentum = chk.real(momentum, "momentum", 0.0, 1.0)
+    chk.running(running_mean, running_var, L.C)
+    act, slope = chk.activation(activation)
+    nt = chk.threads(n_threads)
+    if L.count < 2:
+        raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                         f"{L.count} (shape {L.x.shape}, axis={axis})")
+    buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
+    _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, L.count, momentum)
+    y = chk.finish(buf, final, L.x.dtype)
+    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    # computed aside in float64, then both arrays are written: never half updated
+    rm = np.array(running_mean, dtype=np.float64)
+    rv = np.array(running_var, dtype=np.float64)
+    _k.update_running(mean, var, float(count), momentum, rm, rv)
+    running_mean[...] = rm
+    running_var[...] = rv
+
+
+def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5,
+                    out=None, activation=None, n_threads=None):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+    L = _Layout(x, axis)
+    rm = chk.vector(running_mean, L.C, "running_mean", required=True)
+    rv = chk.vector(running_var, L.C, "running_var", required=True)
+    eps = chk.real(eps, "eps", 0.0)
+    return _elemt(L, rm, 1.0 / np.sqrt(rv + eps), weight, bias, out, activation, n_threads)
+
+
+def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None,
+                     activation=None, n_threads=None):
+    """y = (x - mean) * invstd * weight + bias with given statistics."""
+    L = _Layout(x, axis)
+    m = chk.vector(mean, L.C, "mean", required=True)
+    inv = chk.vector(invstd, L.C, "invstd", required=True)
+    return _elemt(L, m, inv, weight, bias, out, activation, n_threads)
+
+
+def _elemt(L, center, invstd, weight, bias, out, activation, n_threads):
+    w = chk.vector(weight, L.C, "weight")
+    b = chk.vector(bias, L.C, "bias")
+    act, slope = chk.activation(activation)
+    nt = chk.threads(n_threads)
+    buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    scale = invstd if w is None else w * invstd
+    shift = np.zeros(L.C) if b is None else b
+    _k.apply(L.flat(L.x), buf.reshape(-1), L.shape, center, scale, shift, act, slope, nt)
+    return chk.finish(buf, final, L.x.dtype)
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, training=True,
+                        out=None, activation=None, y=None, n_threads=None):
+    """Gradients (dx, dweight, dbias) of batch_norm_train (training=True) or of
+    the eval-mode normalization (training=False). With a fused activation,
+    `y` is the forward output, whose sign gives the activation's mask."""
+    L = _Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.vector(save_mean, L.C, "save_mean", required=True)
+    inv = chk.vector(save_invstd, L.C, "save_invstd", required=True)
+    w = chk.vector(weight, L.C, "weight")
+    act, slope = chk.activation(activation)
+    y = _mask_source(y, L, act)
+    nt = chk.threads(n_threads)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    dw, db = np.empty(L.C), np.empty(L.C)
+    _k.backward(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m, inv, w,
+                bool(training), dw, db, act, slope, nt)
+    dx = chk.finish(buf, final, L.x.dtype)
+    return dx, dw.astype(L.sd, copy=False), db.astype(L.sd, copy=False)
+
+
+def _mask_source(y, L, act):
+    if act == 0:
+        return None
+    if y is None:
+        raise ValueError("y: the forward output is required when activation is set "
+                         "(its sign is the activation's mask)")
+    return chk.like(y, L.x, "y")
+
+
+# ---- building blocks for distributed (synchronized) batch norm --------------------------
+
+def batch_norm_stats(x, *, axis=1, n_threads=None):
+    """Local statistics (count, mean, M2) per channel, mean and M2 in float64.
+
+    M2 is the sum of squared deviations from the mean; a shard with no
+    samples gives count 0 (and zeros), which merge_stats ignores.
+    """
+    L = _Layout(x, axis)
+    nt = chk.threads(n_threads)
+    mean, m2 = np.empty(L.C), np.empty(L.C)
+    _k.stats(L.flat(L.x), L.shape, mean, m2, nt)
+    return L.count, mean, m2
+
+
+def merge_stats(counts, means, m2s):
+    """Chan's merge of K (count, mean, M2) triples: counts (K,), means and m2s
+    (K, C). Returns (count, mean, M2); merged in the given order in float64."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1:
+        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {counts.shape}")
+    if np.any(counts < 0) or not np.all(np.isfinite(counts)):
+        raise ValueError("counts: expected finite non-negative counts")
+    shape = None
+    arrays = []
+    for a, name in ((means, "means"), (m2s, "m2s")):
+        a = np.asarray(a)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name}: expected a real array, got dtype {a.dtype}")
+        if a.ndim != 2 or a.shape[0] != counts.shape[0]:
+            raise ValueError(f"{name}: expected shape ({counts.shape[0]}, C), got {a.shape}")
+        if shape is not None and a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} (the shape of means), got {a.shape}")
+        shape = a.shape
+        arrays.append(np.ascontiguousarray(a, dtype=np.float64))
+    C = shape[1]
+    mean, m2 = np.zeros(C), np.zeros(C)
+    if counts.shape[0]:
+        total = _k.merge_stats(np.ascontiguousarray(counts), arrays[0], arrays[1], mean, m2)
+    else:
+        total = 0.0
+    return int(round(total)), mean, m2
+
+
+def batch_norm_backward_reduce(dy, x, mean, *, axis=1, activation=None, y=None, n_threads=None):
+    """Per channel (sum dy, sum dy*(x - mean)) in float64 (centered sums)."""
+    L = _Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.vector(mean, L.C, "mean", required=True)
+    act, slope = chk.activation(activation)
+    y = _mask_source(y, L, act)
+    nt = chk.threads(n_threads)
+    sum_dy, sum_dy_xmu = np.empty(L.C), np.empty(L.C)
+    _k.backward_reduce(L.flat(dy), L.flat(L.x), L.flat(y), L.shape, m, act, slope, sum_dy,
+                       sum_dy_xmu, nt)
+    return sum_dy, sum_dy_xmu
+
+
+def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, *, axis=1,
+                              out=None, activation=None, y=None, n_threads=None):
+    """dx from globally reduced sums over `count` elements per channel:
+    dx = w*invstd*(dy - sum_dy/count - (x-mean)*invstd^2*sum_dy_xmu/count)."""
+    L = _Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.vector(mean, L.C, "mean", required=True)
+    inv = chk.vector(invstd, L.C, "invstd", required=True)
+    w = chk.vector(weight, L.C, "weight")
+    sdy = chk.vector(sum_dy, L.C, "sum_dy", required=True)
+    sdx = chk.vector(sum_dy_xmu, L.C, "sum_dy_xmu", required=True)
+    count = chk.real(count, "count", 1.0)
+    act, slope = chk.activation(activation)
+    y = _mask_source(y, L, act)
+    nt = chk.threads(n_threads)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    k = inv if w is None else w * inv
+    _k.backward_apply(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m, k,
+                      -k * inv * inv * sdx / count, -k * sdy / count, act, slope, nt)
+    return chk.finish(buf, final, L.x.dtype)

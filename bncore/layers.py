@@ -1,0 +1,149 @@
+"""Layers with PyTorch's behaviour and state_dict keys."""
+import numbers
+
+import numpy as np
+
+from . import _checks as chk
+from .functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm:
+    """Batch normalization over channel axis `axis`, like torch.nn.BatchNorm{1,2,3}d.
+
+    forward(x) normalizes with the batch statistics in training mode (and
+    updates the running statistics) and with the running statistics in eval
+    mode; backward(dy) returns dx for the most recent forward call and sets
+    grad_weight / grad_bias. momentum=None is the cumulative moving average;
+    track_running_stats=False uses batch statistics in eval mode too.
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32):
+        if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
+                or num_features < 1):
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = chk.real(eps, "eps", 0.0)
+        self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.dtype = dtype
+        C = self.num_features
+        self.weight = np.ones(C, dtype) if affine else None
+        self.bias = np.zeros(C, dtype) if affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.training = True
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis})")
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def __call__(self, x, **kwargs):
+        return self.forward(x, **kwargs)
+
+    def _check_input(self, x):
+        x = chk.tensor(x, "x")
+        ax = chk.channel_axis(self.axis, x.ndim)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(f"x: expected {self.num_features} channels on axis {self.axis}, "
+                             f"got shape {x.shape}")
+        return x
+
+    def forward(self, x, *, out=None, n_threads=None):
+        x = self._check_input(x)
+        if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
+            raise ValueError("out: must not overlap x in a layer (backward needs the input); "
+                             "use the functional API for in-place normalization")
+        common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
+        if self.training or not self.track_running_stats:
+            update = self.training and self.track_running_stats
+            if update:
+                n = int(self.num_batches_tracked) + 1
+                factor = 1.0 / n if self.momentum is None else self.momentum
+                y, mean, invstd = batch_norm_train(
+                    x, self.weight, self.bias, running_mean=self.running_mean,
+                    running_var=self.running_var, momentum=factor, **common)
+                self.num_batches_tracked[...] = n
+            else:
+                y, mean, invstd = batch_norm_train(x, self.weight, self.bias, **common)
+            self._saved = (x, mean, invstd, True)
+        else:
+            y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                **common)
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
+        return y
+
+    def backward(self, dy, *, out=None, n_threads=None):
+        """dx of the most recent forward; sets grad_weight and grad_bias."""
+        if self._saved is None:
+            raise RuntimeError("backward: no forward call to differentiate; call forward first")
+        x, mean, invstd, training = self._saved
+        dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
+                                         training=training, out=out, n_threads=n_threads)
+        if self.affine:
+            self.grad_weight = dw.astype(self.weight.dtype)
+            self.grad_bias = db.astype(self.bias.dtype)
+        return dx
+
+    def _state_names(self):
+        names = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under PyTorch's keys."""
+        return {k: np.array(getattr(self, k)) for k in self._state_names()}
+
+    def load_state_dict(self, state, strict=True):
+        """Loads arrays (or anything np.asarray takes, e.g. CPU torch tensors).
+
+        Everything is checked before anything is assigned."""
+        names = self._state_names()
+        missing = [k for k in names if k not in state]
+        unexpected = [k for k in state if k not in names]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for k in names:
+            if k not in state:
+                continue
+            v = np.asarray(state[k])
+            want = getattr(self, k)
+            if v.shape != want.shape:
+                raise ValueError(f"state[{k!r}]: expected shape {want.shape}, got {v.shape}")
+            if k == "num_batches_tracked" and v.dtype.kind not in "iu":
+                raise TypeError(f"state[{k!r}]: expected an integer, got dtype {v.dtype}")
+            if k != "num_batches_tracked" and v.dtype.kind != "f":
+                raise TypeError(f"state[{k!r}]: expected a floating-point array, got dtype {v.dtype}")
+            staged[k] = v
+        for k, v in staged.items():
+            getattr(self, k)[...] = v
