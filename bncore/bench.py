@@ -274,9 +274,7 @@ def bound_seconds(op, nbytes, bw):
 
 def calls_per_sample(f, min_time):
     """Calls per timed sample so that short calls are not lost in timer noise."""
-    t = time.perf_counter()
-    f()
-    dt = time.perf_counter() - t
+    dt = min(time_sample(f, 1) for _ in range(3))
     return max(1, min(10000, math.ceil(min_time / max(dt, 1e-7))))
 
 
@@ -347,6 +345,10 @@ def _fmt_ms(s):
     return f"{ms:.3g}" if ms >= 0.01 else f"{ms:.2g}"
 
 
+def _fmt_load(v):
+    return "?" if v is None else f"{v[0]:.2f}"
+
+
 def _fmt_x(v):
     return "-" if v is None else f"{v:.2f}"
 
@@ -389,7 +391,15 @@ def machine_info(torch, ort):
             "bncore": getattr(bncore, "__version__", None),
             "torch": getattr(torch, "__version__", None),
             "onnxruntime": getattr(ort, "__version__", None),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "bncore_config": _bncore_config()}
+
+
+def _bncore_config():
+    try:
+        return {k: str(v) for k, v in bncore.show_config(mode="dicts").items()}
+    except Exception:  # an older bncore without show_config: informational only
+        return None
 
 
 class _Progress:
@@ -419,6 +429,10 @@ class _Progress:
             self._bar.close()
         else:
             sys.stderr.write("\n")
+
+
+def _loadavg():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _import(name):
@@ -502,7 +516,8 @@ def run_bench(args):
             if torch is not None:
                 torch.set_num_threads(n)
             bw = measure_bandwidth(n, args.bandwidth_mib)
-            run = {"threads": n, "cells": []}
+            # other processes' load makes threaded timings meaningless: record it
+            run = {"threads": n, "loadavg_start": _loadavg(), "cells": []}
             bar = _Progress(len(cells), f"{n} thread{'s' if n > 1 else ''}")
             for op, layout, shape in cells:
                 case = make_case(op, layout, shape, dtype)
@@ -519,6 +534,7 @@ def run_bench(args):
             bar.close()
             # bandwidth again after the cells: the best of both is the bound
             bw2 = measure_bandwidth(n, args.bandwidth_mib)
+            run["loadavg_end"] = _loadavg()
             run["bandwidth"] = {k: max(bw[k], bw2[k]) for k in ("read_GBps", "copy_GBps")}
             run["bandwidth"].update(buffer_MiB=args.bandwidth_mib,
                                     measured=[bw, bw2], method="bitwise_or.reduce / copyto, "
@@ -548,7 +564,9 @@ def report(result):
     for run in result["runs"]:
         bw = run["bandwidth"]
         out += ["", f"### {run['threads']} thread{'s' if run['threads'] > 1 else ''}: "
-                f"read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s", "",
+                f"read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s; "
+                f"load average {_fmt_load(run['loadavg_start'])} -> {_fmt_load(run['loadavg_end'])}",
+                "",
                 table(run)]
     return "\n".join(out)
 
