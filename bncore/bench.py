@@ -391,7 +391,8 @@ def machine_info(torch, ort):
             "bncore": getattr(bncore, "__version__", None),
             "torch": getattr(torch, "__version__", None),
             "onnxruntime": getattr(ort, "__version__", None),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "env": {k: v for k, v in os.environ.items()
+                    if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_"))},
             "bncore_config": _bncore_config()}
 
 
@@ -556,7 +557,7 @@ def report(result):
     out = [f"bncore bench {result['date']}  ({result['command']})",
            f"{m['cpu']}, {m['cpu_count']} cores, LLC {m['llc']}; numpy {m['numpy']}, "
            f"torch {m['torch'] or 'absent'}, onnxruntime {m['onnxruntime'] or 'absent'}, "
-           f"bncore {m['bncore']}",
+           f"bncore {m['bncore']}" + "".join(f", {k}={v}" for k, v in m["env"].items()),
            f"{result['dtype']}, medians of {result['rounds']} interleaved rounds, times in ms; "
            "'x peer' = peer / bncore (fresh output); bound = bytes / measured bandwidth "
            "(eval 2S/copy, train S/read+2S/copy, backward 2S/read+3S/copy, "
