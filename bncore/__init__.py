@@ -17,6 +17,11 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_reduce, batch_norm_elemt, batch_norm_eval,
                          batch_norm_stats, batch_norm_train, merge_stats)
 from .layers import BatchNorm
+from .norms import (GroupNorm, InstanceNorm, LayerNorm, group_norm, group_norm_backward,
+                    group_norm_train, instance_norm, instance_norm_backward, instance_norm_train,
+                    layer_norm, layer_norm_backward, layer_norm_train)
+from .recurrent import RecurrentBatchNorm
+from .renorm import BatchRenorm, batch_renorm_backward, batch_renorm_train
 from ._config import show_config
 
 __all__ = [
@@ -24,4 +29,10 @@ __all__ = [
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
     "batch_norm_stats", "merge_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+    # the normalization family
+    "LayerNorm", "GroupNorm", "InstanceNorm", "BatchRenorm", "RecurrentBatchNorm",
+    "layer_norm", "layer_norm_train", "layer_norm_backward",
+    "group_norm", "group_norm_train", "group_norm_backward",
+    "instance_norm", "instance_norm_train", "instance_norm_backward",
+    "batch_renorm_train", "batch_renorm_backward",
 ]

@@ -1,4 +1,5 @@
-"""python -m bncore [selfcheck]: configuration and a self-check against NumPy."""
+"""python -m bncore [selfcheck | demo ...]: the configuration and a self-check
+against NumPy, or the batch-norm paper's MNIST experiment (bncore.demo)."""
 import sys
 
 
@@ -34,7 +35,11 @@ def main(argv=None):
     cmd = argv[0] if argv else "selfcheck"
     if cmd == "selfcheck":
         return selfcheck()
-    print(f"usage: python -m bncore [selfcheck]   (unknown command {cmd!r})", file=sys.stderr)
+    if cmd == "demo":
+        from bncore.demo import main as demo
+        return demo(argv[1:])
+    print(f"usage: python -m bncore [selfcheck | demo [--help]]   (unknown command {cmd!r})",
+          file=sys.stderr)
     return 2
 
 

@@ -4,6 +4,7 @@ Everything here runs before a kernel or a running statistic is touched, so a
 bad argument leaves all state as it was. Messages name the argument and say
 what was expected and what was received.
 """
+import math
 import numbers
 import operator
 
@@ -47,9 +48,7 @@ def channel_axis(axis, ndim):
 
 def geometry(shape, ax):
     """(outer, C, inner) of a C-contiguous array with channel axis ax."""
-    outer = int(np.prod(shape[:ax], dtype=np.int64))
-    inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
-    return outer, int(shape[ax]), inner
+    return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
 
 
 def compute_dtype(dtype):
@@ -107,7 +106,7 @@ def running(rm, rv, C):
 
 
 def real(v, name, lo=None, hi=None):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{name}: expected a finite real number, got {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {v!r}")

@@ -211,3 +211,103 @@ def backward(const floating[::1] dy, const floating[::1] x, const floating[::1] 
                                   w, training, &dweight[0], &dbias[0],
                                   <bn_act>act, slope, nt)
     _check(err)
+
+
+# ---- normalization family (include/bncore_norms_template.h) -------------------------------
+
+cdef extern from *:
+    int bn_layer_norm_f32(const float *x, float *y, int64_t rows, int64_t cols,
+                          const double *weight, const double *bias, double eps, double *mean,
+                          double *invstd, int nt) nogil
+    int bn_layer_norm_f64(const double *x, double *y, int64_t rows, int64_t cols,
+                          const double *weight, const double *bias, double eps, double *mean,
+                          double *invstd, int nt) nogil
+    int bn_layer_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t rows,
+                                   int64_t cols, const double *mean, const double *invstd,
+                                   const double *weight, double *dweight, double *dbias,
+                                   int nt) nogil
+    int bn_layer_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
+                                   int64_t cols, const double *mean, const double *invstd,
+                                   const double *weight, double *dweight, double *dbias,
+                                   int nt) nogil
+
+
+def layer_norm(const floating[::1] x, floating[::1] y, int64_t rows, int64_t cols,
+               const double[::1] weight, const double[::1] bias, double eps, double[::1] mean,
+               double[::1] invstd, int nt):
+    cdef const double *w = _opt(weight)
+    cdef const double *b = _opt(bias)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_layer_norm_f32(&x[0], &y[0], rows, cols, w, b, eps, &mean[0], &invstd[0], nt)
+        else:
+            err = bn_layer_norm_f64(&x[0], &y[0], rows, cols, w, b, eps, &mean[0], &invstd[0], nt)
+    _check(err)
+
+
+def layer_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                        int64_t rows, int64_t cols, const double[::1] mean,
+                        const double[::1] invstd, const double[::1] weight,
+                        double[::1] dweight, double[::1] dbias, int nt):
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_layer_norm_backward_f32(&dy[0], &x[0], &dx[0], rows, cols, &mean[0],
+                                             &invstd[0], w, &dweight[0], &dbias[0], nt)
+        else:
+            err = bn_layer_norm_backward_f64(&dy[0], &x[0], &dx[0], rows, cols, &mean[0],
+                                             &invstd[0], w, &dweight[0], &dbias[0], nt)
+    _check(err)
+
+
+cdef extern from *:
+    int bn_group_norm_f32(const float *x, float *y, int64_t N, int64_t C, int64_t HW, int64_t G,
+                          const double *weight, const double *bias, double eps, double *mean,
+                          double *invstd, int nt) nogil
+    int bn_group_norm_f64(const double *x, double *y, int64_t N, int64_t C, int64_t HW,
+                          int64_t G, const double *weight, const double *bias, double eps,
+                          double *mean, double *invstd, int nt) nogil
+    int bn_group_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t N,
+                                   int64_t C, int64_t HW, int64_t G, const double *mean,
+                                   const double *invstd, const double *weight,
+                                   double *dweight, double *dbias, int nt) nogil
+    int bn_group_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t N,
+                                   int64_t C, int64_t HW, int64_t G, const double *mean,
+                                   const double *invstd, const double *weight,
+                                   double *dweight, double *dbias, int nt) nogil
+
+
+def group_norm(const floating[::1] x, floating[::1] y, tuple shape, const double[::1] weight,
+               const double[::1] bias, double eps, double[::1] mean, double[::1] invstd, int nt):
+    """shape = (N, C, HW, G)."""
+    cdef int64_t N, C, HW, G
+    N, C, HW, G = shape
+    cdef const double *w = _opt(weight)
+    cdef const double *b = _opt(bias)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_f32(&x[0], &y[0], N, C, HW, G, w, b, eps, &mean[0], &invstd[0], nt)
+        else:
+            err = bn_group_norm_f64(&x[0], &y[0], N, C, HW, G, w, b, eps, &mean[0], &invstd[0], nt)
+    _check(err)
+
+
+def group_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                        tuple shape, const double[::1] mean, const double[::1] invstd,
+                        const double[::1] weight, double[::1] dweight, double[::1] dbias, int nt):
+    """shape = (N, C, HW, G)."""
+    cdef int64_t N, C, HW, G
+    N, C, HW, G = shape
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_backward_f32(&dy[0], &x[0], &dx[0], N, C, HW, G, &mean[0],
+                                             &invstd[0], w, &dweight[0], &dbias[0], nt)
+        else:
+            err = bn_group_norm_backward_f64(&dy[0], &x[0], &dx[0], N, C, HW, G, &mean[0],
+                                             &invstd[0], w, &dweight[0], &dbias[0], nt)
+    _check(err)

@@ -34,11 +34,16 @@ class _Layout:
 
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None):
+                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
+                     virtual_batch_size=None):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
     (None, 'relu' or ('leaky_relu', slope)) is fused into the same pass.
+    `virtual_batch_size` (ghost batch norm, Hoffer et al. 2017): each slice of
+    that many samples along axis 0 is normalized with its own statistics;
+    save_mean/save_invstd are then (K, C) for K ghost batches and the running
+    statistics move toward their average over the ghost batches.
     """
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
@@ -51,7 +56,11 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     if L.count < 2:
         raise ValueError(f"x: expected more than 1 value per channel when training, got "
                          f"{L.count} (shape {L.x.shape}, axis={axis})")
+    ghosts = _ghost_batches(L, virtual_batch_size)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    if ghosts is not None:
+        return _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var,
+                            momentum, act, slope, nt)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
     if running_mean is not None:
@@ -101,12 +110,18 @@ def _elemt(L, center, invstd, weight, bias, out, activation, n_threads):
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, training=True,
-                        out=None, activation=None, y=None, n_threads=None):
+                        out=None, activation=None, y=None, n_threads=None,
+                        virtual_batch_size=None):
     """Gradients (dx, dweight, dbias) of batch_norm_train (training=True) or of
     the eval-mode normalization (training=False). With a fused activation,
-    `y` is the forward output, whose sign gives the activation's mask."""
+    `y` is the forward output, whose sign gives the activation's mask.
+    `virtual_batch_size` (training only): the ghost batches of the forward,
+    save_mean/save_invstd of shape (K, C)."""
     L = _Layout(x, axis)
     dy = chk.like(dy, L.x, "dy")
+    if virtual_batch_size is not None and training:
+        return _ghost_backward(L, dy, save_mean, save_invstd, weight, out, activation, y,
+                               n_threads, virtual_batch_size)
     m = chk.vector(save_mean, L.C, "save_mean", required=True)
     inv = chk.vector(save_invstd, L.C, "save_invstd", required=True)
     w = chk.vector(weight, L.C, "weight")
@@ -208,3 +223,85 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, c
     _k.backward_apply(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m, k,
                       -k * inv * inv * sdx / count, -k * sdy / count, act, slope, nt)
     return chk.finish(buf, final, L.x.dtype)
+
+
+# ---- ghost batch normalization (Hoffer et al. 2017) -------------------------------------
+
+def _ghost_batches(L, virtual_batch_size):
+    """None, or the (start, stop) sample ranges of the ghost batches along axis 0."""
+    if virtual_batch_size is None:
+        return None
+    v = virtual_batch_size
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"virtual_batch_size: expected None or a positive int, got {v!r}")
+    if L.axis == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
+                         "must not be the channel axis (axis=0)")
+    N = L.x.shape[0]
+    ghosts = [(a, min(N, a + int(v))) for a in range(0, N, int(v))]
+    per_sample = L.count // max(N, 1)
+    small = [b - a for a, b in ghosts if (b - a) * per_sample < 2]
+    if small:
+        raise ValueError(f"virtual_batch_size: every ghost batch needs more than 1 value per "
+                         f"channel; {v} samples of x {L.x.shape} leave a ghost batch of "
+                         f"{small[0]} sample(s) with {small[0] * per_sample} value(s) per channel")
+    return ghosts
+
+
+def _ghost_views(L, ghosts, arrays):
+    """Per ghost batch: the kernel shape and each flat array's slice (None stays None)."""
+    row = L.x.size // max(L.x.shape[0], 1)  # elements per sample
+    per_sample_outer = L.shape[0] // max(L.x.shape[0], 1)
+    for a, b in ghosts:
+        shape = ((b - a) * per_sample_outer, L.C, L.shape[2])
+        yield shape, [None if f is None else f[a * row:b * row] for f in arrays]
+
+
+def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, momentum, act,
+                 slope, nt):
+    K = len(ghosts)
+    mean, invstd, var = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
+    counts = np.empty(K)
+    for k, (shape, (xk, yk)) in enumerate(_ghost_views(L, ghosts, (L.flat(L.x), buf.reshape(-1)))):
+        counts[k] = shape[0] * shape[2]
+        _k.train(xk, yk, shape, w, b, eps, mean[k], invstd[k], var[k], act, slope, nt)
+    if running_mean is not None:
+        # average over ghost batches of the means and unbiased variances
+        unbiased = var * (counts / np.maximum(counts - 1, 1))[:, None]
+        rm = (1 - momentum) * np.array(running_mean, np.float64) + momentum * mean.mean(0)
+        rv = (1 - momentum) * np.array(running_var, np.float64) + momentum * unbiased.mean(0)
+        running_mean[...] = rm
+        running_var[...] = rv
+    y = chk.finish(buf, final, L.x.dtype)
+    return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
+
+
+def _ghost_stats(v, K, C, name):
+    a = np.asarray(v)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    if a.shape != (K, C):
+        raise ValueError(f"{name}: expected shape ({K}, {C}), one row per ghost batch, "
+                         f"got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _ghost_backward(L, dy, save_mean, save_invstd, weight, out, activation, y, n_threads,
+                    virtual_batch_size):
+    ghosts = _ghost_batches(L, virtual_batch_size)
+    m = _ghost_stats(save_mean, len(ghosts), L.C, "save_mean")
+    inv = _ghost_stats(save_invstd, len(ghosts), L.C, "save_invstd")
+    w = chk.vector(weight, L.C, "weight")
+    act, slope = chk.activation(activation)
+    y = _mask_source(y, L, act)
+    nt = chk.threads(n_threads)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    dw, db = np.zeros(L.C), np.zeros(L.C)
+    dwk, dbk = np.empty(L.C), np.empty(L.C)
+    flats = (L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1))
+    for k, (shape, (dyk, xk, yk, dxk)) in enumerate(_ghost_views(L, ghosts, flats)):
+        _k.backward(dyk, xk, yk, dxk, shape, m[k], inv[k], w, True, dwk, dbk, act, slope, nt)
+        dw += dwk
+        db += dbk
+    dx = chk.finish(buf, final, L.x.dtype)
+    return dx, dw.astype(L.sd, copy=False), db.astype(L.sd, copy=False)

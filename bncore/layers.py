@@ -17,10 +17,12 @@ class BatchNorm:
     mode; backward(dy) returns dx for the most recent forward call and sets
     grad_weight / grad_bias. momentum=None is the cumulative moving average;
     track_running_stats=False uses batch statistics in eval mode too.
+    virtual_batch_size (ghost batch norm): in training mode each slice of that
+    many samples along axis 0 is normalized with its own statistics.
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32):
+                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -46,6 +48,13 @@ class BatchNorm:
         self.training = True
         self.grad_weight = self.grad_bias = None
         self._saved = None
+        if virtual_batch_size is not None and (
+                isinstance(virtual_batch_size, bool) or
+                not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
+            raise ValueError(f"virtual_batch_size: expected None or a positive int, got "
+                             f"{virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
+        self._ghost = None
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -82,7 +91,10 @@ class BatchNorm:
             raise ValueError("out: must not overlap x in a layer (backward needs the input); "
                              "use the functional API for in-place normalization")
         common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
+        self._ghost = None
         if self.training or not self.track_running_stats:
+            if self.training and self.virtual_batch_size is not None:
+                common["virtual_batch_size"] = self._ghost = self.virtual_batch_size
             update = self.training and self.track_running_stats
             if update:
                 n = int(self.num_batches_tracked) + 1
@@ -107,7 +119,8 @@ class BatchNorm:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
         x, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
-                                         training=training, out=out, n_threads=n_threads)
+                                         training=training, out=out, n_threads=n_threads,
+                                         virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)

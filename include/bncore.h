@@ -135,6 +135,60 @@ const char *bn_build_info(void);
 /* Threads a call with n_threads <= 0 would use (omp_get_max_threads()). */
 int bn_default_threads(void);
 
+/* ---- Normalization family: layer, group and instance normalization ---------
+ * Same numerics as above (two-pass moments in double over runs, Chan merge in
+ * a fixed order): results do not depend on the thread count.
+ *
+ * weight/bias may be NULL (ones/zeros); invstd = 1/sqrt(M2/count + eps).
+ *
+ * Layer normalization of x, rows x cols C-contiguous: statistics per row,
+ * affine map per column, y = (x - mean[r]) * invstd[r] * weight[j] + bias[j].
+ * Writes mean and invstd (double[rows]). Rows up to 16384 elements are
+ * processed one per thread; longer ones are split into runs across threads. */
+int bn_layer_norm_f32(const float *x, float *y, int64_t rows, int64_t cols,
+                      const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+int bn_layer_norm_f64(const double *x, double *y, int64_t rows, int64_t cols,
+                      const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+
+/* Gradient of bn_layer_norm: with g = dy * weight[j] and
+ * xhat = (x - mean[r]) * invstd[r],
+ * dx = invstd[r] * (g - mean_r(g) - xhat * mean_r(g * xhat)) (dx may be dy),
+ * dweight[j] = sum_r dy * xhat, dbias[j] = sum_r dy (double[cols]). */
+int bn_layer_norm_backward_f32(const float *dy, const float *x, float *dx,
+                               int64_t rows, int64_t cols, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+int bn_layer_norm_backward_f64(const double *dy, const double *x, double *dx,
+                               int64_t rows, int64_t cols, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+
+/* Group normalization of x, N x C x HW C-contiguous, in G groups of C/G
+ * channels: mean and invstd per (n, g) (double[N*G]) over C/G*HW elements,
+ * y = (x - mean[n,g]) * invstd[n,g] * weight[c] + bias[c]. Instance
+ * normalization is G = C. Groups up to 65536 elements are processed one per
+ * thread, longer ones split into runs across threads. */
+int bn_group_norm_f32(const float *x, float *y, int64_t N, int64_t C, int64_t HW,
+                      int64_t G, const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+int bn_group_norm_f64(const double *x, double *y, int64_t N, int64_t C, int64_t HW,
+                      int64_t G, const double *weight, const double *bias, double eps,
+                      double *mean, double *invstd, int n_threads);
+
+/* Gradient of bn_group_norm: with g = dy * weight[c], xhat as above,
+ * dx = invstd * (g - mean_group(g) - xhat * mean_group(g * xhat)) (dx may be
+ * dy), dweight[c] = sum dy * xhat, dbias[c] = sum dy over n and HW. */
+int bn_group_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t N,
+                               int64_t C, int64_t HW, int64_t G, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+int bn_group_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t N,
+                               int64_t C, int64_t HW, int64_t G, const double *mean,
+                               const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads);
+
 #ifdef __cplusplus
 }
 #endif

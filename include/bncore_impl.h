@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #ifdef __cplusplus
 #define BN_RESTRICT __restrict
@@ -29,9 +32,14 @@
 #endif
 
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once) */
-#define BN_TILE_BYTES 65536        /* channels-last: bytes per rows x columns unit */
-#define BN_MAX_COLS 256            /* channels-last: columns per unit */
+#define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
+#define BN_SUB_BYTES (32 << 10)    /* row layout: two-pass sub-block, L1-resident */
+#define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
+                                    * short row segments defeat the hardware prefetcher) */
+#define BN_MIN_RUN 32              /* inner runs shorter than this use the row layout */
+#define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (8 << 20)   /* channels processed per round: still in cache for the 2nd pass */
+#define BN_STREAM_BYTES (16 << 20)  /* outputs this large bypass the cache (no read-for-ownership) */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 16                /* independent double accumulators per run */
 
@@ -42,15 +50,19 @@
  * is a contiguous range of units. */
 typedef struct {
     bn_shape s;
-    int rows;            /* 1: channels-last (inner == 1), channels innermost */
+    int rows;            /* 1: row layout (channels-last, or short inner runs) */
     int64_t kruns;       /* NCHW: units per (n, c) plane */
     int64_t rb_rows;     /* channels-last: rows per unit */
     int64_t nrb;         /* channels-last: row blocks */
+    int64_t fold;        /* channels-last with few channels: rows folded into one wide row */
+    int64_t mrows;       /* channels-last: rows of the folded matrix (outer / fold) */
+    int64_t width;       /* channels-last: its columns (fold * channels * inner) */
     int64_t cols;        /* channels-last: columns per unit */
     int64_t ntiles;      /* channels-last: column tiles */
     int64_t nunits;
     int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, channel) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
+    int stream;          /* write outputs with non-temporal stores */
     int64_t nrounds;
 } bn_plan;
 
@@ -63,7 +75,10 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     bn_plan p;
     memset(&p, 0, sizeof p);
     p.s = s;
-    p.rows = s.inner == 1;
+    /* short inner runs (channels-last has inner == 1) are better read as
+     * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C */
+    p.rows = s.inner < BN_MIN_RUN;
+    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);
@@ -72,16 +87,50 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, per_channel));
         p.nrounds = bn_cdiv(s.channels, p.round);
     } else {
-        p.cols = bn_max64(1, bn_min64(s.channels, BN_MAX_COLS));
-        p.ntiles = bn_cdiv(s.channels, p.cols);
+        int64_t row = s.channels * s.inner;
+        /* a row of 3 values does not fill a vector: view k rows as one row
+         * (k the largest divisor of outer with k * row <= BN_FOLD_COLS) */
+        p.fold = 1;
+        for (int64_t k = BN_FOLD_COLS / bn_max64(1, row); k > 1; k--)
+            if (s.outer % k == 0) { p.fold = k; break; }
+        p.mrows = s.outer / p.fold;
+        p.width = row * p.fold;
+        /* tiles hold whole channels, so a round finishes the channels it reads */
+        p.cols = bn_max64(1, bn_min64(p.width, BN_MAX_COLS / bn_max64(1, s.inner) * s.inner));
+        p.ntiles = bn_cdiv(p.width, p.cols);
         p.rb_rows = bn_max64(1, BN_TILE_BYTES / (p.cols * (int64_t)elsize));
-        p.nrb = bn_cdiv(s.outer, p.rb_rows);
+        p.nrb = bn_cdiv(p.mrows, p.rb_rows);
         p.nunits = p.ntiles * p.nrb;
-        p.nslots = p.nrb * s.channels;
-        p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, s.outer * p.cols * (int64_t)elsize));
+        p.nslots = p.nrb * p.width;
+        p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, p.mrows * p.cols * (int64_t)elsize));
         p.nrounds = bn_cdiv(p.ntiles, p.round);
     }
     return p;
+}
+
+/* memcpy with non-temporal stores: a large output is not read into the cache
+ * before being overwritten, and does not evict the input being re-read. */
+static void bn_stream_store(void *dst, const void *src, size_t n)
+{
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+#if defined(__SSE2__)
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= 16; n -= 16, d += 16, s += 16)
+        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+#endif
+    memcpy(d, s, n);
+}
+
+/* Orders the non-temporal stores of a unit before anyone reads them. */
+static void bn_stream_fence(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
 }
 
 /* Units and channels of round r: [*u0, *u1) and [*c0, *c1). */
@@ -98,8 +147,8 @@ static void bn_round(const bn_plan *p, int64_t r, int64_t *u0, int64_t *u1,
         int64_t t0 = r * p->round, t1 = bn_min64(p->ntiles, t0 + p->round);
         *u0 = t0 * p->nrb;
         *u1 = t1 * p->nrb;
-        *c0 = t0 * p->cols;
-        *c1 = bn_min64(p->s.channels, t1 * p->cols);
+        *c0 = t0 * p->cols / p->s.inner;  /* folded plans have a single tile: [0, C) */
+        *c1 = bn_min64(p->s.channels, t1 * p->cols / p->s.inner);
     }
 }
 
@@ -118,9 +167,20 @@ static void bn_tile_of(const bn_plan *p, int64_t u, int64_t *r0, int64_t *nr,
 {
     int64_t t = u / p->nrb, rb = u % p->nrb;
     *r0 = rb * p->rb_rows;
-    *nr = bn_min64(p->rb_rows, p->s.outer - *r0);
+    *nr = bn_min64(p->rb_rows, p->mrows - *r0);
     *c0 = t * p->cols;
-    *nc = bn_min64(p->cols, p->s.channels - *c0);
+    *nc = bn_min64(p->cols, p->width - *c0);
+}
+
+/* Row layout: column of (folded row i, channel c, inner index l), and back. */
+static int64_t bn_col_of(const bn_plan *p, int64_t i, int64_t c, int64_t l)
+{
+    return (i * p->s.channels + c) * p->s.inner + l;
+}
+
+static int64_t bn_channel_of(const bn_plan *p, int64_t col)
+{
+    return (col / p->s.inner) % p->s.channels;
 }
 
 /* Count of the partial in slot j (NCHW) or row block j (channels-last). */
@@ -128,7 +188,7 @@ static double bn_slot_count(const bn_plan *p, int64_t j)
 {
     if (!p->rows)
         return (double)bn_min64(BN_RUN, p->s.inner - (j % p->kruns) * BN_RUN);
-    return (double)bn_min64(p->rb_rows, p->s.outer - j * p->rb_rows);
+    return (double)bn_min64(p->rb_rows, p->mrows - j * p->rb_rows);
 }
 
 /* Chan's merge of (nb, mb, m2b) into (*na, *ma, *m2a). */
@@ -142,58 +202,82 @@ static void bn_chan(double *na, double *ma, double *m2a, double nb, double mb, d
     *na = n;
 }
 
-/* Merge channel c's (mean, M2) partials in a fixed order. */
-static void bn_channel_moments(const bn_plan *p, const double *part, int64_t c,
-                               double *mean, double *m2)
+/* Merges the partials of channels [lo, hi) in a fixed order, whatever the
+ * thread count: Chan's formula on (mean, M2) partials when moments is set
+ * (o0 = mean, o1 = M2), plain sums otherwise. NCHW partials of a channel are
+ * contiguous; row-layout partials are stored row block by row block, so they
+ * are merged row block by row block with channels innermost (contiguous). */
+static void bn_merge(const bn_plan *p, const double *part, int64_t lo, int64_t hi,
+                     int moments, double *o0, double *o1)
 {
-    double n = 0, m = 0, q = 0;
     if (!p->rows) {
         int64_t per = p->s.outer * p->kruns;
-        for (int64_t j = c * per; j < (c + 1) * per; j++)
-            bn_chan(&n, &m, &q, bn_slot_count(p, j), part[2 * j], part[2 * j + 1]);
-    } else {
-        for (int64_t rb = 0; rb < p->nrb; rb++) {
-            const double *s = part + 2 * (rb * p->s.channels + c);
-            bn_chan(&n, &m, &q, bn_slot_count(p, rb), s[0], s[1]);
+        for (int64_t c = lo; c < hi; c++) {
+            double n = 0, a = 0, q = 0;
+            for (int64_t j = c * per; j < (c + 1) * per; j++) {
+                if (moments) {
+                    bn_chan(&n, &a, &q, bn_slot_count(p, j), part[2 * j], part[2 * j + 1]);
+                } else {
+                    a += part[2 * j];
+                    q += part[2 * j + 1];
+                }
+            }
+            o0[c] = a;
+            o1[c] = q;
         }
+        return;
     }
-    *mean = m;
-    *m2 = q;
+    int64_t ci = p->s.inner;
+    double n = 0;
+    for (int64_t c = lo; c < hi; c++) o0[c] = o1[c] = 0;
+    for (int64_t rb = 0; rb < p->nrb; rb++) {
+        double nb = bn_slot_count(p, rb);
+        for (int64_t i = 0; i < p->fold; i++)
+            for (int64_t l = 0; l < ci; l++) {
+                const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, 0, l));
+                if (moments) {  /* bn_chan, with the count shared by all channels */
+                    double f = nb / (n + nb);
+                    for (int64_t c = lo; c < hi; c++) {
+                        double d = s[2 * c * ci] - o0[c];
+                        o0[c] += d * f;
+                        o1[c] += s[2 * c * ci + 1] + d * d * n * f;
+                    }
+                    n += nb;
+                } else {
+                    for (int64_t c = lo; c < hi; c++) {
+                        o0[c] += s[2 * c * ci];
+                        o1[c] += s[2 * c * ci + 1];
+                    }
+                }
+            }
+    }
 }
 
-/* Plain sums of channel c's two partials, in a fixed order. */
-static void bn_channel_sums(const bn_plan *p, const double *part, int64_t c,
-                            double *s0, double *s1)
+/* Chunk t of nt of the range [lo, hi), for merging channels in parallel. */
+static void bn_chunk(int64_t lo, int64_t hi, int64_t t, int64_t nt, int64_t *a, int64_t *b)
 {
-    double a = 0, b = 0;
-    if (!p->rows) {
-        int64_t per = p->s.outer * p->kruns;
-        for (int64_t j = c * per; j < (c + 1) * per; j++) {
-            a += part[2 * j];
-            b += part[2 * j + 1];
-        }
-    } else {
-        for (int64_t rb = 0; rb < p->nrb; rb++) {
-            const double *s = part + 2 * (rb * p->s.channels + c);
-            a += s[0];
-            b += s[1];
-        }
-    }
-    *s0 = a;
-    *s1 = b;
+    int64_t len = hi - lo, q = len / nt, r = len % nt;
+    *a = lo + t * q + (t < r ? t : r);
+    *b = *a + q + (t < r);
+}
+
+/* Threads for `work` elements in `units` independent pieces: one below
+ * BN_MIN_PARALLEL elements, where a fork/join costs more than it saves. */
+static int bn_threads_for(int n_threads, int64_t work, int64_t units)
+{
+#ifdef _OPENMP
+    int64_t nt = n_threads > 0 ? n_threads : omp_get_max_threads();
+    if (work < BN_MIN_PARALLEL) nt = 1;
+    return (int)bn_max64(1, bn_min64(nt, units));
+#else
+    (void)n_threads; (void)work; (void)units;
+    return 1;
+#endif
 }
 
 static int bn_threads(int n_threads, const bn_plan *p)
 {
-#ifdef _OPENMP
-    int64_t work = p->s.outer * p->s.channels * p->s.inner;
-    int64_t nt = n_threads > 0 ? n_threads : omp_get_max_threads();
-    if (work < BN_MIN_PARALLEL) nt = 1;
-    return (int)bn_max64(1, bn_min64(nt, p->nunits));
-#else
-    (void)n_threads; (void)p;
-    return 1;
-#endif
+    return bn_threads_for(n_threads, p->s.outer * p->s.channels * p->s.inner, p->nunits);
 }
 
 int bn_default_threads(void)
@@ -209,16 +293,22 @@ void bn_merge_stats(int64_t k, int64_t channels, const double *count,
                     const double *mean, const double *m2,
                     double *out_count, double *out_mean, double *out_m2)
 {
-    double total = 0;
-    for (int64_t j = 0; j < k; j++) total += count[j];
-    for (int64_t c = 0; c < channels; c++) {
-        double n = 0, m = 0, q = 0;
-        for (int64_t j = 0; j < k; j++)
-            bn_chan(&n, &m, &q, count[j], mean[j * channels + c], m2[j * channels + c]);
-        out_mean[c] = m;
-        out_m2[c] = q;
+    /* bn_chan's arithmetic, part by part, with channels innermost (contiguous) */
+    double n = 0;
+    for (int64_t c = 0; c < channels; c++) out_mean[c] = out_m2[c] = 0;
+    for (int64_t j = 0; j < k; j++) {
+        double nb = count[j];
+        if (nb == 0) continue;
+        double f = nb / (n + nb);
+        const double *mj = mean + j * channels, *qj = m2 + j * channels;
+        for (int64_t c = 0; c < channels; c++) {
+            double d = mj[c] - out_mean[c];
+            out_mean[c] += d * f;
+            out_m2[c] += qj[c] + d * d * n * f;
+        }
+        n += nb;
     }
-    *out_count = total;
+    *out_count = n;
 }
 
 void bn_update_running(int64_t channels, const double *mean, const double *var,
@@ -273,12 +363,14 @@ const char *bn_build_info(void)
 #define T float
 #define SFX f32
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 
 #define T double
 #define SFX f64
 #include "bncore_template.h"
+#include "bncore_norms_template.h"
 #undef T
 #undef SFX
 

@@ -1,7 +1,7 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
  * once per element type with T (float or double) and SFX (f32 or f64).
- * Sums are taken in double: exact enough for any float32 input, and the
- * squares of |x| ~ 1e30 do not overflow. */
+ * Statistics: exact two-pass sums in T over short L1-resident blocks, merged
+ * in double (Chan); a block whose T sums overflow is redone in double. */
 
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)
@@ -12,90 +12,145 @@
 #define BN_GRAD(g, yv, act, slope) \
     ((act) == BN_ACT_NONE ? (g) : ((yv) > 0 ? (g) : (g) * (slope)))
 
-/* Mean and M2 of a contiguous run, exact two-pass: the run is L1-resident
- * for the second pass. out = {mean, M2}. */
-BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
+#define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
+
+/* Mean and M2 of a run in plain double arithmetic: the fallback of the
+ * vector kernels below when their T sums are not finite (squares of
+ * |x| ~ 1e30 overflow float; NaN/Inf data). out = {mean, M2}. */
+static void FN(run_moments_exact)(const T *x, int64_t n, int64_t stride, double *out)
 {
-    double acc[BN_LANES] = {0}, d1[BN_LANES] = {0}, d2[BN_LANES] = {0};
-    int64_t nv = n - n % BN_LANES, i;
-    double tot = 0, s1 = 0, s2 = 0;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
-    for (; i < n; i++) tot += x[i];
-    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
-    double m = tot / (double)n;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m;
-            d1[j] += d;
-            d2[j] += d * d;
-        }
-    for (; i < n; i++) {
-        double d = (double)x[i] - m;
+    double m = 0, s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < n; i++) m += x[i * stride];
+    m /= (double)n;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)x[i * stride] - m;
         s1 += d;
         s2 += d * d;
     }
-    for (int j = 0; j < BN_LANES; j++) {
+    out[0] = m + s1 / (double)n;
+    out[1] = s2 - s1 * s1 / (double)n;
+}
+
+/* Mean and M2 of a contiguous run (n <= BN_RUN, L1-resident), exact
+ * two-pass in T lanes: the first pass only centres the second, whose sum of
+ * deviations s1 corrects the mean; each lane adds at most BN_RUN/BN_TLANES
+ * values, and lanes and runs are merged in double. out = {mean, M2}. */
+BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
+{
+    T acc[BN_TLANES] = {0}, d1[BN_TLANES] = {0}, d2[BN_TLANES] = {0};
+    int64_t nv = n - n % BN_TLANES, i;
+    double tot = 0, s1 = 0, s2 = 0;
+    for (i = 0; i < nv; i += BN_TLANES)
+        for (int j = 0; j < BN_TLANES; j++) acc[j] += x[i + j];
+    for (; i < n; i++) tot += x[i];
+    for (int j = 0; j < BN_TLANES; j++) tot += acc[j];
+    T m = (T)(tot / (double)n);
+    for (i = 0; i < nv; i += BN_TLANES)
+        for (int j = 0; j < BN_TLANES; j++) {
+            T d = x[i + j] - m;
+            d1[j] += d;
+            d2[j] += d * d;
+        }
+    for (i = nv; i < n; i++) {
+        double d = (double)x[i] - (double)m;
+        s1 += d;
+        s2 += d * d;
+    }
+    for (int j = 0; j < BN_TLANES; j++) {
         s1 += d1[j];
         s2 += d2[j];
     }
-    out[0] = m + s1 / (double)n;      /* s1 ~ 0 corrects the rounding of m */
+    if (!isfinite(s1) || !isfinite(s2)) {
+        FN(run_moments_exact)(x, n, 1, out);
+        return;
+    }
+    out[0] = (double)m + s1 / (double)n;
     out[1] = s2 - s1 * s1 / (double)n;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
- * out[2*j], out[2*j+1] for column j. Vectorized across columns. */
+ * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
+ * two-pass in T per L1-sized block of rows, blocks merged in double with
+ * Chan's formula. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
                                        int64_t ld, double *out)
 {
-    double m[BN_MAX_COLS] = {0}, d1[BN_MAX_COLS] = {0}, d2[BN_MAX_COLS] = {0};
-    for (int64_t r = 0; r < nr; r++) {
-        const T *row = x + r * ld;
-        for (int64_t j = 0; j < nc; j++) m[j] += row[j];
-    }
-    for (int64_t j = 0; j < nc; j++) m[j] /= (double)nr;
-    for (int64_t r = 0; r < nr; r++) {
-        const T *row = x + r * ld;
+    T m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS];
+    double am[BN_MAX_COLS], aq[BN_MAX_COLS];
+    int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
+    double n = 0;
+    int finite = 1;
+    for (int64_t r0 = 0; r0 < nr; r0 += sb) {
+        int64_t rows = bn_min64(sb, nr - r0);
+        const T *xb = x + r0 * ld;
+        for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
+        for (int64_t j = 0; j < nc; j++) m[j] /= (T)rows;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) {
+                T d = xb[r * ld + j] - m[j];
+                d1[j] += d;
+                d2[j] += d * d;
+            }
+        /* block (mean, M2), then bn_chan into the running (am, aq) */
+        double f = (double)rows / (n + (double)rows);
         for (int64_t j = 0; j < nc; j++) {
-            double d = (double)row[j] - m[j];
-            d1[j] += d;
-            d2[j] += d * d;
+            double mb = (double)m[j] + (double)d1[j] / (double)rows;
+            double qb = (double)d2[j] - (double)d1[j] * (double)d1[j] / (double)rows;
+            double d = mb - (n ? am[j] : 0);
+            am[j] = (n ? am[j] : 0) + d * f;
+            aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
+            finite &= isfinite(qb) & isfinite(mb);
         }
+        n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        out[2 * j] = m[j] + d1[j] / (double)nr;
-        out[2 * j + 1] = d2[j] - d1[j] * d1[j] / (double)nr;
+        if (!finite) {
+            FN(run_moments_exact)(x + j, nr, ld, out + 2 * j);
+        } else {
+            out[2 * j] = am[j];
+            out[2 * j + 1] = aq[j];
+        }
     }
 }
 
-/* y = act((x - m) * a + b) over a contiguous run. */
-BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T a, T b,
-                                    bn_act act, T slope)
+/* y = act((x - m) * a + b) over a contiguous run (n <= BN_RUN); with stream,
+ * computed in L1 and written with non-temporal stores. The mean is split as
+ * m + ml (ml its rounding residue): x - m is exact for x near m, so float32
+ * output keeps full precision even when |mean| >> std. */
+BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a, T b,
+                                    bn_act act, T slope, int stream)
 {
+    T buf[BN_RUN], *o = stream ? buf : y;
     if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m) * a + b;
+        for (int64_t i = 0; i < n; i++) o[i] = ((x[i] - m) - ml) * a + b;
     else
         for (int64_t i = 0; i < n; i++) {
-            T v = (x[i] - m) * a + b;
-            y[i] = v < 0 ? v * slope : v;
+            T v = ((x[i] - m) - ml) * a + b;
+            o[i] = v < 0 ? v * slope : v;
         }
+    if (stream) bn_stream_store(y, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column y = act((x - m[j]) * a[j] + b[j]) over an nr x nc tile. */
 BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, int64_t ld,
-                                     const T *BN_RESTRICT m, const T *BN_RESTRICT a,
-                                     const T *BN_RESTRICT b, bn_act act, T slope)
+                                     const T *BN_RESTRICT m, const T *BN_RESTRICT ml,
+                                     const T *BN_RESTRICT a, const T *BN_RESTRICT b,
+                                     bn_act act, T slope, int stream)
 {
+    T buf[BN_MAX_COLS];
     for (int64_t r = 0; r < nr; r++) {
         const T *xr = x + r * ld;
-        T *yr = y + r * ld;
+        T *o = stream ? buf : y + r * ld;
         if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) yr[j] = (xr[j] - m[j]) * a[j] + b[j];
+            for (int64_t j = 0; j < nc; j++) o[j] = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
         else
             for (int64_t j = 0; j < nc; j++) {
-                T v = (xr[j] - m[j]) * a[j] + b[j];
-                yr[j] = v < 0 ? v * slope : v;
+                T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
+                o[j] = v < 0 ? v * slope : v;
             }
+        if (stream) bn_stream_store(y + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -165,37 +220,43 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
 
 /* dx = a*g + b*(x - m) + c over a contiguous run (x unused when it is NULL). */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T a, T b, T c, bn_act act, T slope)
+                                 T m, T ml, T a, T b, T c, bn_act act, T slope, int stream)
 {
+    T buf[BN_RUN], *o = stream ? buf : dx;
     if (!x)
-        for (int64_t i = 0; i < n; i++) dx[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
+        for (int64_t i = 0; i < n; i++) o[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
     else if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * a + (x[i] - m) * b + c;
+        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a + ((x[i] - m) - ml) * b + c;
     else
         for (int64_t i = 0; i < n; i++) {
             T g = y[i] > 0 ? dy[i] : dy[i] * slope;
-            dx[i] = g * a + (x[i] - m) * b + c;
+            o[i] = g * a + ((x[i] - m) - ml) * b + c;
         }
+    if (stream) bn_stream_store(dx, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column dx over an nr x nc tile. */
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
-                                  const T *BN_RESTRICT a, const T *BN_RESTRICT b,
-                                  const T *BN_RESTRICT c, bn_act act, T slope)
+                                  const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
+                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c, bn_act act,
+                                  T slope, int stream)
 {
+    T buf[BN_MAX_COLS];
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
-        T *o = dx + r * ld;
+        T *o = stream ? buf : dx + r * ld;
         if (!xr)
             for (int64_t j = 0; j < nc; j++) o[j] = BN_GRAD(dr[j], yr[j], act, slope) * a[j];
         else if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j] + (xr[j] - m[j]) * b[j] + c[j];
+            for (int64_t j = 0; j < nc; j++)
+                o[j] = dr[j] * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
         else
             for (int64_t j = 0; j < nc; j++) {
                 T g = yr[j] > 0 ? dr[j] : dr[j] * slope;
-                o[j] = g * a[j] + (xr[j] - m[j]) * b[j] + c[j];
+                o[j] = g * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
             }
+        if (stream) bn_stream_store(dx + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -210,8 +271,8 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
     } else {
         int64_t r0, nr, c0, nc;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        FN(tile_moments)(x + r0 * p->s.channels + c0, nr, nc, p->s.channels,
-                         part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        FN(tile_moments)(x + r0 * p->width + c0, nr, nc, p->width,
+                         part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -225,11 +286,13 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
         FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope,
                     part + 2 * u);
     } else {
+        double mc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
-        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->s.channels, mean + c0,
-                     act, slope, part + 2 * ((u % p->nrb) * p->s.channels + c0));
+        o = r0 * p->width + c0;
+        for (int64_t j = 0; j < nc; j++) mc[j] = mean[bn_channel_of(p, c0 + j)];
+        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope,
+                     part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
 
@@ -244,29 +307,35 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
     if (!p->rows) {
         int64_t off, len, ch;
         bn_run_of(p, u, &off, &len, &ch);
+        T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
         if (!dy)
-            FN(run_apply)(x + off, out + off, len, (T)m[ch], (T)a[ch], (T)b[ch], act, (T)slope);
+            FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope,
+                          p->stream);
         else
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       b ? (T)m[ch] : 0, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0,
-                       act, (T)slope);
+                       mh, ml, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0, act, (T)slope,
+                       p->stream);
     } else {
-        T tm[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
+        T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        o = r0 * p->s.channels + c0;
+        o = r0 * p->width + c0;
         for (int64_t j = 0; j < nc; j++) {
-            tm[j] = m ? (T)m[c0 + j] : 0;
-            ta[j] = (T)a[c0 + j];
-            tb[j] = b ? (T)b[c0 + j] : 0;
-            tc[j] = c ? (T)c[c0 + j] : 0;
+            int64_t ch = bn_channel_of(p, c0 + j);
+            tm[j] = m ? (T)m[ch] : 0;
+            tl[j] = m ? (T)(m[ch] - (double)tm[j]) : 0;
+            ta[j] = (T)a[ch];
+            tb[j] = b ? (T)b[ch] : 0;
+            tc[j] = c ? (T)c[ch] : 0;
         }
         if (!dy)
-            FN(tile_apply)(x + o, out + o, nr, nc, p->s.channels, tm, ta, tb, act, (T)slope);
+            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope,
+                           p->stream);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->s.channels, tm, ta, tb, tc, act, (T)slope);
+                        p->width, tm, tl, ta, tb, tc, act, (T)slope, p->stream);
     }
+    if (p->stream) bn_stream_fence();
 }
 
 /* ---- public entry points --------------------------------------------------- */
@@ -282,7 +351,11 @@ int FN(bn_stats)(const T *x, bn_shape s, double *mean, double *m2, int n_threads
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < p.nunits; u++) FN(unit_moments)(&p, x, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; c++) bn_channel_moments(&p, part, c, mean + c, m2 + c);
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 1, mean, m2);
+        }
     }
     free(part);
     return 0;
@@ -303,9 +376,9 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
                  bn_act act, double slope, int n_threads)
 {
     bn_plan p = bn_make_plan(s, sizeof(T));
-    double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 2 * (size_t)s.channels + 1));
+    double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 3 * (size_t)s.channels + 1));
     if (!part) return BN_ENOMEM;
-    double *scale = part + 2 * p.nslots, *shift = scale + s.channels;
+    double *scale = part + 2 * p.nslots, *shift = scale + s.channels, *m2 = shift + s.channels;
     double count = (double)(s.outer * s.inner);
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -315,15 +388,17 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++) FN(unit_moments)(&p, x, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = c0; c < c1; c++) {
-            double mean, m2;
-            bn_channel_moments(&p, part, c, &mean, &m2);
-            double var = m2 / count, invstd = 1.0 / sqrt(var + eps);
-            save_mean[c] = mean;
-            save_invstd[c] = invstd;
-            if (batch_var) batch_var[c] = var;
-            scale[c] = (weight ? weight[c] : 1.0) * invstd;
-            shift[c] = bias ? bias[c] : 0.0;
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(c0, c1, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 1, save_mean, m2);
+            for (int64_t c = a; c < b; c++) {
+                double var = m2[c] / count, invstd = 1.0 / sqrt(var + eps);
+                save_invstd[c] = invstd;
+                if (batch_var) batch_var[c] = var;
+                scale[c] = (weight ? weight[c] : 1.0) * invstd;
+                shift[c] = bias ? bias[c] : 0.0;
+            }
         }
         /* the same static schedule hands each thread the units it just reduced */
 #pragma omp for schedule(static)
@@ -348,8 +423,11 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
         for (int64_t u = 0; u < p.nunits; u++)
             FN(unit_dot)(&p, dy, x, y, mean, act, slope, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < s.channels; c++)
-            bn_channel_sums(&p, part, c, sum_dy + c, sum_dy_xmu + c);
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 0, sum_dy, sum_dy_xmu);
+        }
     }
     free(part);
     return 0;
@@ -383,16 +461,19 @@ int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, cons
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++) FN(unit_dot)(&p, dy, x, y, mean, act, slope, u, part);
 #pragma omp for schedule(static)
-        for (int64_t c = c0; c < c1; c++) {
-            double sg, sgx;
-            bn_channel_sums(&p, part, c, &sg, &sgx);
-            double k = (weight ? weight[c] : 1.0) * invstd[c];
-            dbias[c] = sg;
-            dweight[c] = sgx * invstd[c];
-            /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
-            ca[c] = k;
-            cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count : 0.0;
-            cc[c] = training ? -k * sg / count : 0.0;
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(c0, c1, t, nt, &a, &b);
+            bn_merge(&p, part, a, b, 0, dbias, dweight);
+            for (int64_t c = a; c < b; c++) {
+                double sg = dbias[c], sgx = dweight[c];
+                double k = (weight ? weight[c] : 1.0) * invstd[c];
+                dweight[c] = sgx * invstd[c];
+                /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
+                ca[c] = k;
+                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count : 0.0;
+                cc[c] = training ? -k * sg / count : 0.0;
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)

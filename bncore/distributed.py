@@ -1,0 +1,303 @@
+"""Synchronized batch normalization across processes over MPI (mpi4py).
+
+Data-parallel training splits each batch across ranks; ``SyncBatchNorm``
+normalizes every shard with the statistics of the whole batch, so the result
+equals single-process ``BatchNorm`` on the concatenated batch.
+
+Per training step and layer: forward makes one collective on a buffer of
+``2*C + 4`` float64 per rank (count, error flag, dtype code, mean, M2);
+backward makes one collective on ``2*C + 1`` float64 (error flag, sum(dy),
+sum(dy * (x - mean))). Every rank checks the exchanged error flags before
+using the data, so bad input on one rank makes every rank raise instead of
+leaving the others blocked in the next collective.
+
+``reduction="allgather"`` (default): each rank receives every rank's buffer
+and merges them in rank order, so statistics, running statistics and
+parameter gradients are bitwise identical on every rank, as the MPI standard
+guarantees nothing about the order inside a reduction. Bytes received grow
+with the number of ranks P.
+``reduction="allreduce"``: a reduction with Chan's merge as an MPI operation
+(forward) and MPI_SUM (backward); bytes per rank do not grow with P. MPICH and
+Open MPI return the same bits on every rank, but the MPI standard only
+recommends it. See docs/SYNC_BN.md for the costs.
+
+Gradient convention: after ``backward`` every rank holds the *global*
+``grad_weight`` and ``grad_bias`` (the sums over the whole batch, equal to
+single-process ``BatchNorm``). Exclude them from a sum all-reduce of the other
+gradients (averaging them is harmless: the values are already equal).
+"""
+import numpy as np
+
+try:
+    from mpi4py import MPI
+except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
+    raise ImportError(
+        "bncore.distributed needs mpi4py and an MPI library: "
+        "pip install 'bncore[mpi]'") from exc
+
+import bncore
+from bncore import BatchNorm
+from bncore import _checks as chk
+from bncore import _kernels as _k
+from bncore.functional import _update_running
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+# Forward buffer layout: [count, n_bad, dtype_min, dtype_max, mean (C), m2 (C)]
+_HEAD = 4
+_DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2,
+                np.dtype(np.float64): 3}
+
+
+def _chan_reduce(inbuf, inoutbuf, datatype):
+    # inoutbuf = inbuf (lower ranks) merged with inoutbuf. A record is one
+    # contiguous MPI element, so MPI never hands over part of one. Runs once
+    # per reduction round: straight to the merge kernel, no re-validation.
+    width = datatype.Get_extent()[1] // 8
+    a = np.frombuffer(inbuf, dtype=np.float64).reshape(-1, width)
+    b = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, width)
+    c = (width - _HEAD) // 2
+    for ra, rb in zip(a, b):
+        pair = np.stack([ra, rb])
+        count = _k.merge_stats(
+            np.ascontiguousarray(pair[:, 0]),
+            np.ascontiguousarray(pair[:, _HEAD:_HEAD + c]),
+            np.ascontiguousarray(pair[:, _HEAD + c:]),
+            rb[_HEAD:_HEAD + c], rb[_HEAD + c:])
+        rb[:_HEAD] = (count, ra[1] + rb[1], min(ra[2], rb[2]),
+                      max(ra[3], rb[3]))
+
+
+_CHAN_OP = None
+_RECORD_TYPES = {}
+
+
+def _chan_op():
+    global _CHAN_OP
+    if _CHAN_OP is None:
+        # Not commutative bitwise; ask MPI to keep rank order.
+        _CHAN_OP = MPI.Op.Create(_chan_reduce, commute=False)
+    return _CHAN_OP
+
+
+def _record_type(width):
+    # One record = one MPI element, so a reduction never splits it.
+    if width not in _RECORD_TYPES:
+        _RECORD_TYPES[width] = MPI.DOUBLE.Create_contiguous(width).Commit()
+    return _RECORD_TYPES[width]
+
+
+def _check_out(out, x):
+    # Checked before the exchange, so a bad `out` fails on every rank too.
+    if out is not None:
+        chk.output(out, x, chk.compute_dtype(x.dtype), (x,))
+
+
+def _check_comm(comm, reduction):
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError("comm must be an mpi4py MPI.Intracomm, got "
+                        f"{type(comm).__name__}")
+    if reduction not in ("allgather", "allreduce"):
+        raise ValueError("reduction must be 'allgather' or 'allreduce', "
+                         f"got {reduction!r}")
+    return comm
+
+
+class SyncBatchNorm(BatchNorm):
+    """``BatchNorm`` whose batch statistics span every rank of ``comm``.
+
+    Same constructor and behaviour as ``bncore.BatchNorm`` plus ``comm`` (an
+    mpi4py intracommunicator, default ``MPI.COMM_WORLD``) and ``reduction``
+    (``"allgather"`` or ``"allreduce"``, see the module docstring). Every rank
+    of ``comm`` must call ``forward`` and ``backward`` together, with the same
+    channel count and dtype; a rank may hold zero samples. Running statistics
+    are updated identically on every rank, and ``grad_weight``/``grad_bias``
+    are the global sums on every rank. In eval mode with running statistics
+    the forward is local; backward still sums the parameter gradients.
+    """
+
+    def __init__(self, num_features, *, comm=None, reduction="allgather",
+                 **kwargs):
+        comm = _check_comm(comm, reduction)
+        super().__init__(num_features, **kwargs)
+        self.comm = comm
+        self.reduction = reduction
+
+    def __repr__(self):
+        return (super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)
+                [:-1] + f", ranks={self.comm.Get_size()}, "
+                f"reduction={self.reduction!r})")
+
+    # -- collectives -------------------------------------------------------
+
+    def _raise_if_bad(self, n_bad, bad_ranks, local_error, what):
+        if n_bad == 0:
+            return
+        if local_error is not None:
+            raise local_error
+        where = (f"rank(s) {bad_ranks}" if bad_ranks is not None
+                 else f"{int(n_bad)} rank(s)")
+        raise ValueError(f"SyncBatchNorm.{what}: {where} of the communicator "
+                         "rejected their input (see the error on that rank)")
+
+    def _exchange_stats(self, count, mean, m2, bad, code):
+        c = self.num_features
+        send = np.empty(_HEAD + 2 * c)
+        send[:_HEAD] = (count, bad, code, code)
+        send[_HEAD:_HEAD + c] = mean
+        send[_HEAD + c:] = m2
+        if self.reduction == "allgather":
+            recv = np.empty((self.comm.Get_size(), send.size))
+            self.comm.Allgather(send, recv)
+            head = recv[:, :_HEAD]
+            bad_ranks = np.flatnonzero(head[:, 1]).tolist()
+            n_bad, lo, hi = len(bad_ranks), head[:, 2].min(), head[:, 3].max()
+            merged = None
+            if n_bad == 0 and lo == hi:
+                # Fixed rank order: every rank computes the same bits.
+                merged = bncore.merge_stats(head[:, 0],
+                                            recv[:, _HEAD:_HEAD + c],
+                                            recv[:, _HEAD + c:])
+        else:
+            recv = np.empty_like(send)
+            rtype = _record_type(send.size)
+            self.comm.Allreduce([send, 1, rtype], [recv, 1, rtype],
+                                op=_chan_op())
+            bad_ranks, n_bad, lo, hi = None, recv[1], recv[2], recv[3]
+            merged = (int(recv[0]), recv[_HEAD:_HEAD + c],
+                      recv[_HEAD + c:].copy())
+        return merged, n_bad, bad_ranks, lo != hi
+
+    def _exchange_grads(self, sum_dy, sum_dy_xmu, bad):
+        c = self.num_features
+        send = np.empty(1 + 2 * c)
+        send[0] = bad
+        send[1:1 + c] = sum_dy
+        send[1 + c:] = sum_dy_xmu
+        if self.reduction == "allgather":
+            recv = np.empty((self.comm.Get_size(), send.size))
+            self.comm.Allgather(send, recv)
+            bad_ranks = np.flatnonzero(recv[:, 0]).tolist()
+            total = recv.sum(axis=0)  # row by row, in rank order
+        else:
+            total = np.empty_like(send)
+            self.comm.Allreduce(send, total, op=MPI.SUM)
+            bad_ranks = None
+        return total[1:1 + c], total[1 + c:], total[0], bad_ranks
+
+    # -- forward / backward ------------------------------------------------
+
+    def forward(self, x, *, out=None, n_threads=None):
+        if not self.training and self.track_running_stats:
+            # Running statistics: nothing to exchange.
+            y = super().forward(x, out=out, n_threads=n_threads)
+            x, mean, invstd, _ = self._saved
+            self._saved = (x, mean, invstd, None, False)
+            return y
+        c = self.num_features
+        error = None
+        try:
+            x = self._check_input(x)
+            if (out is not None and isinstance(out, np.ndarray)
+                    and np.may_share_memory(out, x)):
+                raise ValueError("out: must not overlap x in a layer "
+                                 "(backward needs the input)")
+            _check_out(out, x)
+            count, mean, m2 = bncore.batch_norm_stats(x, axis=self.axis,
+                                                      n_threads=n_threads)
+            code = _DTYPE_CODES[x.dtype]
+        except (TypeError, ValueError) as exc:
+            error = exc
+            count, mean, m2, code = 0, np.zeros(c), np.zeros(c), 0
+        merged, n_bad, bad_ranks, mixed = self._exchange_stats(
+            count, mean, m2, error is not None, code)
+        self._raise_if_bad(n_bad, bad_ranks, error, "forward")
+        if mixed:
+            raise TypeError("x: expected the same dtype on every rank, got "
+                            f"{x.dtype} here and another dtype elsewhere")
+        total, mean, m2 = merged
+        if total < 2:
+            raise ValueError("x: expected more than 1 value per channel over "
+                             f"all ranks when training, got {total}")
+        var = m2 / total
+        invstd = 1.0 / np.sqrt(var + self.eps)
+        y = bncore.batch_norm_elemt(x, mean, invstd, self.weight, self.bias,
+                                    axis=self.axis, out=out,
+                                    n_threads=n_threads)
+        if self.training and self.track_running_stats:
+            n = int(self.num_batches_tracked) + 1
+            factor = 1.0 / n if self.momentum is None else self.momentum
+            _update_running(self.running_mean, self.running_var, mean, var,
+                            total, factor)
+            self.num_batches_tracked[...] = n
+        self._saved = (x, mean, invstd, total, True)
+        return y
+
+    def backward(self, dy, *, out=None, n_threads=None):
+        """dx of the most recent forward; sets the global grad_weight and
+        grad_bias on every rank (one collective)."""
+        if self._saved is None:
+            raise RuntimeError("backward: no forward call to differentiate; "
+                               "call forward first")
+        x, mean, invstd, total, batch_stats = self._saved
+        c = self.num_features
+        error = None
+        try:
+            sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(
+                dy, x, mean, axis=self.axis, n_threads=n_threads)
+            _check_out(out, x)
+        except (TypeError, ValueError) as exc:
+            error = exc
+            sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)
+        sum_dy, sum_dy_xmu, n_bad, bad_ranks = self._exchange_grads(
+            sum_dy, sum_dy_xmu, error is not None)
+        self._raise_if_bad(n_bad, bad_ranks, error, "backward")
+        if not batch_stats:
+            # Constant statistics: dx = dy * weight * invstd.
+            sum_dy_xmu_dx = sum_dy_dx = np.zeros(c)
+            total = 1
+        else:
+            sum_dy_dx, sum_dy_xmu_dx = sum_dy, sum_dy_xmu
+        dx = bncore.batch_norm_backward_elemt(
+            dy, x, mean, invstd, self.weight, sum_dy_dx, sum_dy_xmu_dx, total,
+            axis=self.axis, out=out, n_threads=n_threads)
+        if self.affine:
+            self.grad_weight = (sum_dy_xmu * invstd).astype(self.weight.dtype)
+            self.grad_bias = sum_dy.astype(self.bias.dtype)
+        return dx
+
+    @classmethod
+    def from_batchnorm(cls, layer, comm=None, reduction="allgather"):
+        """A SyncBatchNorm sharing ``layer``'s parameter and running arrays."""
+        sync = cls.__new__(cls)
+        comm = _check_comm(comm, reduction)
+        sync.__dict__.update(layer.__dict__)  # same arrays, same settings
+        sync.comm = comm
+        sync.reduction = reduction
+        sync._saved = None
+        return sync
+
+
+def convert_sync_batchnorm(layers, comm=None, *, reduction="allgather"):
+    """Replace every ``BatchNorm`` in ``layers`` by a ``SyncBatchNorm``.
+
+    ``layers`` is a layer, or a list, tuple or dict of them (nested
+    containers are converted recursively); a new container of the same kind is
+    returned and anything that is not a ``BatchNorm`` is kept as is. The new
+    layers share the old ones' weight, bias and running arrays (an optimizer
+    holding them keeps working) and their training mode.
+    """
+    if isinstance(layers, SyncBatchNorm):
+        return layers
+    if isinstance(layers, BatchNorm):
+        return SyncBatchNorm.from_batchnorm(layers, comm, reduction)
+    if isinstance(layers, (list, tuple)):
+        return type(layers)(convert_sync_batchnorm(item, comm,
+                                                   reduction=reduction)
+                            for item in layers)
+    if isinstance(layers, dict):
+        return {key: convert_sync_batchnorm(item, comm, reduction=reduction)
+                for key, item in layers.items()}
+    return layers

@@ -1,0 +1,455 @@
+/* bncore_norms_template.h -- layer and group normalization kernels
+ * (statistics per row or per (sample, group), affine map per column or per
+ * channel), included by bncore_impl.h right after bncore_template.h once per
+ * element type with T and SFX defined. They reuse that file's run loops and
+ * its accuracy scheme: two-pass moments in double over runs of BN_RUN
+ * elements, merged with Chan's formula in a fixed order, so results are
+ * bitwise identical for any thread count. */
+
+#ifndef BN_LN_ROW_MAX
+#define BN_LN_ROW_MAX 16384        /* longer rows are split into runs across threads */
+#define BN_LN_MAX_BLOCKS 64        /* row blocks of the backward's column partials */
+#define BN_LN_SCRATCH (4 << 20)    /* bytes of those partials at most */
+#define BN_GN_ROW_MAX 65536        /* longer groups: statistics split into runs across threads */
+#define BN_GN_SHORT 256            /* channel runs shorter than this: gn_short_dot */
+#endif
+
+#define LN_CAT2(a, b) a##_##b
+#define LN_CAT(a, b) LN_CAT2(a, b)
+#define LN(name) LN_CAT(name, SFX)
+
+/* Mean and M2 of one row: runs of BN_RUN merged with Chan's formula in order. */
+static void LN(ln_row_moments)(const T *x, int64_t cols, double *out)
+{
+    double n = 0, m = 0, q = 0, part[2];
+    for (int64_t k = 0; k < cols; k += BN_RUN) {
+        int64_t len = bn_min64(BN_RUN, cols - k);
+        LN(run_moments)(x + k, len, part);
+        bn_chan(&n, &m, &q, (double)len, part[0], part[1]);
+    }
+    out[0] = m;
+    out[1] = q;
+}
+
+/* y[j] = (x[j] - m) * s * w[j] + b[j] over one segment of a row, the mean
+ * split as m = mh + ml (ml its rounding residue in T) as in bncore_template.h:
+ * x - mh is exact for x near the mean, so float32 output keeps its precision
+ * when |mean| >> std. */
+BN_CLONES static void LN(ln_seg_apply)(const T *x, T *y, int64_t n, T mh, T ml, T s,
+                                       const T *BN_RESTRICT w, const T *BN_RESTRICT b)
+{
+    for (int64_t j = 0; j < n; j++) y[j] = ((x[j] - mh) - ml) * s * w[j] + b[j];
+}
+
+/* Backward reductions over one segment of a row, g = dy * w:
+ * out = {sum g, sum g*(x - m)}, and per column pb[j] += dy, pw[j] += dy*xhat. */
+BN_CLONES static void LN(ln_seg_sums)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
+                                      const T *BN_RESTRICT w, int64_t n, double m, double inv,
+                                      double *BN_RESTRICT pw, double *BN_RESTRICT pb,
+                                      double *out)
+{
+    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0}, s1 = 0, s2 = 0;
+    int64_t nv = n - n % BN_LANES, i;
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int l = 0; l < BN_LANES; l++) {
+            double d = (double)x[i + l] - m, g = (double)dy[i + l];
+            a1[l] += g * (double)w[i + l];
+            a2[l] += g * (double)w[i + l] * d;
+            pb[i + l] += g;
+            pw[i + l] += g * d * inv;
+        }
+    for (; i < n; i++) {
+        double d = (double)x[i] - m, g = (double)dy[i];
+        s1 += g * (double)w[i];
+        s2 += g * (double)w[i] * d;
+        pb[i] += g;
+        pw[i] += g * d * inv;
+    }
+    for (int l = 0; l < BN_LANES; l++) {
+        s1 += a1[l];
+        s2 += a2[l];
+    }
+    out[0] = s1;
+    out[1] = s2;
+}
+
+/* dx[j] = a*dy[j]*w[j] + b*(x[j] - m) + c over one segment of a row (m split
+ * as in ln_seg_apply). */
+BN_CLONES static void LN(ln_seg_dx)(const T *dy, const T *x, T *dx, int64_t n,
+                                    const T *BN_RESTRICT w, T mh, T ml, T a, T b, T c)
+{
+    for (int64_t j = 0; j < n; j++) dx[j] = dy[j] * w[j] * a + ((x[j] - mh) - ml) * b + c;
+}
+
+/* The mean as T plus its rounding residue. */
+#define LN_SPLIT(m) (T)(m), (T)((m) - (double)(T)(m))
+
+/* Weight and bias rounded to T once per call (ones / zeros for NULL). */
+static T *LN(ln_params)(const double *weight, const double *bias, int64_t cols)
+{
+    T *p = (T *)malloc(sizeof(T) * 2 * (size_t)bn_max64(1, cols));
+    if (!p) return NULL;
+    for (int64_t j = 0; j < cols; j++) {
+        p[j] = weight ? (T)weight[j] : (T)1;
+        p[cols + j] = bias ? (T)bias[j] : (T)0;
+    }
+    return p;
+}
+
+int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double *weight,
+                      const double *bias, double eps, double *mean, double *invstd,
+                      int n_threads)
+{
+    T *wb = LN(ln_params)(weight, bias, cols);
+    if (!wb) return BN_ENOMEM;
+    int err = 0;
+    if (cols <= BN_LN_ROW_MAX) {
+        /* row mode: each row's statistics, then its output while it is in cache */
+        int nt = bn_threads_for(n_threads, rows * cols, rows);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t r = 0; r < rows; r++) {
+            double mo[2];
+            LN(ln_row_moments)(x + r * cols, cols, mo);
+            double inv = 1.0 / sqrt(mo[1] / (double)cols + eps);
+            mean[r] = mo[0];
+            invstd[r] = inv;
+            LN(ln_seg_apply)(x + r * cols, y + r * cols, cols, LN_SPLIT(mo[0]), (T)inv, wb,
+                             wb + cols);
+        }
+    } else {
+        /* few long rows: the statistics kernel splits rows into runs across
+         * threads, then the output runs in parallel */
+        bn_shape s = {1, rows, cols};
+        err = LN(bn_stats)(x, s, mean, invstd, n_threads);
+        if (!err) {
+            for (int64_t r = 0; r < rows; r++)
+                invstd[r] = 1.0 / sqrt(invstd[r] / (double)cols + eps);
+            int64_t kc = bn_cdiv(cols, BN_RUN);
+            int nt = bn_threads_for(n_threads, rows * cols, rows * kc);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+            for (int64_t u = 0; u < rows * kc; u++) {
+                int64_t r = u / kc, j0 = (u % kc) * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
+                int64_t o = r * cols + j0;
+                LN(ln_seg_apply)(x + o, y + o, len, LN_SPLIT(mean[r]), (T)invstd[r], wb + j0,
+                                 wb + cols + j0);
+            }
+        }
+    }
+    free(wb);
+    return err;
+}
+
+int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int64_t cols,
+                               const double *mean, const double *invstd, const double *weight,
+                               double *dweight, double *dbias, int n_threads)
+{
+    T *w = LN(ln_params)(weight, NULL, cols);
+    if (!w) return BN_ENOMEM;
+    double dcols = (double)cols;
+    if (cols <= BN_LN_ROW_MAX) {
+        /* row mode: fixed blocks of rows (a function of the shape only) keep
+         * per-column partial sums of dy and dy*xhat, merged in block order */
+        int64_t nb = bn_max64(1, bn_min64(bn_min64(bn_cdiv(rows, 8), BN_LN_MAX_BLOCKS),
+                                          BN_LN_SCRATCH / (16 * bn_max64(1, cols))));
+        int64_t per = bn_cdiv(rows, nb);
+        nb = bn_cdiv(rows, per);
+        double *part = (double *)calloc(2 * (size_t)nb * (size_t)cols + 1, sizeof(double));
+        if (!part) {
+            free(w);
+            return BN_ENOMEM;
+        }
+        int nt = bn_threads_for(n_threads, rows * cols, nb);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < nb; blk++) {
+                double *pw = part + 2 * blk * cols, *pb = pw + cols;
+                for (int64_t r = blk * per; r < bn_min64(rows, (blk + 1) * per); r++) {
+                    const T *dr = dy + r * cols, *xr = x + r * cols;
+                    double sums[2], inv = invstd[r];
+                    LN(ln_seg_sums)(dr, xr, w, cols, mean[r], inv, pw, pb, sums);
+                    /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)), g = dy*w */
+                    LN(ln_seg_dx)(dr, xr, dx + r * cols, cols, w, LN_SPLIT(mean[r]), (T)inv,
+                                  (T)(-inv * inv * inv * sums[1] / dcols),
+                                  (T)(-inv * sums[0] / dcols));
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < cols; j++) {
+                double sw = 0, sb = 0;
+                for (int64_t blk = 0; blk < nb; blk++) {
+                    sw += part[2 * blk * cols + j];
+                    sb += part[(2 * blk + 1) * cols + j];
+                }
+                dweight[j] = sw;
+                dbias[j] = sb;
+            }
+        }
+        free(part);
+    } else {
+        /* few long rows: column chunks own their dweight/dbias entries and keep
+         * per-(chunk, row) partial row sums, merged in chunk order */
+        int64_t kc = bn_cdiv(cols, BN_RUN);
+        double *part = (double *)malloc(sizeof(double) * 2 * (size_t)(kc * rows + rows));
+        if (!part) {
+            free(w);
+            return BN_ENOMEM;
+        }
+        double *rs = part + 2 * kc * rows;
+        int nt = bn_threads_for(n_threads, rows * cols, kc);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < kc; k++) {
+                int64_t j0 = k * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
+                memset(dweight + j0, 0, sizeof(double) * (size_t)len);
+                memset(dbias + j0, 0, sizeof(double) * (size_t)len);
+                for (int64_t r = 0; r < rows; r++) {
+                    int64_t o = r * cols + j0;
+                    LN(ln_seg_sums)(dy + o, x + o, w + j0, len, mean[r], invstd[r],
+                                    dweight + j0, dbias + j0, part + 2 * (k * rows + r));
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                double s0 = 0, s1 = 0;
+                for (int64_t k = 0; k < kc; k++) {
+                    s0 += part[2 * (k * rows + r)];
+                    s1 += part[2 * (k * rows + r) + 1];
+                }
+                rs[2 * r] = s0;
+                rs[2 * r + 1] = s1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < rows * kc; u++) {
+                int64_t r = u / kc, j0 = (u % kc) * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
+                int64_t o = r * cols + j0;
+                double inv = invstd[r];
+                LN(ln_seg_dx)(dy + o, x + o, dx + o, len, w + j0, LN_SPLIT(mean[r]), (T)inv,
+                              (T)(-inv * inv * inv * rs[2 * r + 1] / dcols),
+                              (T)(-inv * rs[2 * r] / dcols));
+            }
+        }
+        free(part);
+    }
+    free(w);
+    return 0;
+}
+
+/* ---- group normalization: x is N x C x HW, rows (n, g) of cpg = C/G channels ---- */
+
+/* y over channel c's HW elements of row (n, g) with that channel's coefficients. */
+static void LN(gn_channel_apply)(const T *x, T *y, int64_t hw, T mh, T ml, T a, T b)
+{
+    for (int64_t k = 0; k < hw; k += BN_RUN)
+        LN(run_apply)(x + k, y + k, bn_min64(BN_RUN, hw - k), mh, ml, a, b, BN_ACT_NONE, 0, 0);
+}
+
+int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_t G,
+                      const double *weight, const double *bias, double eps, double *mean,
+                      double *invstd, int n_threads)
+{
+    int64_t cpg = C / G, len = cpg * HW, rows = N * G;
+    if (len > BN_GN_ROW_MAX) {
+        /* long rows: statistics split into runs across threads, then the
+         * per-(n, c) affine map */
+        bn_shape s = {1, rows, len}, sa = {1, N * C, HW};
+        double *co = (double *)malloc(sizeof(double) * 3 * (size_t)bn_max64(1, N * C));
+        int err = co ? LN(bn_stats)(x, s, mean, invstd, n_threads) : BN_ENOMEM;
+        if (!err) {
+            for (int64_t r = 0; r < rows; r++)
+                invstd[r] = 1.0 / sqrt(invstd[r] / (double)len + eps);
+            for (int64_t i = 0; i < N * C; i++) {
+                int64_t r = (i / C) * G + (i % C) / cpg;
+                co[i] = mean[r];
+                co[N * C + i] = invstd[r] * (weight ? weight[i % C] : 1.0);
+                co[2 * N * C + i] = bias ? bias[i % C] : 0.0;
+            }
+            LN(bn_apply)(x, y, sa, co, co + N * C, co + 2 * N * C, BN_ACT_NONE, 0, n_threads);
+        }
+        free(co);
+        return err;
+    }
+    T *wb = LN(ln_params)(weight, bias, C);
+    if (!wb) return BN_ENOMEM;
+    int nt = bn_threads_for(n_threads, rows * len, rows);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const T *xr = x + r * len;
+        T *yr = y + r * len;
+        int64_t c0 = (r % G) * cpg;
+        double mo[2];
+        LN(ln_row_moments)(xr, len, mo);
+        double inv = 1.0 / sqrt(mo[1] / (double)len + eps);
+        mean[r] = mo[0];
+        invstd[r] = inv;
+        if (HW == 1) { /* (N, C) input: per-element weights, as layer norm */
+            LN(ln_seg_apply)(xr, yr, len, LN_SPLIT(mo[0]), (T)inv, wb + c0, wb + C + c0);
+            continue;
+        }
+        for (int64_t c = 0; c < cpg; c++)
+            LN(gn_channel_apply)(xr + c * HW, yr + c * HW, HW, LN_SPLIT(mo[0]),
+                                 (T)(inv * (weight ? weight[c0 + c] : 1.0)),
+                                 (T)(bias ? bias[c0 + c] : 0.0));
+    }
+    free(wb);
+    return 0;
+}
+
+/* {sum dy, sum dy*(x - m)} of a short run (n < BN_GN_SHORT, e.g. a 7x7
+ * channel): eight lanes closed by a tree, so the closing reduction costs less
+ * than run_dot's sixteen-lane chain on such runs. */
+BN_CLONES static void LN(gn_short_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
+                                       int64_t n, double m, double *out)
+{
+    double a1[8] = {0}, a2[8] = {0};
+    int64_t nv = n - n % 8, i;
+    for (i = 0; i < nv; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double g = dy[i + l];
+            a1[l] += g;
+            a2[l] += g * ((double)x[i + l] - m);
+        }
+    for (; i < n; i++) {
+        double g = dy[i];
+        a1[i - nv] += g;
+        a2[i - nv] += g * ((double)x[i] - m);
+    }
+    for (int l = 0; l < 4; l++) {
+        a1[l] += a1[l + 4];
+        a2[l] += a2[l + 4];
+    }
+    out[0] = (a1[0] + a1[1]) + (a1[2] + a1[3]);
+    out[1] = (a2[0] + a2[1]) + (a2[2] + a2[3]);
+}
+
+/* Backward for long groups: the batch-norm reductions and dx kernels over the
+ * (1, N*C, HW) view, which split long rows across threads. */
+static int LN(gn_backward_long)(const T *dy, const T *x, T *dx, int64_t N, int64_t C,
+                                int64_t HW, int64_t G, const double *mean,
+                                const double *invstd, const double *weight, double *dweight,
+                                double *dbias, int n_threads)
+{
+    int64_t NC = N * C, cpg = C / G;
+    double len = (double)(cpg * HW);
+    bn_shape s = {1, NC, HW};
+    double *co = (double *)malloc(sizeof(double) * 6 * (size_t)bn_max64(1, NC));
+    if (!co) return BN_ENOMEM;
+    double *m = co, *sdy = co + NC, *sdx = co + 2 * NC, *a = co + 3 * NC, *b = co + 4 * NC,
+           *c = co + 5 * NC;
+    for (int64_t i = 0; i < NC; i++) m[i] = mean[(i / C) * G + (i % C) / cpg];
+    int err = LN(bn_backward_reduce)(dy, x, NULL, s, m, BN_ACT_NONE, 0, sdy, sdx, n_threads);
+    if (!err) {
+        for (int64_t r = 0; r < N * G; r++) {
+            int64_t i0 = (r / G) * C + (r % G) * cpg;
+            double sg = 0, sgx = 0, inv = invstd[r];
+            for (int64_t j = 0; j < cpg; j++) {
+                double wj = weight ? weight[(r % G) * cpg + j] : 1.0;
+                sg += wj * sdy[i0 + j];
+                sgx += wj * sdx[i0 + j];
+            }
+            for (int64_t j = 0; j < cpg; j++) {
+                a[i0 + j] = inv * (weight ? weight[(r % G) * cpg + j] : 1.0);
+                b[i0 + j] = -inv * inv * inv * sgx / len;
+                c[i0 + j] = -inv * sg / len;
+            }
+        }
+        for (int64_t ch = 0; ch < C; ch++) {
+            double sw = 0, sb = 0;
+            for (int64_t n = 0; n < N; n++) {
+                sw += sdx[n * C + ch] * invstd[n * G + ch / cpg];
+                sb += sdy[n * C + ch];
+            }
+            dweight[ch] = sw;
+            dbias[ch] = sb;
+        }
+        LN(bn_backward_apply)(dy, x, NULL, dx, s, m, a, b, c, BN_ACT_NONE, 0, n_threads);
+    }
+    free(co);
+    return err;
+}
+
+int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t C,
+                               int64_t HW, int64_t G, const double *mean,
+                               const double *invstd, const double *weight, double *dweight,
+                               double *dbias, int n_threads)
+{
+    int64_t cpg = C / G, len = cpg * HW, rows = N * G;
+    double dlen = (double)len;
+    if (len > BN_GN_ROW_MAX)
+        return LN(gn_backward_long)(dy, x, dx, N, C, HW, G, mean, invstd, weight, dweight,
+                                    dbias, n_threads);
+    /* per (n, c): sum dy and sum dy*xhat, then summed over n in order */
+    double *part = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, N * C));
+    T *w = LN(ln_params)(weight, NULL, C);
+    if (!part || !w) {
+        free(part);
+        free(w);
+        return BN_ENOMEM;
+    }
+    double *pdy = part, *pdx = part + N * C;
+    int nt = bn_threads_for(n_threads, rows * len, rows);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const T *dr = dy + r * len, *xr = x + r * len;
+            int64_t c0 = (r % G) * cpg, i0 = (r / G) * C + c0;
+            double m = mean[r], inv = invstd[r], sums[2] = {0, 0};
+            if (HW == 1) {
+                memset(pdy + i0, 0, sizeof(double) * (size_t)cpg);
+                memset(pdx + i0, 0, sizeof(double) * (size_t)cpg);
+                LN(ln_seg_sums)(dr, xr, w + c0, len, m, inv, pdx + i0, pdy + i0, sums);
+            } else {
+                for (int64_t c = 0; c < cpg; c++) {
+                    double sc[2] = {0, 0}, part2[2];
+                    for (int64_t k = 0; k < HW; k += BN_RUN) {
+                        int64_t o = c * HW + k, n = bn_min64(BN_RUN, HW - k);
+                        if (n < BN_GN_SHORT)
+                            LN(gn_short_dot)(dr + o, xr + o, n, m, part2);
+                        else
+                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, part2);
+                        sc[0] += part2[0];
+                        sc[1] += part2[1];
+                    }
+                    pdy[i0 + c] = sc[0];
+                    pdx[i0 + c] = sc[1] * inv;
+                    sums[0] += sc[0] * (double)w[c0 + c];
+                    sums[1] += sc[1] * (double)w[c0 + c];
+                }
+            }
+            /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)) over the group, g = dy*w */
+            T bcoef = (T)(-inv * inv * inv * sums[1] / dlen), ccoef = (T)(-inv * sums[0] / dlen);
+            if (HW == 1) {
+                LN(ln_seg_dx)(dr, xr, dx + r * len, len, w + c0, LN_SPLIT(m), (T)inv, bcoef,
+                              ccoef);
+                continue;
+            }
+            for (int64_t c = 0; c < cpg; c++)
+                for (int64_t k = 0; k < HW; k += BN_RUN) {
+                    int64_t o = c * HW + k;
+                    LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
+                               LN_SPLIT(m), (T)(inv * (double)w[c0 + c]), bcoef, ccoef,
+                               BN_ACT_NONE, 0, 0);
+                }
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; c++) {
+            double sw = 0, sb = 0;
+            for (int64_t n = 0; n < N; n++) {
+                sw += pdx[n * C + c];
+                sb += pdy[n * C + c];
+            }
+            dweight[c] = sw;
+            dbias[c] = sb;
+        }
+    }
+    free(part);
+    free(w);
+    return 0;
+}
+
+#undef LN_SPLIT
+#undef LN
+#undef LN_CAT
+#undef LN_CAT2
