@@ -17,6 +17,9 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_reduce, batch_norm_elemt, batch_norm_eval,
                          batch_norm_stats, batch_norm_train, merge_stats)
 from .layers import BatchNorm
+from .inference import (FrozenBatchNorm, InPlaceABN, batch_norm_backward_from_output,
+                        batch_norm_from_keras, batch_norm_from_onnx, fold_batch_norm,
+                        fold_into_conv, fold_into_linear)
 from .norms import (GroupNorm, InstanceNorm, LayerNorm, group_norm, group_norm_backward,
                     group_norm_train, instance_norm, instance_norm_backward, instance_norm_train,
                     layer_norm, layer_norm_backward, layer_norm_train)
@@ -35,4 +38,7 @@ __all__ = [
     "group_norm", "group_norm_train", "group_norm_backward",
     "instance_norm", "instance_norm_train", "instance_norm_backward",
     "batch_renorm_train", "batch_renorm_backward",
+    # inference services
+    "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
+    "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
 ]

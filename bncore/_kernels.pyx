@@ -311,3 +311,39 @@ def group_norm_backward(const floating[::1] dy, const floating[::1] x, floating[
             err = bn_group_norm_backward_f64(&dy[0], &x[0], &dx[0], N, C, HW, G, &mean[0],
                                              &invstd[0], w, &dweight[0], &dbias[0], nt)
     _check(err)
+
+
+# ---- inference and in-place ABN (bncore/inference.py) --------------------------------------
+
+cdef extern from "bncore.h":
+    int BN_EINVAL
+    int bn_backward_from_output_f32(const float *dy, const float *y, float *dx, bn_shape s,
+                                    const double *invstd, const double *weight,
+                                    const double *bias, int training, double *dweight,
+                                    double *dbias, bn_act act, double slope, int nt) nogil
+    int bn_backward_from_output_f64(const double *dy, const double *y, double *dx, bn_shape s,
+                                    const double *invstd, const double *weight,
+                                    const double *bias, int training, double *dweight,
+                                    double *dbias, bn_act act, double slope, int nt) nogil
+
+
+def backward_from_output(const floating[::1] dy, const floating[::1] y, floating[::1] dx,
+                         tuple shape, const double[::1] invstd, const double[::1] weight,
+                         const double[::1] bias, bint training, double[::1] dweight,
+                         double[::1] dbias, int act, double slope, int nt):
+    cdef bn_shape s = _shape(shape)
+    cdef const double *w = _opt(weight)
+    cdef const double *b = _opt(bias)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_backward_from_output_f32(&dy[0], &y[0], &dx[0], s, &invstd[0], w, b,
+                                              training, &dweight[0], &dbias[0], <bn_act>act,
+                                              slope, nt)
+        else:
+            err = bn_backward_from_output_f64(&dy[0], &y[0], &dx[0], s, &invstd[0], w, b,
+                                              training, &dweight[0], &dbias[0], <bn_act>act,
+                                              slope, nt)
+    if err == BN_EINVAL:  # the Python layer checks first; this is the C-level safety net
+        raise ValueError("bncore: cannot invert the forward (ReLU, or weight*invstd of 0)")
+    _check(err)

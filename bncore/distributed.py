@@ -121,6 +121,9 @@ class SyncBatchNorm(BatchNorm):
     def __init__(self, num_features, *, comm=None, reduction="allgather",
                  **kwargs):
         comm = _check_comm(comm, reduction)
+        if kwargs.get("activation") is not None:
+            raise ValueError("activation: SyncBatchNorm does not fuse an activation; "
+                             "apply it after the layer")
         super().__init__(num_features, **kwargs)
         self.comm = comm
         self.reduction = reduction
@@ -271,6 +274,9 @@ class SyncBatchNorm(BatchNorm):
     @classmethod
     def from_batchnorm(cls, layer, comm=None, reduction="allgather"):
         """A SyncBatchNorm sharing ``layer``'s parameter and running arrays."""
+        if getattr(layer, "activation", None) is not None:
+            raise ValueError("layer: SyncBatchNorm does not fuse an activation; got a "
+                             f"BatchNorm with activation={layer.activation!r}")
         sync = cls.__new__(cls)
         comm = _check_comm(comm, reduction)
         sync.__dict__.update(layer.__dict__)  # same arrays, same settings

@@ -35,7 +35,7 @@ class _Layout:
 
 def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
                      running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
-                     virtual_batch_size=None):
+                     virtual_batch_size=None, running_var_unbiased=True):
     """Normalize with the batch statistics; update running statistics in place.
 
     Returns (y, save_mean, save_invstd); see shared/API.md. `activation`
@@ -44,6 +44,8 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     that many samples along axis 0 is normalized with its own statistics;
     save_mean/save_invstd are then (K, C) for K ghost batches and the running
     statistics move toward their average over the ghost batches.
+    running_var_unbiased=False updates running_var with the biased batch
+    variance (the Keras and ONNX convention) instead of PyTorch's n/(n-1).
     """
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
@@ -60,17 +62,19 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
     if ghosts is not None:
         return _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var,
-                            momentum, act, slope, nt)
+                            momentum, act, slope, nt, running_var_unbiased)
     mean, invstd, var = np.empty(L.C), np.empty(L.C), np.empty(L.C)
     _k.train(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, var, act, slope, nt)
     if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, L.count, momentum)
+        _update_running(running_mean, running_var, mean, var,
+                        L.count if running_var_unbiased else 1, momentum)
     y = chk.finish(buf, final, L.x.dtype)
     return y, mean.astype(L.sd, copy=False), invstd.astype(L.sd, copy=False)
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    # computed aside in float64, then both arrays are written: never half updated
+    # computed aside in float64, then both arrays are written: never half updated;
+    # count 1 applies no Bessel correction (bn_update_running)
     rm = np.array(running_mean, dtype=np.float64)
     rv = np.array(running_var, dtype=np.float64)
     _k.update_running(mean, var, float(count), momentum, rm, rv)
@@ -258,7 +262,7 @@ def _ghost_views(L, ghosts, arrays):
 
 
 def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, momentum, act,
-                 slope, nt):
+                 slope, nt, unbiased=True):
     K = len(ghosts)
     mean, invstd, var = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
     counts = np.empty(K)
@@ -267,9 +271,10 @@ def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, mo
         _k.train(xk, yk, shape, w, b, eps, mean[k], invstd[k], var[k], act, slope, nt)
     if running_mean is not None:
         # average over ghost batches of the means and unbiased variances
-        unbiased = var * (counts / np.maximum(counts - 1, 1))[:, None]
+        if unbiased:
+            var = var * (counts / np.maximum(counts - 1, 1))[:, None]
         rm = (1 - momentum) * np.array(running_mean, np.float64) + momentum * mean.mean(0)
-        rv = (1 - momentum) * np.array(running_var, np.float64) + momentum * unbiased.mean(0)
+        rv = (1 - momentum) * np.array(running_var, np.float64) + momentum * var.mean(0)
         running_mean[...] = rm
         running_var[...] = rv
     y = chk.finish(buf, final, L.x.dtype)

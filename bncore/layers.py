@@ -19,10 +19,14 @@ class BatchNorm:
     track_running_stats=False uses batch statistics in eval mode too.
     virtual_batch_size (ghost batch norm): in training mode each slice of that
     many samples along axis 0 is normalized with its own statistics.
+    activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
+    backward; running_var_unbiased=False keeps the biased running variance
+    (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None):
+                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
+                 activation=None, running_var_unbiased=True):
         if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
                 or num_features < 1):
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -36,6 +40,9 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.dtype = dtype
+        chk.activation(activation)
+        self.activation = activation
+        self.running_var_unbiased = bool(running_var_unbiased)
         C = self.num_features
         self.weight = np.ones(C, dtype) if affine else None
         self.bias = np.zeros(C, dtype) if affine else None
@@ -47,7 +54,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self.grad_weight = self.grad_bias = None
-        self._saved = None
+        self._saved = self._saved_y = None
         if virtual_batch_size is not None and (
                 isinstance(virtual_batch_size, bool) or
                 not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1):
@@ -57,9 +64,10 @@ class BatchNorm:
         self._ghost = None
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis})")
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}{act})")
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -85,12 +93,16 @@ class BatchNorm:
                              f"got shape {x.shape}")
         return x
 
-    def forward(self, x, *, out=None, n_threads=None):
-        x = self._check_input(x)
+    def _check_out(self, x, out):
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
             raise ValueError("out: must not overlap x in a layer (backward needs the input); "
-                             "use the functional API for in-place normalization")
-        common = dict(axis=self.axis, eps=self.eps, out=out, n_threads=n_threads)
+                             "use the functional API or InPlaceABN for in-place normalization")
+
+    def forward(self, x, *, out=None, n_threads=None):
+        x = self._check_input(x)
+        self._check_out(x, out)
+        common = dict(axis=self.axis, eps=self.eps, out=out, activation=self.activation,
+                      n_threads=n_threads)
         self._ghost = None
         if self.training or not self.track_running_stats:
             if self.training and self.virtual_batch_size is not None:
@@ -101,7 +113,8 @@ class BatchNorm:
                 factor = 1.0 / n if self.momentum is None else self.momentum
                 y, mean, invstd = batch_norm_train(
                     x, self.weight, self.bias, running_mean=self.running_mean,
-                    running_var=self.running_var, momentum=factor, **common)
+                    running_var=self.running_var, momentum=factor,
+                    running_var_unbiased=self.running_var_unbiased, **common)
                 self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(x, self.weight, self.bias, **common)
@@ -111,6 +124,8 @@ class BatchNorm:
                                 **common)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             self._saved = (x, self.running_mean.astype(np.float64), invstd, False)
+        # the activation's mask source, kept only when there is one
+        self._saved_y = y if self.activation is not None else None
         return y
 
     def backward(self, dy, *, out=None, n_threads=None):
@@ -119,12 +134,23 @@ class BatchNorm:
             raise RuntimeError("backward: no forward call to differentiate; call forward first")
         x, mean, invstd, training = self._saved
         dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis,
-                                         training=training, out=out, n_threads=n_threads,
+                                         training=training, out=out, activation=self.activation,
+                                         y=self._saved_y, n_threads=n_threads,
                                          virtual_batch_size=self._ghost)
         if self.affine:
             self.grad_weight = dw.astype(self.weight.dtype)
             self.grad_bias = db.astype(self.bias.dtype)
         return dx
+
+    def freeze(self):
+        """A FrozenBatchNorm with copies of this layer's eval-mode parameters."""
+        from .inference import FrozenBatchNorm
+        if not self.track_running_stats:
+            raise ValueError("freeze: the layer has no running statistics to freeze "
+                             "(track_running_stats=False)")
+        return FrozenBatchNorm.from_state_dict(
+            self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
+            dtype=self.dtype)
 
     def _state_names(self):
         names = ["weight", "bias"] if self.affine else []

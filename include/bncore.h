@@ -6,9 +6,12 @@
  *     #define BNCORE_IMPLEMENTATION
  *     #include "bncore.h"
  *
- * and include it plainly everywhere else. Compile with -O3 and, for threads,
- * -fopenmp (without it every function runs serially and gives the same
- * results). Each function exists for float (suffix _f32) and double (_f64).
+ * and include it plainly everywhere else (or compile a one-file bncore.c
+ * holding just those two lines and link it). C99 or C++; link with -lm.
+ * Compile with -O3 and, for threads, -fopenmp (without it every function
+ * runs serially and gives the same results). Each function exists for float
+ * (suffix _f32) and double (_f64). docs/C_API.md has recipes (eval, frozen,
+ * training step, in-place ABN, synchronized statistics) and an example.
  *
  * Layout. Every tensor is a C-contiguous buffer described by bn_shape:
  *   outer x channels x inner   (element (o, c, i) at ((o*channels)+c)*inner+i)
@@ -16,17 +19,25 @@
  *   - channels-last NHWC and (N, C) features: outer = N*H*W (or N), inner = 1.
  * Statistics are per channel over outer*inner elements ("count").
  *
- * Per-channel parameter and statistic arrays are double[channels], owned by
- * the caller. Data buffers are owned by the caller; outputs may alias their
- * matching input exactly (y == x, dx == dy: in place) but must not partially
- * overlap it. Functions allocate only O(channels + work units) scratch and
- * return 0, or BN_ENOMEM when that allocation fails (nothing written then).
+ * Ownership. Every buffer -- data and the per-channel double[channels]
+ * parameter and statistic arrays -- is allocated, owned and freed by the
+ * caller; no function keeps a pointer after it returns, and there is no
+ * global state, handle or init call. Outputs may alias their matching input
+ * exactly (y == x, dx == dy: in place) but must not partially overlap it.
+ * Functions allocate only O(channels + work units) scratch, freed before
+ * they return, and return 0, BN_ENOMEM when that allocation fails or
+ * BN_EINVAL for an argument they document as invalid (nothing is written
+ * then). Inputs are never modified. Pointers marked "may be NULL" may be.
  *
  * Threads. n_threads is the most OpenMP threads a call may use (<= 0 means
  * omp_get_max_threads()); calls below ~64K elements run on the calling thread.
  * Reductions use a fixed blocking and a fixed merge order, so results are
  * bitwise identical for any thread count. Functions are reentrant: several
- * threads may call them at once on distinct outputs.
+ * threads may call them at once on distinct outputs, each call forking its
+ * own OpenMP team. A service running many requests side by side should pass
+ * n_threads = 1 (or a small share of the cores) per call and set
+ * OMP_WAIT_POLICY=passive, so that idle team threads sleep instead of
+ * spinning on the cores the other requests need.
  *
  * Numerics. Float data is summed in float over short blocks (exact two-pass
  * within a block) and the blocks are merged in double with Chan's formula, so
@@ -42,13 +53,18 @@ extern "C" {
 #endif
 
 #define BNCORE_VERSION "0.1.0"
-#define BN_ENOMEM 1
+#define BN_ENOMEM 1   /* scratch allocation failed; outputs untouched */
+#define BN_EINVAL 2   /* invalid argument (see the function); outputs untouched */
 
 typedef struct {
     int64_t outer, channels, inner;
 } bn_shape;
 
-/* Fused activation applied after the affine map. */
+/* Fused activation applied after the affine map: y = v (NONE), max(v, 0)
+ * (RELU), v < 0 ? slope * v : v (LEAKY_RELU). Every function taking an act
+ * also takes `slope`, finite and >= 0, read only for BN_ACT_LEAKY_RELU. The
+ * backward takes the activation's derivative from the forward output y
+ * (y > 0), so no mask or pre-activation buffer is kept. */
 typedef enum { BN_ACT_NONE = 0, BN_ACT_RELU = 1, BN_ACT_LEAKY_RELU = 2 } bn_act;
 
 /* Per-channel count, mean and M2 (sum of squared deviations from the mean):
@@ -88,7 +104,9 @@ int bn_train_f64(const double *x, double *y, bn_shape s, const double *weight,
 
 /* PyTorch's running-statistics update:
  * rm = (1-momentum)*rm + momentum*mean,
- * rv = (1-momentum)*rv + momentum*var*count/(count-1). */
+ * rv = (1-momentum)*rv + momentum*var*count/(count-1).
+ * count <= 1 applies no Bessel correction (rv follows the biased variance,
+ * the Keras and ONNX convention, with momentum = 1 - their momentum). */
 void bn_update_running(int64_t channels, const double *mean, const double *var,
                        double count, double momentum, double *running_mean,
                        double *running_var);
@@ -129,6 +147,39 @@ int bn_backward_f64(const double *dy, const double *x, const double *y,
                     const double *invstd, const double *weight, int training,
                     double *dweight, double *dbias, bn_act act, double slope,
                     int n_threads);
+
+/* Backward of the in-place training forward (in the spirit of Inplace-ABN):
+ * bn_train was run with y == x, so x is gone; the normalized input is rebuilt
+ * from the output, xhat = (act^-1(y) - bias) / weight, inside the same passes
+ * as bn_backward (no extra memory pass, no full-size scratch). Same results
+ * as bn_backward(dy, x, y, ...) to rounding. act is BN_ACT_NONE or
+ * BN_ACT_LEAKY_RELU with slope > 0 (ReLU is not invertible); every
+ * weight[c] * invstd[c] must be non-zero with a finite inverse. Otherwise
+ * returns BN_EINVAL before writing anything. The rebuilt xhat loses about
+ * ulp(y) / |weight| of accuracy, so keep |weight| well away from 0.
+ * weight/bias may be NULL (ones/zeros). dx may alias dy or y exactly. */
+int bn_backward_from_output_f32(const float *dy, const float *y, float *dx, bn_shape s,
+                                const double *invstd, const double *weight,
+                                const double *bias, int training, double *dweight,
+                                double *dbias, bn_act act, double slope, int n_threads);
+int bn_backward_from_output_f64(const double *dy, const double *y, double *dx, bn_shape s,
+                                const double *invstd, const double *weight,
+                                const double *bias, int training, double *dweight,
+                                double *dbias, bn_act act, double slope, int n_threads);
+
+/* Eval forward from the stored parameters (the usual inference call):
+ * y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias).
+ * weight/bias may be NULL. Bitwise the same as bncore.batch_norm_eval in
+ * Python. Allocates 2*channels doubles per call; a service calling it often
+ * can precompute scale = weight / sqrt(running_var + eps) once and call
+ * bn_apply(x, y, s, running_mean, scale, bias, ...) instead (that is what
+ * bncore.FrozenBatchNorm does). running_var[c] + eps must be > 0. y may be x. */
+int bn_eval_f32(const float *x, float *y, bn_shape s, const double *running_mean,
+                const double *running_var, const double *weight, const double *bias,
+                double eps, bn_act act, double slope, int n_threads);
+int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_mean,
+                const double *running_var, const double *weight, const double *bias,
+                double eps, bn_act act, double slope, int n_threads);
 
 /* Build description: compiler, OpenMP, SIMD targets. Static string. */
 const char *bn_build_info(void);

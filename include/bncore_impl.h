@@ -36,7 +36,7 @@
 #define BN_SUB_BYTES (32 << 10)    /* row layout: two-pass sub-block, L1-resident */
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
-#define BN_MIN_RUN 32              /* inner runs shorter than this use the row layout */
+#define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (8 << 20)   /* channels processed per round: still in cache for the 2nd pass */
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large bypass the cache (no read-for-ownership) */

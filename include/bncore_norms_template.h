@@ -408,7 +408,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                         if (n < BN_GN_SHORT)
                             LN(gn_short_dot)(dr + o, xr + o, n, m, part2);
                         else
-                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, part2);
+                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, 1, part2);
                         sc[0] += part2[0];
                         sc[1] += part2[1];
                     }
@@ -430,7 +430,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                     int64_t o = c * HW + k;
                     LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
                                LN_SPLIT(m), (T)(inv * (double)w[c0 + c]), bcoef, ccoef,
-                               BN_ACT_NONE, 0, 0);
+                               BN_ACT_NONE, 0, 1, 0);
                 }
         }
 #pragma omp for schedule(static)

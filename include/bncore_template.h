@@ -8,9 +8,23 @@
 #define FN(name) BN_CAT(name, SFX)
 
 /* Activation derivative taken from the output: y > 0 <=> v > 0 for slope >= 0
- * (BN_ACT_RELU runs with slope 0). */
+ * (BN_ACT_RELU runs with slope 0). This macro and BN_PRE serve the scalar
+ * tails; the vector loops write v * (c ? one : slope) with opaque constants
+ * (BN_OPAQUE). With a literal 1, GCC folds v * 1 and turns the select back
+ * into `c ? v * slope : v`, a multiply it may not speculate under the default
+ * -ftrapping-math: the loop stays scalar with a branch, ~15x slower on mixed
+ * signs. A second mask in the same loop compares with an opaque zero, or jump
+ * threading merges both selects into one branch again. v * one is exact. */
+#define BN_OPAQUE(type, name, value) \
+    volatile type name##_v = (value); \
+    type name = name##_v
 #define BN_GRAD(g, yv, act, slope) \
     ((act) == BN_ACT_NONE ? (g) : ((yv) > 0 ? (g) : (g) * (slope)))
+/* The value the backward centers: x, except that negative outputs are scaled
+ * by xneg. xneg is 1 normally (an exact no-op) and 1/slope when x is the
+ * leaky-ReLU output itself (in-place ABN: x = act^-1(y)). */
+#define BN_PRE(xv, yv, act, xneg) \
+    ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
 #define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
 
@@ -123,12 +137,13 @@ BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a,
                                     bn_act act, T slope, int stream)
 {
     T buf[BN_RUN], *o = stream ? buf : y;
+    BN_OPAQUE(T, one, 1);
     if (act == BN_ACT_NONE)
         for (int64_t i = 0; i < n; i++) o[i] = ((x[i] - m) - ml) * a + b;
     else
         for (int64_t i = 0; i < n; i++) {
             T v = ((x[i] - m) - ml) * a + b;
-            o[i] = v < 0 ? v * slope : v;
+            o[i] = v * (v < 0 ? slope : one);
         }
     if (stream) bn_stream_store(y, buf, (size_t)n * sizeof(T));
 }
@@ -140,6 +155,7 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
                                      bn_act act, T slope, int stream)
 {
     T buf[BN_MAX_COLS];
+    BN_OPAQUE(T, one, 1);
     for (int64_t r = 0; r < nr; r++) {
         const T *xr = x + r * ld;
         T *o = stream ? buf : y + r * ld;
@@ -148,7 +164,7 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
         else
             for (int64_t j = 0; j < nc; j++) {
                 T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
-                o[j] = v < 0 ? v * slope : v;
+                o[j] = v * (v < 0 ? slope : one);
             }
         if (stream) bn_stream_store(y + r * ld, buf, (size_t)nc * sizeof(T));
     }
@@ -157,9 +173,11 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
 /* out = {sum g, sum g * (x - m)}, g = dy * act'(y), over a contiguous run. */
 BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                   const T *BN_RESTRICT y, int64_t n, double m,
-                                  bn_act act, double slope, double *out)
+                                  bn_act act, double slope, double xneg, double *out)
 {
     double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
+    BN_OPAQUE(double, one, 1);
+    BN_OPAQUE(T, zero, 0);
     int64_t nv = n - n % BN_LANES, i;
     double s1 = 0, s2 = 0;
     if (act == BN_ACT_NONE) {
@@ -172,15 +190,16 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
     } else {
         for (i = 0; i < nv; i += BN_LANES)
             for (int j = 0; j < BN_LANES; j++) {
-                double g = y[i + j] > 0 ? (double)dy[i + j] : dy[i + j] * slope;
+                double g = dy[i + j] * (y[i + j] > 0 ? one : slope);
+                double xv = x[i + j] * (y[i + j] > zero ? one : xneg);
                 a1[j] += g;
-                a2[j] += g * ((double)x[i + j] - m);
+                a2[j] += g * (xv - m);
             }
     }
     for (; i < n; i++) {
         double g = BN_GRAD((double)dy[i], y[i], act, slope);
         s1 += g;
-        s2 += g * ((double)x[i] - m);
+        s2 += g * (BN_PRE((double)x[i], y[i], act, xneg) - m);
     }
     for (int j = 0; j < BN_LANES; j++) {
         s1 += a1[j];
@@ -194,9 +213,11 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
 BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                    const T *BN_RESTRICT y, int64_t nr, int64_t nc,
                                    int64_t ld, const double *BN_RESTRICT m,
-                                   bn_act act, double slope, double *out)
+                                   bn_act act, double slope, double xneg, double *out)
 {
     double a1[BN_MAX_COLS] = {0}, a2[BN_MAX_COLS] = {0};
+    BN_OPAQUE(double, one, 1);
+    BN_OPAQUE(T, zero, 0);
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x + r * ld, *yr = y ? y + r * ld : NULL;
         if (act == BN_ACT_NONE)
@@ -207,9 +228,10 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
             }
         else
             for (int64_t j = 0; j < nc; j++) {
-                double g = yr[j] > 0 ? (double)dr[j] : dr[j] * slope;
+                double g = dr[j] * (yr[j] > 0 ? one : slope);
+                double xv = xr[j] * (yr[j] > zero ? one : xneg);
                 a1[j] += g;
-                a2[j] += g * ((double)xr[j] - m[j]);
+                a2[j] += g * (xv - m[j]);
             }
     }
     for (int64_t j = 0; j < nc; j++) {
@@ -220,17 +242,22 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
 
 /* dx = a*g + b*(x - m) + c over a contiguous run (x unused when it is NULL). */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T ml, T a, T b, T c, bn_act act, T slope, int stream)
+                                 T m, T ml, T a, T b, T c, bn_act act, T slope, T xneg,
+                                 int stream)
 {
     T buf[BN_RUN], *o = stream ? buf : dx;
-    if (!x)
-        for (int64_t i = 0; i < n; i++) o[i] = BN_GRAD(dy[i], y[i], act, slope) * a;
+    BN_OPAQUE(T, one, 1);
+    BN_OPAQUE(T, zero, 0);
+    if (!x && act == BN_ACT_NONE)
+        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a;
+    else if (!x)
+        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * (y[i] > 0 ? one : slope) * a;
     else if (act == BN_ACT_NONE)
         for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a + ((x[i] - m) - ml) * b + c;
     else
         for (int64_t i = 0; i < n; i++) {
-            T g = y[i] > 0 ? dy[i] : dy[i] * slope;
-            o[i] = g * a + ((x[i] - m) - ml) * b + c;
+            T g = dy[i] * (y[i] > 0 ? one : slope), xv = x[i] * (y[i] > zero ? one : xneg);
+            o[i] = g * a + ((xv - m) - ml) * b + c;
         }
     if (stream) bn_stream_store(dx, buf, (size_t)n * sizeof(T));
 }
@@ -240,21 +267,25 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
                                   const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
                                   const T *BN_RESTRICT b, const T *BN_RESTRICT c, bn_act act,
-                                  T slope, int stream)
+                                  T slope, T xneg, int stream)
 {
     T buf[BN_MAX_COLS];
+    BN_OPAQUE(T, one, 1);
+    BN_OPAQUE(T, zero, 0);
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
         T *o = stream ? buf : dx + r * ld;
-        if (!xr)
-            for (int64_t j = 0; j < nc; j++) o[j] = BN_GRAD(dr[j], yr[j], act, slope) * a[j];
+        if (!xr && act == BN_ACT_NONE)
+            for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j];
+        else if (!xr)
+            for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * (yr[j] > 0 ? one : slope) * a[j];
         else if (act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++)
                 o[j] = dr[j] * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
         else
             for (int64_t j = 0; j < nc; j++) {
-                T g = yr[j] > 0 ? dr[j] : dr[j] * slope;
-                o[j] = g * a[j] + ((xr[j] - m[j]) - ml[j]) * b[j] + c[j];
+                T g = dr[j] * (yr[j] > 0 ? one : slope), xv = xr[j] * (yr[j] > zero ? one : xneg);
+                o[j] = g * a[j] + ((xv - m[j]) - ml[j]) * b[j] + c[j];
             }
         if (stream) bn_stream_store(dx + r * ld, buf, (size_t)nc * sizeof(T));
     }
@@ -277,13 +308,13 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
 }
 
 static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
-                         const double *mean, bn_act act, double slope, int64_t u,
-                         double *part)
+                         const double *mean, bn_act act, double slope, double xneg,
+                         int64_t u, double *part)
 {
     if (!p->rows) {
         int64_t off, len, c;
         bn_run_of(p, u, &off, &len, &c);
-        FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope,
+        FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope, xneg,
                     part + 2 * u);
     } else {
         double mc[BN_MAX_COLS];
@@ -291,7 +322,7 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
         for (int64_t j = 0; j < nc; j++) mc[j] = mean[bn_channel_of(p, c0 + j)];
-        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope,
+        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope, xneg,
                      part + 2 * ((u % p->nrb) * p->width + c0));
     }
 }
@@ -302,7 +333,7 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
 static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, const T *y,
                                  T *out, const double *m, const double *a,
                                  const double *b, const double *c, bn_act act,
-                                 double slope, int64_t u)
+                                 double slope, double xneg, int64_t u)
 {
     if (!p->rows) {
         int64_t off, len, ch;
@@ -314,7 +345,7 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         else
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
                        mh, ml, (T)a[ch], b ? (T)b[ch] : 0, b ? (T)c[ch] : 0, act, (T)slope,
-                       p->stream);
+                       (T)xneg, p->stream);
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
@@ -333,7 +364,7 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
                            p->stream);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->width, tm, tl, ta, tb, tc, act, (T)slope, p->stream);
+                        p->width, tm, tl, ta, tb, tc, act, (T)slope, (T)xneg, p->stream);
     }
     if (p->stream) bn_stream_fence();
 }
@@ -368,7 +399,7 @@ void FN(bn_apply)(const T *x, T *y, bn_shape s, const double *center, const doub
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t u = 0; u < p.nunits; u++)
-        FN(unit_elementwise)(&p, NULL, x, NULL, y, center, scale, shift, NULL, act, slope, u);
+        FN(unit_elementwise)(&p, NULL, x, NULL, y, center, scale, shift, NULL, act, slope, 1, u);
 }
 
 int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const double *bias,
@@ -403,7 +434,8 @@ int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const doubl
         /* the same static schedule hands each thread the units it just reduced */
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
-            FN(unit_elementwise)(&p, NULL, x, NULL, y, save_mean, scale, shift, NULL, act, slope, u);
+            FN(unit_elementwise)(&p, NULL, x, NULL, y, save_mean, scale, shift, NULL, act, slope,
+                                 1, u);
     }
     free(part);
     return 0;
@@ -421,7 +453,7 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
     {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < p.nunits; u++)
-            FN(unit_dot)(&p, dy, x, y, mean, act, slope, u, part);
+            FN(unit_dot)(&p, dy, x, y, mean, act, slope, 1, u, part);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nt; t++) {
             int64_t a, b;
@@ -441,25 +473,32 @@ void FN(bn_backward_apply)(const T *dy, const T *x, const T *y, T *dx, bn_shape 
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t u = 0; u < p.nunits; u++)
-        FN(unit_elementwise)(&p, dy, x, y, dx, mean, a, b, c0, act, slope, u);
+        FN(unit_elementwise)(&p, dy, x, y, dx, mean, a, b, c0, act, slope, 1, u);
 }
 
-int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, const double *mean,
-                    const double *invstd, const double *weight, int training, double *dweight,
-                    double *dbias, bn_act act, double slope, int n_threads)
+/* The backward of bn_backward and bn_backward_from_output. from_y: x is the
+ * forward output y itself and `mean` is the bias, so the centered value is
+ * v = act^-1(y) - bias = w * invstd * (x - mean): the reductions and the
+ * x-coefficient are rescaled by r = 1 / (w * invstd) per channel. */
+static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shape s,
+                             const double *mean, const double *invstd, const double *weight,
+                             int training, double *dweight, double *dbias, bn_act act,
+                             double slope, int from_y, int n_threads)
 {
     bn_plan p = bn_make_plan(s, sizeof(T));
     double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 3 * (size_t)s.channels + 1));
     if (!part) return BN_ENOMEM;
     double *ca = part + 2 * p.nslots, *cb = ca + s.channels, *cc = cb + s.channels;
     double count = (double)(s.outer * s.inner);
+    double xneg = from_y && act == BN_ACT_LEAKY_RELU ? 1.0 / slope : 1.0;
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < p.nrounds; r++) {
         int64_t u0, u1, c0, c1;
         bn_round(&p, r, &u0, &u1, &c0, &c1);
 #pragma omp for schedule(static)
-        for (int64_t u = u0; u < u1; u++) FN(unit_dot)(&p, dy, x, y, mean, act, slope, u, part);
+        for (int64_t u = u0; u < u1; u++)
+            FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nt; t++) {
             int64_t a, b;
@@ -468,19 +507,69 @@ int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, cons
             for (int64_t c = a; c < b; c++) {
                 double sg = dbias[c], sgx = dweight[c];
                 double k = (weight ? weight[c] : 1.0) * invstd[c];
+                double rs = from_y ? 1.0 / k : 1.0;
+                sgx *= rs;  /* sum g * (x - mean) */
                 dweight[c] = sgx * invstd[c];
                 /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
                 ca[c] = k;
-                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count : 0.0;
+                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count * rs : 0.0;
                 cc[c] = training ? -k * sg / count : 0.0;
             }
         }
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
             FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, training ? cb : NULL, cc, act,
-                                 slope, u);
+                                 slope, xneg, u);
     }
     free(part);
+    return 0;
+}
+
+int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, const double *mean,
+                    const double *invstd, const double *weight, int training, double *dweight,
+                    double *dbias, bn_act act, double slope, int n_threads)
+{
+    return FN(backward_impl)(dy, x, y, dx, s, mean, invstd, weight, training, dweight, dbias,
+                             act, slope, 0, n_threads);
+}
+
+int FN(bn_backward_from_output)(const T *dy, const T *y, T *dx, bn_shape s, const double *invstd,
+                                const double *weight, const double *bias, int training,
+                                double *dweight, double *dbias, bn_act act, double slope,
+                                int n_threads)
+{
+    if (act == BN_ACT_RELU || (act == BN_ACT_LEAKY_RELU && !(slope > 0)))
+        return BN_EINVAL;
+    for (int64_t c = 0; c < s.channels; c++) {
+        double k = (weight ? weight[c] : 1.0) * invstd[c];
+        if (!(k != 0) || !isfinite(1.0 / k)) return BN_EINVAL;
+    }
+    double *zeros = NULL;
+    if (!bias) {
+        zeros = (double *)calloc((size_t)bn_max64(1, s.channels), sizeof(double));
+        if (!zeros) return BN_ENOMEM;
+    }
+    int err = FN(backward_impl)(dy, y, y, dx, s, bias ? bias : zeros, invstd, weight, training,
+                                dweight, dbias, act, slope, 1, n_threads);
+    free(zeros);
+    return err;
+}
+
+int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
+                const double *running_var, const double *weight, const double *bias,
+                double eps, bn_act act, double slope, int n_threads)
+{
+    double *scale = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, s.channels));
+    if (!scale) return BN_ENOMEM;
+    double *shift = scale + s.channels;
+    for (int64_t c = 0; c < s.channels; c++) {
+        /* the same operations as batch_norm_eval in Python: identical results */
+        double invstd = 1.0 / sqrt(running_var[c] + eps);
+        scale[c] = weight ? weight[c] * invstd : invstd;
+        shift[c] = bias ? bias[c] : 0.0;
+    }
+    FN(bn_apply)(x, y, s, running_mean, scale, shift, act, slope, n_threads);
+    free(scale);
     return 0;
 }
 
@@ -488,3 +577,5 @@ int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, cons
 #undef BN_CAT
 #undef BN_CAT2
 #undef BN_GRAD
+#undef BN_PRE
+#undef BN_OPAQUE
