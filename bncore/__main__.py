@@ -1,5 +1,7 @@
-"""python -m bncore [selfcheck | demo ...]: the configuration and a self-check
-against NumPy, or the batch-norm paper's MNIST experiment (bncore.demo)."""
+"""python -m bncore [selfcheck | demo | bench | bench-norms | bench-inference]:
+the configuration and a self-check against NumPy, the batch-norm paper's MNIST
+experiment (bncore.demo), or the benchmarks against NumPy, PyTorch and ONNX
+Runtime (bncore.bench and its companions for the norms and inference)."""
 import sys
 
 
@@ -38,7 +40,20 @@ def main(argv=None):
     if cmd == "demo":
         from bncore.demo import main as demo
         return demo(argv[1:])
-    print(f"usage: python -m bncore [selfcheck | demo [--help]]   (unknown command {cmd!r})",
+    if cmd == "bench":
+        from bncore.bench import main as bench
+        bench(argv[1:])
+        return 0
+    if cmd == "bench-norms":
+        from bncore.bench_norms import main as bench_norms
+        bench_norms(argv[1:])
+        return 0
+    if cmd == "bench-inference":
+        from bncore.bench_inference import main as bench_inference
+        bench_inference(argv[1:])
+        return 0
+    print("usage: python -m bncore [selfcheck | demo [--help] | bench [--quick] [--json PATH] "
+          f"[--threads N] | bench-norms | bench-inference]   (unknown command {cmd!r})",
           file=sys.stderr)
     return 2
 

@@ -57,12 +57,12 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
     and a non-finite channel makes that channel's running statistics non-finite.
     """
     return _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
-                  activation, n_threads, virtual_batch_size, running_var_unbiased,
-                  skip_nonfinite_update)[:3]
+                  activation, n_threads, virtual_batch_size, skip_nonfinite_update,
+                  running_var_unbiased)[:3]
 
 
 def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
-           n_threads, virtual_batch_size, running_var_unbiased, skip_nonfinite_update):
+           n_threads, virtual_batch_size, skip_nonfinite_update, running_var_unbiased=True):
     """batch_norm_train, plus whether the running statistics were updated."""
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
@@ -303,7 +303,7 @@ def _ghost_views(L, ghosts, arrays):
 
 
 def _ghost_train(L, ghosts, buf, final, w, b, eps, running_mean, running_var, momentum, act,
-                 slope, nt, unbiased, skip_nonfinite_update):
+                 slope, nt, unbiased=True, skip_nonfinite_update=False):
     K = len(ghosts)
     mean, invstd, var = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
     counts = np.empty(K)

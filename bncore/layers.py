@@ -127,7 +127,7 @@ class BatchNorm:
                 y, mean, invstd, updated = _train(
                     x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
                     self.running_var, factor, out, self.activation, n_threads, self._ghost,
-                    self.running_var_unbiased, self.skip_nonfinite_update)
+                    self.skip_nonfinite_update, self.running_var_unbiased)
                 if updated:
                     self.num_batches_tracked[...] = n
             else:

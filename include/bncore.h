@@ -39,7 +39,7 @@
  * OMP_WAIT_POLICY=passive, so that idle team threads sleep instead of
  * spinning on the cores the other requests need.
  *
- * Numerics. Float data is summed in float over short blocks (exact two-pass
+ * Numerics. Data is summed in double over short blocks (exact two-pass
  * within a block) and the blocks are merged in double with Chan's formula, so
  * the variance stays accurate when |mean| >> std.
  */

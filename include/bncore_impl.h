@@ -4,7 +4,6 @@
 #ifndef BNCORE_IMPL_H
 #define BNCORE_IMPL_H
 
-#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -1,7 +1,7 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
  * once per element type with T (float or double) and SFX (f32 or f64).
- * Statistics: exact two-pass sums in T over short L1-resident blocks, merged
- * in double (Chan); a block whose T sums overflow is redone in double. */
+ * Sums are taken in double: exact enough for any float32 input, and the
+ * squares of |x| ~ 1e30 (or 1e-30) neither overflow nor underflow. */
 
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)
@@ -26,85 +26,47 @@
 #define BN_PRE(xv, yv, act, xneg) \
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
-#define BN_TLANES (128 / (int)sizeof(T))  /* 32 floats or 16 doubles: 4 AVX2 vectors */
-/* Below this mean square deviation, T squares of the deviations may have
- * underflowed (to subnormals or 0) by more than T's epsilon of the sum. */
-#define BN_TINY (sizeof(T) == 4 ? (double)FLT_MIN / FLT_EPSILON : DBL_MIN / DBL_EPSILON)
-
-/* Whether the T-lane moments (mean m of the run, deviation sums s1, s2 over n
- * values) must be redone in double: not finite (squares of |x| ~ 1e30
- * overflow float; NaN/Inf data), or squares small enough to have underflowed
- * (std ~ 1e-20 in float) -- unless everything is exactly 0 (a run of zeros,
- * common after ReLU, is exact as it is). */
-static int FN(moments_inexact)(double m, double s1, double s2, double n)
-{
-    return !isfinite(s1) || !isfinite(s2) || (s2 < n * BN_TINY && (m != 0 || s1 != 0 || s2 != 0));
-}
-
-/* Mean and M2 of a run in plain double arithmetic: the fallback of the
- * vector kernels below when their T sums are not finite (squares of
- * |x| ~ 1e30 overflow float; NaN/Inf data). out = {mean, M2}. */
-static void FN(run_moments_exact)(const T *x, int64_t n, int64_t stride, double *out)
-{
-    double m = 0, s1 = 0, s2 = 0;
-    for (int64_t i = 0; i < n; i++) m += x[i * stride];
-    m /= (double)n;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)x[i * stride] - m;
-        s1 += d;
-        s2 += d * d;
-    }
-    out[0] = m + s1 / (double)n;
-    out[1] = s2 - s1 * s1 / (double)n;
-}
-
-/* Mean and M2 of a contiguous run (n <= BN_RUN, L1-resident), exact
- * two-pass in T lanes: the first pass only centres the second, whose sum of
- * deviations s1 corrects the mean; each lane adds at most BN_RUN/BN_TLANES
- * values, and lanes and runs are merged in double. out = {mean, M2}. */
+/* Mean and M2 of a contiguous run, exact two-pass: the run is L1-resident
+ * for the second pass. out = {mean, M2}. */
 BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
 {
-    T acc[BN_TLANES] = {0}, d1[BN_TLANES] = {0}, d2[BN_TLANES] = {0};
-    int64_t nv = n - n % BN_TLANES, i;
+    double acc[BN_LANES] = {0}, d1[BN_LANES] = {0}, d2[BN_LANES] = {0};
+    int64_t nv = n - n % BN_LANES, i;
     double tot = 0, s1 = 0, s2 = 0;
-    for (i = 0; i < nv; i += BN_TLANES)
-        for (int j = 0; j < BN_TLANES; j++) acc[j] += x[i + j];
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
     for (; i < n; i++) tot += x[i];
-    for (int j = 0; j < BN_TLANES; j++) tot += acc[j];
-    T m = (T)(tot / (double)n);
-    for (i = 0; i < nv; i += BN_TLANES)
-        for (int j = 0; j < BN_TLANES; j++) {
-            T d = x[i + j] - m;
-            d1[j] += d;
+    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
+    double m = tot / (double)n;
+    /* d1 and d2 in separate sweeps of the (L1-resident) run: fused, gcc 12
+     * leaves part of d2 scalar and the kernel runs ~1.5x slower */
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) d1[j] += (double)x[i + j] - m;
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) {
+            double d = (double)x[i + j] - m;
             d2[j] += d * d;
         }
     for (i = nv; i < n; i++) {
-        double d = (double)x[i] - (double)m;
+        double d = (double)x[i] - m;
         s1 += d;
         s2 += d * d;
     }
-    for (int j = 0; j < BN_TLANES; j++) {
+    for (int j = 0; j < BN_LANES; j++) {
         s1 += d1[j];
         s2 += d2[j];
     }
-    if (FN(moments_inexact)((double)m, s1, s2, (double)n)) {
-        FN(run_moments_exact)(x, n, 1, out);
-        return;
-    }
-    out[0] = (double)m + s1 / (double)n;
+    out[0] = m + s1 / (double)n;      /* s1 ~ 0 corrects the rounding of m */
     out[1] = s2 - s1 * s1 / (double)n;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
  * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
- * two-pass in T per L1-sized block of rows, blocks merged in double with
- * Chan's formula. */
+ * two-pass per L1-sized block of rows, blocks merged with Chan's formula. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
                                        int64_t ld, double *out)
 {
-    T m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS];
-    double am[BN_MAX_COLS], aq[BN_MAX_COLS];
-    unsigned char redo[BN_MAX_COLS] = {0};  /* per column: a NaN in one channel leaves the others as they are */
+    double m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS], am[BN_MAX_COLS], aq[BN_MAX_COLS];
     int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
     double n = 0;
     for (int64_t r0 = 0; r0 < nr; r0 += sb) {
@@ -113,32 +75,27 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
         for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
-        for (int64_t j = 0; j < nc; j++) m[j] /= (T)rows;
+        for (int64_t j = 0; j < nc; j++) m[j] /= (double)rows;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < nc; j++) d1[j] += (double)xb[r * ld + j] - m[j];
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < nc; j++) {
-                T d = xb[r * ld + j] - m[j];
-                d1[j] += d;
+                double d = (double)xb[r * ld + j] - m[j];
                 d2[j] += d * d;
             }
         /* block (mean, M2), then bn_chan into the running (am, aq) */
         double f = (double)rows / (n + (double)rows);
         for (int64_t j = 0; j < nc; j++) {
-            double mb = (double)m[j] + (double)d1[j] / (double)rows;
-            double qb = (double)d2[j] - (double)d1[j] * (double)d1[j] / (double)rows;
+            double mb = m[j] + d1[j] / (double)rows, qb = d2[j] - d1[j] * d1[j] / (double)rows;
             double d = mb - (n ? am[j] : 0);
             am[j] = (n ? am[j] : 0) + d * f;
             aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
-            redo[j] |= FN(moments_inexact)((double)m[j], (double)d1[j], (double)d2[j], (double)rows);
         }
         n += (double)rows;
     }
     for (int64_t j = 0; j < nc; j++) {
-        if (redo[j]) {
-            FN(run_moments_exact)(x + j, nr, ld, out + 2 * j);
-        } else {
-            out[2 * j] = am[j];
-            out[2 * j + 1] = aq[j];
-        }
+        out[2 * j] = am[j];
+        out[2 * j + 1] = aq[j];
     }
 }
 
@@ -357,8 +314,8 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
 }
 
 /* Elementwise pass of unit u: forward (dy == NULL: y = act((x-m)*a + b)) or
- * backward (dx = a*g + b*(x-m) + c, see dx_coefs). Coefficients are
- * double[C], rounded to T per unit. */
+ * backward (dx = a*g + b*(x-m) + c, see dx_coefs). Coefficients are double[C], rounded to T
+ * per unit. */
 static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, const T *y,
                                  T *out, const double *m, const double *a,
                                  const double *b, const double *c, bn_act act,
@@ -599,7 +556,7 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
     double *shift = scale + s.channels;
     for (int64_t c = 0; c < s.channels; c++) {
         /* the same operations as batch_norm_eval in Python: identical results */
-        double invstd = bn_invstd(running_var[c], eps);
+        double invstd = 1.0 / sqrt(running_var[c] + eps);
         scale[c] = weight ? weight[c] * invstd : invstd;
         shift[c] = bias ? bias[c] : 0.0;
     }
@@ -613,5 +570,4 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
 #undef BN_CAT2
 #undef BN_GRAD
 #undef BN_PRE
-#undef BN_TINY
 #undef BN_OPAQUE

@@ -241,6 +241,7 @@ def test_import_needs_no_extras():
             "print([m for m in ('matplotlib', 'tqdm', 'mlxtend', 'sklearn', 'pandas') "
             "if m in sys.modules])")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(bncore.__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+    # -P: the current folder (a source checkout) must not shadow the installed package
+    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
