@@ -75,3 +75,17 @@ def activation_grad(dy, y, activation):
         return dy
     slope = 0.0 if activation == "relu" else activation[1]
     return np.where(y > 0, dy, dy * slope)
+
+
+def numeric_grad(loss, arr, h=1e-6):
+    """Central finite differences of the scalar loss() with respect to arr,
+    perturbing arr in place one element at a time."""
+    num = np.empty_like(arr)
+    for i in np.ndindex(arr.shape):
+        old = arr[i]
+        arr[i] = old + h
+        up = loss()
+        arr[i] = old - h
+        num[i] = (up - loss()) / (2 * h)
+        arr[i] = old
+    return num
