@@ -35,7 +35,7 @@ import bncore  # noqa: E402
 import reference as ref  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BNCORE_FUZZ_EXAMPLES", "100"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # |got - want| <= RTOL * |want| + ATOL * max(1, max |want|), per input dtype
 RTOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
