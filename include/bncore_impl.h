@@ -10,9 +10,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #ifdef __cplusplus
 #define BN_RESTRICT __restrict
@@ -33,15 +30,16 @@
 
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once) */
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
-#define BN_SUB_BYTES (32 << 10)    /* row layout: two-pass sub-block, L1-resident */
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
 #define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (8 << 20)   /* channels processed per round: still in cache for the 2nd pass */
-#define BN_STREAM_BYTES (16 << 20)  /* outputs this large bypass the cache (no read-for-ownership) */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
-#define BN_LANES 16                /* independent double accumulators per run */
+#define BN_LANES 32                /* independent double accumulators per run */
+#define BN_SHIFT_LEN 16            /* run_moments: values averaged for the shift */
+#define BN_SHIFT_ROWS 8            /* tile_moments: rows averaged for the shift */
+#define BN_STRIP 512               /* tile kernels: columns per sweep (accumulators in L1) */
 
 /* A fixed decomposition of one tensor into work units. Reductions write one
  * partial per (unit, channel) and merge them in a fixed order, so the result
@@ -62,7 +60,6 @@ typedef struct {
     int64_t nunits;
     int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, channel) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
-    int stream;          /* write outputs with non-temporal stores */
     int64_t nrounds;
 } bn_plan;
 
@@ -80,7 +77,6 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
      * inner == 0 stays on the run layout, whose rounds still visit every channel
      * (rows of width 0 would have no tile, so no round to write the results in) */
     p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
-    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);
@@ -108,31 +104,6 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.nrounds = bn_cdiv(p.ntiles, p.round);
     }
     return p;
-}
-
-/* memcpy with non-temporal stores: a large output is not read into the cache
- * before being overwritten, and does not evict the input being re-read. */
-static void bn_stream_store(void *dst, const void *src, size_t n)
-{
-    char *d = (char *)dst;
-    const char *s = (const char *)src;
-#if defined(__SSE2__)
-    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
-    if (head > n) head = n;
-    memcpy(d, s, head);
-    d += head, s += head, n -= head;
-    for (; n >= 16; n -= 16, d += 16, s += 16)
-        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
-#endif
-    memcpy(d, s, n);
-}
-
-/* Orders the non-temporal stores of a unit before anyone reads them. */
-static void bn_stream_fence(void)
-{
-#if defined(__SSE2__)
-    _mm_sfence();
-#endif
 }
 
 /* Units and channels of round r: [*u0, *u1) and [*c0, *c1). */
@@ -180,9 +151,18 @@ static int64_t bn_col_of(const bn_plan *p, int64_t i, int64_t c, int64_t l)
     return (i * p->s.channels + c) * p->s.inner + l;
 }
 
-static int64_t bn_channel_of(const bn_plan *p, int64_t col)
+/* Channels of columns [c0, c0 + nc): ch[j], counted up without a division
+ * per column (a tile of a few rows would spend most of its time dividing). */
+static void bn_channels_of(const bn_plan *p, int64_t c0, int64_t nc, int64_t *ch)
 {
-    return (col / p->s.inner) % p->s.channels;
+    int64_t c = (c0 / p->s.inner) % p->s.channels, l = c0 % p->s.inner;
+    for (int64_t j = 0; j < nc; j++) {
+        ch[j] = c;
+        if (++l == p->s.inner) {
+            l = 0;
+            if (++c == p->s.channels) c = 0;
+        }
+    }
 }
 
 /* Count of the partial in slot j (NCHW) or row block j (channels-last). */

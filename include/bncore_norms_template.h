@@ -242,7 +242,7 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
 static void LN(gn_channel_apply)(const T *x, T *y, int64_t hw, T mh, T ml, T a, T b)
 {
     for (int64_t k = 0; k < hw; k += BN_RUN)
-        LN(run_apply)(x + k, y + k, bn_min64(BN_RUN, hw - k), mh, ml, a, b, BN_ACT_NONE, 0, 0);
+        LN(run_apply)(x + k, y + k, bn_min64(BN_RUN, hw - k), mh, ml, a, b, BN_ACT_NONE, 0);
 }
 
 int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_t G,
@@ -432,8 +432,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 for (int64_t k = 0; k < HW; k += BN_RUN) {
                     int64_t o = c * HW + k;
                     LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
-                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 1,
-                               0);
+                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 1);
                 }
         }
 #pragma omp for schedule(static)

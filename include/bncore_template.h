@@ -26,109 +26,103 @@
 #define BN_PRE(xv, yv, act, xneg) \
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
-/* Mean and M2 of a contiguous run, exact two-pass: the run is L1-resident
- * for the second pass. out = {mean, M2}. */
+/* Mean and M2 of a contiguous run in one pass: deviations from a shift k
+ * (the mean of the first few values) summed in double over BN_LANES
+ * independent lanes. M2 = sum d^2 - (sum d)^2 / n loses about
+ * log2((mean - k)^2 / var) bits of double; k is a mean of BN_SHIFT_LEN
+ * samples, so (mean - k)^2 / var <= n / BN_SHIFT_LEN (Samuelson) even for an
+ * adversarial run: ~1e-14 relative at worst. out = {mean, M2}. */
 BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
 {
-    double acc[BN_LANES] = {0}, d1[BN_LANES] = {0}, d2[BN_LANES] = {0};
-    int64_t nv = n - n % BN_LANES, i;
-    double tot = 0, s1 = 0, s2 = 0;
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) acc[j] += x[i + j];
-    for (; i < n; i++) tot += x[i];
-    for (int j = 0; j < BN_LANES; j++) tot += acc[j];
-    double m = tot / (double)n;
-    /* d1 and d2 in separate sweeps of the (L1-resident) run: fused, gcc 12
-     * leaves part of d2 scalar and the kernel runs ~1.5x slower */
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) d1[j] += (double)x[i + j] - m;
+    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
+    int64_t h = bn_min64(n, BN_SHIFT_LEN), nv = n - n % BN_LANES, i;
+    double k = 0, s1 = 0, s2 = 0;
+    for (i = 0; i < h; i++) k += x[i];
+    k /= (double)bn_max64(h, 1);
     for (i = 0; i < nv; i += BN_LANES)
         for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - m;
-            d2[j] += d * d;
+            double d = (double)x[i + j] - k;
+            a1[j] += d;
+            a2[j] += d * d;
         }
-    for (i = nv; i < n; i++) {
-        double d = (double)x[i] - m;
+    for (; i < n; i++) {
+        double d = (double)x[i] - k;
         s1 += d;
         s2 += d * d;
     }
     for (int j = 0; j < BN_LANES; j++) {
-        s1 += d1[j];
-        s2 += d2[j];
+        s1 += a1[j];
+        s2 += a2[j];
     }
-    out[0] = m + s1 / (double)n;      /* s1 ~ 0 corrects the rounding of m */
+    out[0] = k + s1 / (double)n;
     out[1] = s2 - s1 * s1 / (double)n;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
- * out[2*j], out[2*j+1] for column j. Vectorized across columns: an exact
- * two-pass per L1-sized block of rows, blocks merged with Chan's formula. */
+ * out[2*j], out[2*j+1] for column j. One pass, as run_moments, with a
+ * per-column shift (the mean of the first BN_SHIFT_ROWS rows); strips of
+ * BN_STRIP columns keep the accumulators in L1, and four rows per sweep load
+ * and store them once per four rows. */
 BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t nc,
-                                       int64_t ld, double *out)
+                                       int64_t ld, double *BN_RESTRICT out)
 {
-    double m[BN_MAX_COLS], d1[BN_MAX_COLS], d2[BN_MAX_COLS], am[BN_MAX_COLS], aq[BN_MAX_COLS];
-    int64_t sb = bn_max64(1, BN_SUB_BYTES / (nc * (int64_t)sizeof(T)));
-    double n = 0;
-    for (int64_t r0 = 0; r0 < nr; r0 += sb) {
-        int64_t rows = bn_min64(sb, nr - r0);
-        const T *xb = x + r0 * ld;
-        for (int64_t j = 0; j < nc; j++) m[j] = d1[j] = d2[j] = 0;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < nc; j++) m[j] += xb[r * ld + j];
-        for (int64_t j = 0; j < nc; j++) m[j] /= (double)rows;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < nc; j++) d1[j] += (double)xb[r * ld + j] - m[j];
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < nc; j++) {
-                double d = (double)xb[r * ld + j] - m[j];
-                d2[j] += d * d;
+    double k[BN_STRIP], s1[BN_STRIP], s2[BN_STRIP];
+    int64_t h = bn_min64(nr, BN_SHIFT_ROWS);
+    for (int64_t j0 = 0; j0 < nc; j0 += BN_STRIP) {
+        int64_t w = bn_min64(BN_STRIP, nc - j0), r = 0;
+        const T *xs = x + j0;
+        for (int64_t j = 0; j < w; j++) k[j] = s1[j] = s2[j] = 0;
+        for (int64_t i = 0; i < h; i++)
+            for (int64_t j = 0; j < w; j++) k[j] += xs[i * ld + j];
+        for (int64_t j = 0; j < w; j++) k[j] /= (double)h;
+        for (; r + 4 <= nr; r += 4) {
+            const T *a = xs + r * ld, *b = a + ld, *c = b + ld, *d = c + ld;
+            for (int64_t j = 0; j < w; j++) {
+                double e0 = (double)a[j] - k[j], e1 = (double)b[j] - k[j];
+                double e2 = (double)c[j] - k[j], e3 = (double)d[j] - k[j];
+                s1[j] += (e0 + e1) + (e2 + e3);
+                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);
             }
-        /* block (mean, M2), then bn_chan into the running (am, aq) */
-        double f = (double)rows / (n + (double)rows);
-        for (int64_t j = 0; j < nc; j++) {
-            double mb = m[j] + d1[j] / (double)rows, qb = d2[j] - d1[j] * d1[j] / (double)rows;
-            double d = mb - (n ? am[j] : 0);
-            am[j] = (n ? am[j] : 0) + d * f;
-            aq[j] = (n ? aq[j] : 0) + qb + d * d * n * f;
         }
-        n += (double)rows;
-    }
-    for (int64_t j = 0; j < nc; j++) {
-        out[2 * j] = am[j];
-        out[2 * j + 1] = aq[j];
+        for (; r < nr; r++)
+            for (int64_t j = 0; j < w; j++) {
+                double e = (double)xs[r * ld + j] - k[j];
+                s1[j] += e;
+                s2[j] += e * e;
+            }
+        for (int64_t j = 0; j < w; j++) {
+            out[2 * (j0 + j)] = k[j] + s1[j] / (double)nr;
+            out[2 * (j0 + j) + 1] = s2[j] - s1[j] * s1[j] / (double)nr;
+        }
     }
 }
 
-/* y = act((x - m) * a + b) over a contiguous run (n <= BN_RUN); with stream,
- * computed in L1 and written with non-temporal stores. The mean is split as
+/* y = act((x - m) * a + b) over a contiguous run. The mean is split as
  * m + ml (ml its rounding residue): x - m is exact for x near m, so float32
  * output keeps full precision even when |mean| >> std. */
 BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a, T b,
-                                    bn_act act, T slope, int stream)
+                                    bn_act act, T slope)
 {
-    T buf[BN_RUN], *o = stream ? buf : y;
     BN_OPAQUE(T, one, 1);
     if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) o[i] = ((x[i] - m) - ml) * a + b;
+        for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - m) - ml) * a + b;
     else
         for (int64_t i = 0; i < n; i++) {
             T v = ((x[i] - m) - ml) * a + b;
-            o[i] = v * (v < 0 ? slope : one);
+            y[i] = v * (v < 0 ? slope : one);
         }
-    if (stream) bn_stream_store(y, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column y = act((x - m[j]) * a[j] + b[j]) over an nr x nc tile. */
 BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, int64_t ld,
                                      const T *BN_RESTRICT m, const T *BN_RESTRICT ml,
                                      const T *BN_RESTRICT a, const T *BN_RESTRICT b,
-                                     bn_act act, T slope, int stream)
+                                     bn_act act, T slope)
 {
-    T buf[BN_MAX_COLS];
     BN_OPAQUE(T, one, 1);
     for (int64_t r = 0; r < nr; r++) {
         const T *xr = x + r * ld;
-        T *o = stream ? buf : y + r * ld;
+        T *o = y + r * ld;
         if (act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++) o[j] = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
         else
@@ -136,7 +130,6 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
                 T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
                 o[j] = v * (v < 0 ? slope : one);
             }
-        if (stream) bn_stream_store(y + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -179,57 +172,71 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
     out[1] = s2;
 }
 
-/* Per-column {sum g, sum g * (x - m[j])} over an nr x nc tile. */
+/* Per-column {sum g, sum g * (x - m[j])} over an nr x nc tile, in strips of
+ * BN_STRIP columns and two rows per sweep, as tile_moments. */
 BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                    const T *BN_RESTRICT y, int64_t nr, int64_t nc,
                                    int64_t ld, const double *BN_RESTRICT m,
-                                   bn_act act, double slope, double xneg, double *out)
+                                   bn_act act, double slope, double xneg, double *BN_RESTRICT out)
 {
-    double a1[BN_MAX_COLS] = {0}, a2[BN_MAX_COLS] = {0};
+    double a1[BN_STRIP], a2[BN_STRIP];
     BN_OPAQUE(double, one, 1);
     BN_OPAQUE(T, zero, 0);
-    for (int64_t r = 0; r < nr; r++) {
-        const T *dr = dy + r * ld, *xr = x + r * ld, *yr = y ? y + r * ld : NULL;
+    for (int64_t j0 = 0; j0 < nc; j0 += BN_STRIP) {
+        int64_t w = bn_min64(BN_STRIP, nc - j0), r = 0;
+        const double *ms = m + j0;
+        for (int64_t j = 0; j < w; j++) a1[j] = a2[j] = 0;
         if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) {
-                double g = dr[j];
-                a1[j] += g;
-                a2[j] += g * ((double)xr[j] - m[j]);
+            for (; r + 2 <= nr; r += 2) {
+                const T *d0 = dy + r * ld + j0, *x0 = x + r * ld + j0;
+                const T *d1 = d0 + ld, *x1 = x0 + ld;
+                for (int64_t j = 0; j < w; j++) {
+                    double g0 = d0[j], g1 = d1[j];
+                    a1[j] += g0 + g1;
+                    a2[j] += g0 * ((double)x0[j] - ms[j]) + g1 * ((double)x1[j] - ms[j]);
+                }
             }
-        else
-            for (int64_t j = 0; j < nc; j++) {
-                double g = dr[j] * (yr[j] > 0 ? one : slope);
-                double xv = xr[j] * (yr[j] > zero ? one : xneg);
-                a1[j] += g;
-                a2[j] += g * (xv - m[j]);
-            }
-    }
-    for (int64_t j = 0; j < nc; j++) {
-        out[2 * j] = a1[j];
-        out[2 * j + 1] = a2[j];
+        for (; r < nr; r++) {
+            const T *dr = dy + r * ld + j0, *xr = x + r * ld + j0;
+            const T *yr = y ? y + r * ld + j0 : NULL;
+            if (act == BN_ACT_NONE)
+                for (int64_t j = 0; j < w; j++) {
+                    double g = dr[j];
+                    a1[j] += g;
+                    a2[j] += g * ((double)xr[j] - ms[j]);
+                }
+            else
+                for (int64_t j = 0; j < w; j++) {
+                    double g = dr[j] * (yr[j] > 0 ? one : slope);
+                    double xv = xr[j] * (yr[j] > zero ? one : xneg);
+                    a1[j] += g;
+                    a2[j] += g * (xv - ms[j]);
+                }
+        }
+        for (int64_t j = 0; j < w; j++) {
+            out[2 * (j0 + j)] = a1[j];
+            out[2 * (j0 + j) + 1] = a2[j];
+        }
     }
 }
 
 /* dx = (a*g + b*(x - m) + c) * k over a contiguous run; x == NULL: dx = a*g. */
 BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T ml, T a, T b, T c, T k, bn_act act, T slope, T xneg,
-                                 int stream)
+                                 T m, T ml, T a, T b, T c, T k, bn_act act, T slope, T xneg)
 {
-    T buf[BN_RUN], *o = stream ? buf : dx;
     BN_OPAQUE(T, one, 1);
     BN_OPAQUE(T, zero, 0);
     if (!x && act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * a;
+        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * a;
     else if (!x)
-        for (int64_t i = 0; i < n; i++) o[i] = dy[i] * (y[i] > 0 ? one : slope) * a;
+        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * (y[i] > 0 ? one : slope) * a;
     else if (act == BN_ACT_NONE)
-        for (int64_t i = 0; i < n; i++) o[i] = (dy[i] * a + ((x[i] - m) - ml) * b + c) * k;
+        for (int64_t i = 0; i < n; i++) dx[i] = (dy[i] * a + ((x[i] - m) - ml) * b + c) * k;
     else
         for (int64_t i = 0; i < n; i++) {
             T g = dy[i] * (y[i] > 0 ? one : slope), xv = x[i] * (y[i] > zero ? one : xneg);
-            o[i] = (g * a + ((xv - m) - ml) * b + c) * k;
+            dx[i] = (g * a + ((xv - m) - ml) * b + c) * k;
         }
-    if (stream) bn_stream_store(dx, buf, (size_t)n * sizeof(T));
 }
 
 /* Per-column dx over an nr x nc tile. */
@@ -237,15 +244,13 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
                                   int64_t nc, int64_t ld, const T *BN_RESTRICT m,
                                   const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
                                   const T *BN_RESTRICT b, const T *BN_RESTRICT c,
-                                  const T *BN_RESTRICT k, bn_act act, T slope, T xneg,
-                                  int stream)
+                                  const T *BN_RESTRICT k, bn_act act, T slope, T xneg)
 {
-    T buf[BN_MAX_COLS];
     BN_OPAQUE(T, one, 1);
     BN_OPAQUE(T, zero, 0);
     for (int64_t r = 0; r < nr; r++) {
         const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
-        T *o = stream ? buf : dx + r * ld;
+        T *o = dx + r * ld;
         if (!xr && act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j];
         else if (!xr)
@@ -258,7 +263,6 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
                 T g = dr[j] * (yr[j] > 0 ? one : slope), xv = xr[j] * (yr[j] > zero ? one : xneg);
                 o[j] = (g * a[j] + ((xv - m[j]) - ml[j]) * b[j] + c[j]) * k[j];
             }
-        if (stream) bn_stream_store(dx + r * ld, buf, (size_t)nc * sizeof(T));
     }
 }
 
@@ -304,10 +308,11 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
                     part + 2 * u);
     } else {
         double mc[BN_MAX_COLS];
-        int64_t r0, nr, c0, nc, o;
+        int64_t ch[BN_MAX_COLS], r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
-        for (int64_t j = 0; j < nc; j++) mc[j] = mean[bn_channel_of(p, c0 + j)];
+        bn_channels_of(p, c0, nc, ch);
+        for (int64_t j = 0; j < nc; j++) mc[j] = mean[ch[j]];
         FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope, xneg,
                      part + 2 * ((u % p->nrb) * p->width + c0));
     }
@@ -326,22 +331,22 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         bn_run_of(p, u, &off, &len, &ch);
         T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
         if (!dy) {
-            FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope,
-                          p->stream);
+            FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope);
         } else {
             T ta, tb, tc, tk;
             FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg, p->stream);
+                       mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
         }
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
             tk[BN_MAX_COLS];
-        int64_t r0, nr, c0, nc, o;
+        int64_t chs[BN_MAX_COLS], r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
+        bn_channels_of(p, c0, nc, chs);
         for (int64_t j = 0; j < nc; j++) {
-            int64_t ch = bn_channel_of(p, c0 + j);
+            int64_t ch = chs[j];
             tm[j] = m ? (T)m[ch] : 0;
             tl[j] = m ? (T)(m[ch] - (double)tm[j]) : 0;
             if (dy) {
@@ -352,13 +357,11 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
             }
         }
         if (!dy)
-            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope,
-                           p->stream);
+            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->width, tm, tl, ta, tb, tc, tk, act, (T)slope, (T)xneg, p->stream);
+                        p->width, tm, tl, ta, tb, tc, tk, act, (T)slope, (T)xneg);
     }
-    if (p->stream) bn_stream_fence();
 }
 
 /* ---- public entry points --------------------------------------------------- */
