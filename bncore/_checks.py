@@ -147,6 +147,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_mark_forked_child)
 
 
+def forked_child():
+    return _forked_child
+
+
 def threads(n_threads):
     """0 (the kernel reads omp_get_max_threads() at call time) or a positive
     int; 1 in a process forked from the one that imported bncore."""

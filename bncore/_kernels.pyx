@@ -347,3 +347,322 @@ def backward_from_output(const floating[::1] dy, const floating[::1] y, floating
     if err == BN_EINVAL:  # the Python layer checks first; this is the C-level safety net
         raise ValueError("bncore: cannot invert the forward (ReLU, or weight*invstd of 0)")
     _check(err)
+
+
+# ---- fast paths -------------------------------------------------------------------------
+# batch_norm_train / _eval / _backward spend more time in argument checks and
+# NumPy conversions than in the kernel on small tensors. These entry points
+# take the common, unambiguous case -- exact ndarrays, float32/float64,
+# native-order, aligned, C-contiguous, parameters of length C, out None or
+# disjoint (or x itself) -- check it with the NumPy C API, and call the same
+# kernel with the same per-channel arithmetic as functional.py, so results
+# are identical. Anything else returns None and functional.py's full checks
+# take over (they also raise every error), before any state changes.
+
+cimport numpy as cnp
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libc.math cimport isfinite
+
+cnp.import_array()
+
+cdef extern from *:
+    int bn_eval_f32(const float *x, float *y, bn_shape s, const double *running_mean,
+                    const double *running_var, const double *weight, const double *bias,
+                    double eps, bn_act act, double slope, int nt) nogil
+    int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_mean,
+                    const double *running_var, const double *weight, const double *bias,
+                    double eps, bn_act act, double slope, int nt) nogil
+
+cdef enum:
+    NOPE = 0
+    F32 = cnp.NPY_FLOAT
+    F64 = cnp.NPY_DOUBLE
+
+
+cdef int _kind(object a):
+    """F32 or F64 for an exact, aligned, native-order, C-contiguous float32 or
+    float64 ndarray; NOPE for anything else."""
+    if not cnp.PyArray_CheckExact(a):
+        return NOPE
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISBEHAVED_RO(arr)):
+        return NOPE
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return t if t == F32 or t == F64 else NOPE
+
+
+cdef int _vec(object v, int64_t C, double *dst):
+    """A length-C parameter copied to dst as double: 1; None: 0; anything else: -1."""
+    if v is None:
+        return 0
+    cdef int k = _kind(v)
+    if k == NOPE or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1 or cnp.PyArray_DIMS(<cnp.ndarray>v)[0] != C:
+        return -1
+    cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef int64_t i
+    if k == F64:
+        memcpy(dst, p, C * sizeof(double))
+    else:
+        for i in range(C):
+            dst[i] = (<float *>p)[i]
+    return 1
+
+
+cdef bint _disjoint(object a, object b):
+    """Whether two C-contiguous arrays (or None) share no byte."""
+    if a is None or b is None:
+        return True
+    cdef char *pa = <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(<cnp.ndarray>b)
+    return (pa + cnp.PyArray_NBYTES(<cnp.ndarray>a) <= pb or
+            pb + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= pa)
+
+
+cdef int _geometry(object x, object axis, bn_shape *s):
+    """The (outer, C, inner) of x along axis: the kind of x, or NOPE."""
+    cdef int k = _kind(x)
+    if k == NOPE or type(axis) is not int:
+        return NOPE
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(a), i
+    cdef long ax = axis
+    if nd < 2 or not -nd <= ax < nd:
+        return NOPE
+    if ax < 0:
+        ax += nd
+    s.outer, s.channels, s.inner = 1, cnp.PyArray_DIMS(a)[ax], 1
+    for i in range(nd):
+        if i < ax:
+            s.outer *= cnp.PyArray_DIMS(a)[i]
+        elif i > ax:
+            s.inner *= cnp.PyArray_DIMS(a)[i]
+    return k
+
+
+cdef bint _real(object v, double lo, double hi, double *dst):
+    """An exact float or int in [lo, hi] (finite) into dst."""
+    if type(v) is not float and type(v) is not int:
+        return False
+    try:
+        dst[0] = v
+    except OverflowError:
+        return False
+    return lo <= dst[0] <= hi
+
+
+cdef int _threads(object n_threads, bint forked):
+    """0 (default), n, or -1 when n_threads is not None or a positive int."""
+    if n_threads is None:
+        return 1 if forked else 0
+    if type(n_threads) is not int or n_threads < 1:
+        return -1
+    return 1 if forked else (4096 if n_threads > 4096 else <int>n_threads)
+
+
+cdef int _act(object activation):
+    """0 for None, 1 for 'relu', -1 otherwise (leaky ReLU takes the full path)."""
+    if activation is None:
+        return 0
+    if type(activation) is str and activation == "relu":
+        return 1
+    return -1
+
+
+cdef object _output(object out, object x, int k, tuple inputs):
+    """A fresh array like x, or out when it can be written directly: an exact
+    ndarray like x that is either one of the inputs or disjoint from all of
+    them. None otherwise (the full path copes)."""
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), k, 0)
+    if _kind(out) != k or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+        return None
+    cdef cnp.ndarray o = <cnp.ndarray>out
+    cdef int i
+    if cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(a):
+        return None
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(o)[i] != cnp.PyArray_DIMS(a)[i]:
+            return None
+    for b in inputs:
+        if not (_disjoint(out, b) or cnp.PyArray_DATA(o) == cnp.PyArray_DATA(<cnp.ndarray>b)):
+            return None
+    return out
+
+
+cdef object _stat_array(const double *v, int64_t C, int k):
+    """A new length-C array of the statistics dtype (float32 for float32 input)."""
+    cdef cnp.npy_intp n = C
+    cdef cnp.ndarray r = cnp.PyArray_EMPTY(1, &n, k, 0)
+    cdef int64_t i
+    if k == F64:
+        memcpy(cnp.PyArray_DATA(r), v, C * sizeof(double))
+    else:
+        for i in range(C):
+            (<float *>cnp.PyArray_DATA(r))[i] = <float>v[i]
+    return r
+
+
+cdef void _store(object a, const double *v, int64_t C):
+    """Writes v into the float32 or float64 array a."""
+    cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>a)
+    cdef int64_t i
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) == F64:
+        memcpy(p, v, C * sizeof(double))
+    else:
+        for i in range(C):
+            (<float *>p)[i] = <float>v[i]
+
+
+def fast_eval(x, running_mean, running_var, weight, bias, axis, eps, out, activation,
+              n_threads, bint forked):
+    cdef bn_shape s
+    cdef int k = _geometry(x, axis, &s), act = _act(activation), nt = _threads(n_threads, forked)
+    cdef double e
+    if k == NOPE or act < 0 or nt < 0 or not _real(eps, 0.0, float("inf"), &e):
+        return None
+    cdef int64_t C = s.channels
+    cdef double *buf = <double *>malloc(sizeof(double) * (4 * C + 1))
+    if buf == NULL:
+        return None
+    cdef double *rm = buf, *rv = buf + C, *w = buf + 2 * C, *b = buf + 3 * C
+    cdef int hw, hb, err = 0
+    cdef void *px
+    cdef void *py
+    try:
+        if _vec(running_mean, C, rm) != 1 or _vec(running_var, C, rv) != 1:
+            return None
+        hw, hb = _vec(weight, C, w), _vec(bias, C, b)
+        if hw < 0 or hb < 0:
+            return None
+        y = _output(out, x, k, (x,))
+        if y is None:
+            return None
+        px, py = cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y)
+        with nogil:
+            if k == F32:
+                err = bn_eval_f32(<float *>px, <float *>py, s, rm, rv, w if hw else NULL,
+                                  b if hb else NULL, e, <bn_act>act, 0.0, nt)
+            else:
+                err = bn_eval_f64(<double *>px, <double *>py, s, rm, rv, w if hw else NULL,
+                                  b if hb else NULL, e, <bn_act>act, 0.0, nt)
+        _check(err)
+        return y
+    finally:
+        free(buf)
+
+
+def fast_train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+               activation, n_threads, bint unbiased, bint skip_nonfinite, bint forked):
+    """(y, save_mean, save_invstd, updated) or None."""
+    cdef bn_shape s
+    cdef int k = _geometry(x, axis, &s), act = _act(activation), nt = _threads(n_threads, forked)
+    cdef double e, mom
+    if (k == NOPE or act < 0 or nt < 0 or not _real(eps, 0.0, float("inf"), &e)
+            or not _real(momentum, 0.0, 1.0, &mom) or s.outer * s.inner < 2):
+        return None
+    cdef bint running = running_mean is not None
+    if running:
+        if (running_var is None or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+                or not _disjoint(running_mean, running_var)):
+            return None
+    elif running_var is not None:
+        return None
+    cdef int64_t C = s.channels, i
+    cdef double *buf = <double *>malloc(sizeof(double) * (7 * C + 1))
+    if buf == NULL:
+        return None
+    cdef double *w = buf, *b = buf + C, *mean = buf + 2 * C, *inv = buf + 3 * C
+    cdef double *var = buf + 4 * C, *rm = buf + 5 * C, *rv = buf + 6 * C
+    cdef int hw, hb, err = 0
+    cdef bint update = running
+    cdef void *px
+    cdef void *py
+    try:
+        hw, hb = _vec(weight, C, w), _vec(bias, C, b)
+        if hw < 0 or hb < 0:
+            return None
+        if running and (_vec(running_mean, C, rm) != 1 or _vec(running_var, C, rv) != 1
+                        or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+            return None
+        y = _output(out, x, k, (x,))
+        if y is None or not (_disjoint(y, running_mean) and _disjoint(y, running_var)):
+            return None
+        px, py = cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y)
+        with nogil:
+            if k == F32:
+                err = bn_train_f32(<float *>px, <float *>py, s, w if hw else NULL,
+                                   b if hb else NULL, e, mean, inv, var, <bn_act>act, 0.0, nt)
+            else:
+                err = bn_train_f64(<double *>px, <double *>py, s, w if hw else NULL,
+                                   b if hb else NULL, e, mean, inv, var, <bn_act>act, 0.0, nt)
+        _check(err)
+        if update and skip_nonfinite:
+            for i in range(C):
+                if not (isfinite(mean[i]) and isfinite(var[i])):
+                    update = False
+                    break
+        if update:
+            bn_update_running(C, mean, var, <double>(s.outer * s.inner) if unbiased else 1.0,
+                              mom, rm, rv)
+            _store(running_mean, rm, C)
+            _store(running_var, rv, C)
+        return y, _stat_array(mean, C, k), _stat_array(inv, C, k), update
+    finally:
+        free(buf)
+
+
+def fast_backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activation,
+                  y, n_threads, bint forked):
+    """(dx, dweight, dbias) or None."""
+    cdef bn_shape s
+    cdef int k = _geometry(x, axis, &s), act = _act(activation), nt = _threads(n_threads, forked)
+    if k == NOPE or act < 0 or nt < 0 or _kind(dy) != k:
+        return None
+    cdef int i
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    for t in ((dy, y) if act else (dy,)):
+        if _kind(t) != k or cnp.PyArray_NDIM(<cnp.ndarray>t) != cnp.PyArray_NDIM(a):
+            return None
+        for i in range(cnp.PyArray_NDIM(a)):
+            if cnp.PyArray_DIMS(<cnp.ndarray>t)[i] != cnp.PyArray_DIMS(a)[i]:
+                return None
+    if not act:
+        y = None
+    cdef int64_t C = s.channels
+    cdef double *buf = <double *>malloc(sizeof(double) * (5 * C + 1))
+    if buf == NULL:
+        return None
+    cdef double *m = buf, *inv = buf + C, *w = buf + 2 * C, *dw = buf + 3 * C, *db = buf + 4 * C
+    cdef int hw, err = 0
+    cdef bint tr = bool(training)
+    cdef void *pdy
+    cdef void *px
+    cdef void *py
+    cdef void *pdx
+    try:
+        if _vec(save_mean, C, m) != 1 or _vec(save_invstd, C, inv) != 1:
+            return None
+        hw = _vec(weight, C, w)
+        if hw < 0:
+            return None
+        dx = _output(out, x, k, (x, dy) if y is None else (x, dy, y))
+        if dx is None:
+            return None
+        pdy, px = cnp.PyArray_DATA(<cnp.ndarray>dy), cnp.PyArray_DATA(a)
+        py = NULL if y is None else cnp.PyArray_DATA(<cnp.ndarray>y)
+        pdx = cnp.PyArray_DATA(<cnp.ndarray>dx)
+        with nogil:
+            if k == F32:
+                err = bn_backward_f32(<float *>pdy, <float *>px, <float *>py, <float *>pdx, s,
+                                      m, inv, w if hw else NULL, tr, dw, db, <bn_act>act, 0.0,
+                                      nt)
+            else:
+                err = bn_backward_f64(<double *>pdy, <double *>px, <double *>py,
+                                      <double *>pdx, s, m, inv, w if hw else NULL, tr, dw, db,
+                                      <bn_act>act, 0.0, nt)
+        _check(err)
+        return dx, _stat_array(dw, C, k), _stat_array(db, C, k)
+    finally:
+        free(buf)

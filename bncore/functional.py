@@ -64,6 +64,12 @@ def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mea
 def _train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
            n_threads, virtual_batch_size, skip_nonfinite_update, running_var_unbiased=True):
     """batch_norm_train, plus whether the running statistics were updated."""
+    if virtual_batch_size is None:
+        r = _k.fast_train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
+                          activation, n_threads, running_var_unbiased, skip_nonfinite_update,
+                          chk.forked_child())
+        if r is not None:
+            return r
     L = _Layout(x, axis)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
@@ -111,6 +117,10 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
 def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5,
                     out=None, activation=None, n_threads=None):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+    r = _k.fast_eval(x, running_mean, running_var, weight, bias, axis, eps, out, activation,
+                     n_threads, chk.forked_child())
+    if r is not None:
+        return r
     L = _Layout(x, axis)
     rm = chk.vector(running_mean, L.C, "running_mean", required=True)
     rv = chk.vector(running_var, L.C, "running_var", required=True)
@@ -157,6 +167,11 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, t
     `y` is the forward output, whose sign gives the activation's mask.
     `virtual_batch_size` (training only): the ghost batches of the forward,
     save_mean/save_invstd of shape (K, C)."""
+    if virtual_batch_size is None:
+        r = _k.fast_backward(dy, x, save_mean, save_invstd, weight, axis, training, out,
+                             activation, y, n_threads, chk.forked_child())
+        if r is not None:
+            return r
     L = _Layout(x, axis)
     dy = chk.like(dy, L.x, "dy")
     if virtual_batch_size is not None and training:

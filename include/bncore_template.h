@@ -559,7 +559,7 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
     double *shift = scale + s.channels;
     for (int64_t c = 0; c < s.channels; c++) {
         /* the same operations as batch_norm_eval in Python: identical results */
-        double invstd = 1.0 / sqrt(running_var[c] + eps);
+        double invstd = bn_invstd(running_var[c], eps);
         scale[c] = weight ? weight[c] * invstd : invstd;
         shift[c] = bias ? bias[c] : 0.0;
     }

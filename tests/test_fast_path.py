@@ -1,0 +1,147 @@
+"""The C-API fast paths of batch_norm_train/_eval/_backward (bncore/_kernels.pyx).
+
+Common inputs take the fast path; anything unusual takes functional.py's full
+path. Both must give bit-identical results (and the same running-statistics
+update), and the fast path must really be taken for the common case. The
+values themselves are checked against the float64 reference in
+test_functional.py, whose inputs take the fast path.
+"""
+import numpy as np
+import pytest
+
+import bncore
+import reference as ref
+from bncore import _kernels
+
+CASES = [((6, 5, 4, 3), 1), ((6, 4, 3, 5), -1), ((9, 7), 1), ((2, 130, 9), 1)]
+
+
+class Slow(np.ndarray):
+    """An ndarray subclass: the fast path refuses it, the full path takes it."""
+
+
+def slow(a):
+    return None if a is None else a.view(Slow)
+
+
+def _plain(a):
+    return a if a is None or type(a) is np.ndarray else a.view(np.ndarray)
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        if isinstance(g, (bool, np.bool_)):
+            assert g == w
+        else:
+            assert type(g) is np.ndarray and g.dtype == w.dtype
+            np.testing.assert_array_equal(_plain(g), _plain(w))
+
+
+def _data(rng, shape, axis, dtype):
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
+    return (x, rng.uniform(0.5, 1.5, C).astype(dtype), rng.standard_normal(C).astype(dtype),
+            rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype))
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fast_and_full_paths_agree(rng, shape, axis, dtype, activation, affine):
+    x, w, b, rm, rv = _data(rng, shape, axis, dtype)
+    if not affine:
+        w = b = None
+    rm2, rv2 = rm.copy(), rv.copy()
+    fast = bncore.batch_norm_train(x, w, b, axis=axis, running_mean=rm, running_var=rv,
+                                   momentum=0.2, activation=activation)
+    full = bncore.batch_norm_train(slow(x), slow(w), slow(b), axis=axis, running_mean=rm2,
+                                   running_var=rv2, momentum=0.2, activation=activation)
+    _same(fast, full)
+    _same((rm, rv), (rm2, rv2))
+    y, mean, invstd = fast
+    y_ref, m_ref, inv_ref, _ = ref.train(x, w, b, axis)
+    np.testing.assert_allclose(y, ref.activate(y_ref, activation), rtol=1e-4, atol=1e-4)
+
+    ev = bncore.batch_norm_eval(x, rm, rv, w, b, axis=axis, activation=activation)
+    _same((ev,), (bncore.batch_norm_eval(slow(x), rm, rv, w, b, axis=axis,
+                                         activation=activation),))
+    np.testing.assert_allclose(ev, ref.activate(ref.evaluate(x, rm, rv, w, b, axis), activation),
+                               rtol=1e-4, atol=1e-4)
+
+    dy = rng.standard_normal(shape).astype(dtype)
+    for training in (True, False):
+        kw = dict(axis=axis, training=training, activation=activation,
+                  y=y if activation else None)
+        got = bncore.batch_norm_backward(dy, x, mean, invstd, w, **kw)
+        kw["y"] = slow(kw["y"])
+        _same(got, bncore.batch_norm_backward(slow(dy), x, mean, invstd, w, **kw))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_in_place_and_disjoint(rng, dtype):
+    x, w, b, rm, rv = _data(rng, (8, 6, 5), 1, dtype)
+    want = bncore.batch_norm_train(slow(x), w, b)
+    out = np.empty_like(x)
+    got = bncore.batch_norm_train(x, w, b, out=out)
+    assert got[0] is out
+    _same(got, want)
+    xi = x.copy()
+    got = bncore.batch_norm_train(xi, w, b, out=xi)
+    assert got[0] is xi
+    _same(got, want)
+    want_e = bncore.batch_norm_eval(slow(x), rm, rv, w, b)
+    xi = x.copy()
+    assert bncore.batch_norm_eval(xi, rm, rv, w, b, out=xi) is xi
+    _same((xi,), (want_e,))
+    # partly overlapping out: the full path, still right
+    buf = np.zeros(x.size + 7, dtype)
+    part = buf[3:3 + x.size].reshape(x.shape)
+    part[...] = x
+    assert _kernels.fast_eval(part, rm, rv, w, b, 1, 1e-5, buf[:x.size].reshape(x.shape),
+                              None, None, False) is None
+    got = bncore.batch_norm_eval(part, rm, rv, w, b, out=buf[:x.size].reshape(x.shape))
+    _same((got,), (want_e,))
+
+
+def test_common_calls_take_the_fast_path(rng):
+    x, w, b, rm, rv = _data(rng, (4, 3, 5), 1, np.float32)
+    assert _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None, None, None, False) is not None
+    assert _kernels.fast_train(x, w, b, -2, 1e-5, rm, rv, 0.1, None, "relu", 2, True, False,
+                               False) is not None
+    y, mean, invstd = bncore.batch_norm_train(x, w, b)
+    assert _kernels.fast_backward(x, x, mean, invstd, None, 1, True, None, None, None, 1,
+                                  False) is not None
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x.astype(np.float16), rm, rv, w, b, 1, 1e-5,
+                                               None, None, None, False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x[:, ::2], rm, rv, w[::2], b[::2], 1, 1e-5,
+                                               None, None, None, False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, float("nan"), None, None,
+                                               None, False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None,
+                                               ("leaky_relu", 0.1), None, False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None, None, 0, False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, True, 1e-5, None, None, None,
+                                               False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, None, 0.1, None, None,
+                                                None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rm, 0.1, None, None,
+                                                None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rv, 1.5, None, None,
+                                                None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x[:1, :, :1], w, b, 1, 1e-5, None, None, 0.1,
+                                                None, None, None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_backward(x[..., :2], x, rm, rv, w, 1, True, None,
+                                                   None, None, None, False),
+    lambda x, w, b, rm, rv: _kernels.fast_backward(x, x, rm, rv, w, 1, True, None, "relu",
+                                                   None, None, False),
+], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis",
+        "one-running", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
+def test_unusual_inputs_take_the_full_path(rng, call):
+    x, w, b, rm, rv = _data(rng, (4, 6, 5), 1, np.float32)
+    before = rm.copy(), rv.copy()
+    assert call(x, w, b, rm, rv) is None
+    _same((rm, rv), before)
