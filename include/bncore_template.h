@@ -67,7 +67,8 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
                                        int64_t ld, double *BN_RESTRICT out)
 {
     double k[BN_STRIP], s1[BN_STRIP], s2[BN_STRIP];
-    int64_t h = bn_min64(nr, BN_SHIFT_ROWS);
+    /* a few rows: the first row is shift enough ((mean - k)^2 / var <= nr) */
+    int64_t h = nr <= 64 ? 1 : BN_SHIFT_ROWS;
     for (int64_t j0 = 0; j0 < nc; j0 += BN_STRIP) {
         int64_t w = bn_min64(BN_STRIP, nc - j0), r = 0;
         const T *xs = x + j0;
@@ -341,20 +342,21 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
             tk[BN_MAX_COLS];
-        int64_t chs[BN_MAX_COLS], r0, nr, c0, nc, o;
+        int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
-        bn_channels_of(p, c0, nc, chs);
-        for (int64_t j = 0; j < nc; j++) {
-            int64_t ch = chs[j];
-            tm[j] = m ? (T)m[ch] : 0;
-            tl[j] = m ? (T)(m[ch] - (double)tm[j]) : 0;
+        /* per channel once, then copied to its run of inner columns */
+        int64_t ch = (c0 / p->s.inner) % p->s.channels, l = c0 % p->s.inner;
+        for (int64_t j = 0; j < nc; l = 0, ch = ch + 1 == p->s.channels ? 0 : ch + 1) {
+            T vm = m ? (T)m[ch] : 0, vl = m ? (T)(m[ch] - (double)vm) : 0, va, vb, vc = 0, vk = 0;
             if (dy) {
-                FN(dx_coefs)(a, b, c, ch, ta + j, tb + j, tc + j, tk + j);
+                FN(dx_coefs)(a, b, c, ch, &va, &vb, &vc, &vk);
             } else {
-                ta[j] = (T)a[ch];
-                tb[j] = b ? (T)b[ch] : 0;
+                va = (T)a[ch];
+                vb = b ? (T)b[ch] : 0;
             }
+            for (int64_t e = j + bn_min64(p->s.inner - l, nc - j); j < e; j++)
+                tm[j] = vm, tl[j] = vl, ta[j] = va, tb[j] = vb, tc[j] = vc, tk[j] = vk;
         }
         if (!dy)
             FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope);
