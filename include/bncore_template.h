@@ -267,6 +267,70 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
     }
 }
 
+#if BN_NT
+/* The elementwise passes without an activation, for outputs of BN_STREAM_BYTES
+ * and more: the same arithmetic as run_apply/run_dx and tile_apply/tile_dx,
+ * 32-byte vectors written with non-temporal stores. dy == NULL: forward,
+ * o = ((x - m) - ml) * a + b; else dx = (dy*a + ((x - m) - ml)*b + c) * k. */
+typedef T FN(vec) __attribute__((vector_size(32)));
+#define BN_VW ((int64_t)(32 / sizeof(T)))
+
+BN_NT_TARGET static inline FN(vec) FN(vload)(const T *p)
+{
+    FN(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+BN_NT_TARGET static inline void FN(vstream)(T *p, FN(vec) v)
+{
+    if (sizeof(T) == 4)
+        _mm256_stream_ps((float *)p, (__m256)v);
+    else
+        _mm256_stream_pd((double *)p, (__m256d)v);
+}
+
+#define BN_NT_ELEM(i, M, L, A, B, C, K) \
+    (dy ? (dy[i] * (A) + ((x[i] - (M)) - (L)) * (B) + (C)) * (K) : ((x[i] - (M)) - (L)) * (A) + (B))
+
+BN_NT_TARGET static void FN(run_nt)(const T *dy, const T *x, T *o, int64_t n, T m, T ml, T a,
+                                    T b, T c, T k)
+{
+    int64_t i = 0;
+    for (; i < n && ((uintptr_t)(o + i) & 31); i++) o[i] = BN_NT_ELEM(i, m, ml, a, b, c, k);
+    if (dy)
+        for (; i + BN_VW <= n; i += BN_VW)
+            FN(vstream)(o + i, (FN(vload)(dy + i) * a + ((FN(vload)(x + i) - m) - ml) * b + c) * k);
+    else
+        for (; i + BN_VW <= n; i += BN_VW)
+            FN(vstream)(o + i, ((FN(vload)(x + i) - m) - ml) * a + b);
+    for (; i < n; i++) o[i] = BN_NT_ELEM(i, m, ml, a, b, c, k);
+}
+
+BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,
+                                     int64_t ld, const T *m, const T *ml, const T *a,
+                                     const T *b, const T *c, const T *k)
+{
+    for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {
+        int64_t j = 0;
+        for (; j < nc && ((uintptr_t)(o + j) & 31); j++)
+            o[j] = BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]);
+        if (dy)
+            for (; j + BN_VW <= nc; j += BN_VW)
+                FN(vstream)(o + j, (FN(vload)(dy + j) * FN(vload)(a + j) +
+                                    ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
+                                    FN(vload)(b + j) + FN(vload)(c + j)) * FN(vload)(k + j));
+        else
+            for (; j + BN_VW <= nc; j += BN_VW)
+                FN(vstream)(o + j, ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
+                                   FN(vload)(a + j) + FN(vload)(b + j));
+        for (; j < nc; j++) o[j] = BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]);
+    }
+}
+#undef BN_NT_ELEM
+#undef BN_VW
+#endif
+
 /* The backward coefficients a, b, c (double) as T: (a*g + b*(x-m) + c) is
  * evaluated as (g*(a/k) + (x-m)*(b/k) + c/k) * k with k = a. In training
  * b = -a*invstd^2*sum(g*(x-m))/n ~ a/std, and b alone leaves float's range
@@ -327,18 +391,30 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
                                  const double *b, const double *c, bn_act act,
                                  double slope, double xneg, int64_t u)
 {
+    /* non-temporal stores: large outputs without an activation; the backward
+     * only with its x term (dx = a*g alone keeps run_dx, where x may be NaN) */
+    int nt = p->stream && act == BN_ACT_NONE && (!dy || (x && b));
     if (!p->rows) {
         int64_t off, len, ch;
         bn_run_of(p, u, &off, &len, &ch);
         T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
-        if (!dy) {
-            FN(run_apply)(x + off, out + off, len, mh, ml, (T)a[ch], (T)b[ch], act, (T)slope);
-        } else {
-            T ta, tb, tc, tk;
+        T ta, tb, tc = 0, tk = 0;
+        if (dy) {
             FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
+        } else {
+            ta = (T)a[ch];
+            tb = (T)b[ch];
+        }
+#if BN_NT
+        if (nt)
+            FN(run_nt)(dy ? dy + off : NULL, x + off, out + off, len, mh, ml, ta, tb, tc, tk);
+        else
+#endif
+        if (!dy)
+            FN(run_apply)(x + off, out + off, len, mh, ml, ta, tb, act, (T)slope);
+        else
             FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
                        mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
-        }
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
             tk[BN_MAX_COLS];
@@ -358,12 +434,21 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
             for (int64_t e = j + bn_min64(p->s.inner - l, nc - j); j < e; j++)
                 tm[j] = vm, tl[j] = vl, ta[j] = va, tb[j] = vb, tc[j] = vc, tk[j] = vk;
         }
+#if BN_NT
+        if (nt)
+            FN(tile_nt)(dy ? dy + o : NULL, x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, tc,
+                        tk);
+        else
+#endif
         if (!dy)
             FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope);
         else
             FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
                         p->width, tm, tl, ta, tb, tc, tk, act, (T)slope, (T)xneg);
     }
+#if BN_NT
+    if (nt) _mm_sfence();  /* the unit's stores are visible before the barrier */
+#endif
 }
 
 /* ---- public entry points --------------------------------------------------- */

@@ -69,3 +69,22 @@ def test_constant_channel_gives_exact_zero():
     y, mean, invstd = bncore.batch_norm_train(x)
     assert np.all(y[:, 0] == 0)
     assert mean[0] == np.float32(3.7)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 2, 5000), 1), ((40, 3, 7), 1), ((300, 5), 1),
+                                        ((2, 9, 9, 4), -1)])
+@pytest.mark.parametrize("stride", [1, 7, 4096])
+def test_statistics_with_outliers_where_the_shift_is_taken(shape, axis, stride):
+    # the one-pass statistics subtract a shift taken from the first values of
+    # each run or tile; outliers there are the worst case for s2 - s1^2/n, which
+    # must still match an exact float64 two-pass computation to ~1e-13
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape)
+    flat = x.reshape(-1)
+    flat[:16 * stride:stride] = 1e6 * np.sign(flat[:16 * stride:stride])
+    count, mean, m2 = bncore.batch_norm_stats(x, axis=axis)
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    m_ref = x.mean(red)
+    m2_ref = ((x - np.expand_dims(m_ref, red)) ** 2).sum(red)
+    np.testing.assert_allclose(mean, m_ref, rtol=1e-13, atol=1e-9)
+    np.testing.assert_allclose(m2, m2_ref, rtol=1e-13)

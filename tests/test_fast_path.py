@@ -145,3 +145,27 @@ def test_unusual_inputs_take_the_full_path(rng, call):
     before = rm.copy(), rv.copy()
     assert call(x, w, b, rm, rv) is None
     _same((rm, rv), before)
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 16, 65, 63), 1), ((64, 65, 63, 16), -1),
+                                        ((4099, 1030), 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_outputs_past_the_streaming_threshold(rng, shape, axis, dtype):
+    # outputs of 16 MiB and more are written with non-temporal stores (with
+    # misaligned heads and tails here); same values as the reference
+    x = (rng.standard_normal(shape) * 2 + 7).astype(dtype)
+    C = shape[axis]
+    w, b = rng.uniform(0.5, 1.5, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis)
+    y_ref, m_ref, inv_ref, _ = ref.train(x, w, b, axis)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, y_ref, **tol)
+    rm, rv = m_ref.astype(dtype), (1 / inv_ref**2).astype(dtype)
+    np.testing.assert_allclose(bncore.batch_norm_eval(x, rm, rv, w, b, axis=axis),
+                               ref.evaluate(x, rm, rv, w, b, axis), **tol)
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean, invstd, w, axis)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-2)
