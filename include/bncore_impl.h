@@ -47,7 +47,8 @@ static int bn_cpu_nt(void) { return 0; }
 #define BN_CLONES_NAMES "baseline only"
 #endif
 
-#define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once) */
+#define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once);
+                                    * shorter planes are grouped, up to this many elements */
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
@@ -69,7 +70,9 @@ static int bn_cpu_nt(void) { return 0; }
 typedef struct {
     bn_shape s;
     int rows;            /* 1: row layout (channels-last, or short inner runs) */
-    int64_t kruns;       /* NCHW: units per (n, c) plane */
+    int64_t kruns;       /* NCHW: runs per (n, c) plane */
+    int64_t nb;          /* NCHW: planes (n) per unit, for planes shorter than BN_RUN */
+    int64_t nnb;         /* NCHW: blocks of nb planes */
     int64_t rb_rows;     /* channels-last: rows per unit */
     int64_t nrb;         /* channels-last: row blocks */
     int64_t fold;        /* channels-last with few channels: rows folded into one wide row */
@@ -102,7 +105,9 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);
-        p.nunits = s.channels * s.outer * p.kruns;
+        p.nb = bn_max64(1, bn_min64(s.outer, BN_RUN / bn_max64(1, s.inner)));
+        p.nnb = bn_cdiv(s.outer, p.nb);
+        p.nunits = s.channels * p.nnb * p.kruns;
         p.nslots = p.nunits;
         p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, per_channel));
         p.nrounds = bn_cdiv(s.channels, p.round);
@@ -133,7 +138,7 @@ static void bn_round(const bn_plan *p, int64_t r, int64_t *u0, int64_t *u1,
                      int64_t *c0, int64_t *c1)
 {
     if (!p->rows) {
-        int64_t per = p->s.outer * p->kruns;
+        int64_t per = p->nnb * p->kruns;
         *c0 = r * p->round;
         *c1 = bn_min64(p->s.channels, *c0 + p->round);
         *u0 = *c0 * per;
@@ -147,13 +152,16 @@ static void bn_round(const bn_plan *p, int64_t r, int64_t *u0, int64_t *u1,
     }
 }
 
-/* NCHW unit u: a run of *len elements at *off, in channel *c. */
-static void bn_run_of(const bn_plan *p, int64_t u, int64_t *off, int64_t *len, int64_t *c)
+/* NCHW unit u: *np runs of *len elements, the first at *off and the others
+ * C*inner apart (the same run of consecutive planes), in channel *c. */
+static void bn_run_of(const bn_plan *p, int64_t u, int64_t *off, int64_t *len, int64_t *np,
+                      int64_t *c)
 {
-    int64_t per = p->s.outer * p->kruns, r = u % per, n = r / p->kruns, k = r % p->kruns;
+    int64_t per = p->nnb * p->kruns, r = u % per, n = r / p->kruns * p->nb, k = r % p->kruns;
     *c = u / per;
     *off = (n * p->s.channels + *c) * p->s.inner + k * BN_RUN;
     *len = bn_min64(BN_RUN, p->s.inner - k * BN_RUN);
+    *np = bn_min64(p->nb, p->s.outer - n);
 }
 
 /* Channels-last unit u: rows [*r0, *r0 + *nr) x columns [*c0, *c0 + *nc). */
@@ -191,7 +199,8 @@ static void bn_channels_of(const bn_plan *p, int64_t c0, int64_t nc, int64_t *ch
 static double bn_slot_count(const bn_plan *p, int64_t j)
 {
     if (!p->rows)
-        return (double)bn_min64(BN_RUN, p->s.inner - (j % p->kruns) * BN_RUN);
+        return (double)(bn_min64(BN_RUN, p->s.inner - (j % p->kruns) * BN_RUN) *
+                        bn_min64(p->nb, p->s.outer - (j % (p->nnb * p->kruns)) / p->kruns * p->nb));
     return (double)bn_min64(p->rb_rows, p->mrows - j * p->rb_rows);
 }
 
@@ -223,7 +232,7 @@ static void bn_merge(const bn_plan *p, const double *part, int64_t lo, int64_t h
                      int moments, double *o0, double *o1)
 {
     if (!p->rows) {
-        int64_t per = p->s.outer * p->kruns;
+        int64_t per = p->nnb * p->kruns;
         for (int64_t c = lo; c < hi; c++) {
             double n = 0, a = 0, q = 0;
             for (int64_t j = c * per; j < (c + 1) * per; j++) {

@@ -24,7 +24,7 @@ static void LN(ln_row_moments)(const T *x, int64_t cols, double *out)
     double n = 0, m = 0, q = 0, part[2];
     for (int64_t k = 0; k < cols; k += BN_RUN) {
         int64_t len = bn_min64(BN_RUN, cols - k);
-        LN(run_moments)(x + k, len, part);
+        LN(run_moments)(x + k, len, 1, 0, part);
         bn_chan(&n, &m, &q, (double)len, part[0], part[1]);
     }
     out[0] = m;
@@ -408,7 +408,7 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                         if (n < BN_GN_SHORT)
                             LN(gn_short_dot)(dr + o, xr + o, n, m, part2);
                         else
-                            LN(run_dot)(dr + o, xr + o, NULL, n, m, BN_ACT_NONE, 0, 1, part2);
+                            LN(run_dot)(dr + o, xr + o, NULL, n, 1, 0, m, BN_ACT_NONE, 0, 1, part2);
                         sc[0] += part2[0];
                         sc[1] += part2[1];
                     }

@@ -26,36 +26,39 @@
 #define BN_PRE(xv, yv, act, xneg) \
     ((act) == BN_ACT_NONE || (yv) > 0 ? (xv) : (xv) * (xneg))
 
-/* Mean and M2 of a contiguous run in one pass: deviations from a shift k
- * (the mean of the first few values) summed in double over BN_LANES
- * independent lanes. M2 = sum d^2 - (sum d)^2 / n loses about
+/* Mean and M2 of np runs of n values (stride apart) in one pass: deviations
+ * from a shift k (the mean of the first few values) summed in double over
+ * BN_LANES independent lanes. M2 = sum d^2 - (sum d)^2 / n loses about
  * log2((mean - k)^2 / var) bits of double; k is a mean of BN_SHIFT_LEN
  * samples, so (mean - k)^2 / var <= n / BN_SHIFT_LEN (Samuelson) even for an
  * adversarial run: ~1e-14 relative at worst. out = {mean, M2}. */
-BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, double *out)
+BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, int64_t np,
+                                      int64_t stride, double *out)
 {
     double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
     int64_t h = bn_min64(n, BN_SHIFT_LEN), nv = n - n % BN_LANES, i;
-    double k = 0, s1 = 0, s2 = 0;
+    double k = 0, s1 = 0, s2 = 0, total = (double)(n * np);
     for (i = 0; i < h; i++) k += x[i];
     k /= (double)bn_max64(h, 1);
-    for (i = 0; i < nv; i += BN_LANES)
-        for (int j = 0; j < BN_LANES; j++) {
-            double d = (double)x[i + j] - k;
-            a1[j] += d;
-            a2[j] += d * d;
+    for (int64_t q = 0; q < np; q++, x += stride) {
+        for (i = 0; i < nv; i += BN_LANES)
+            for (int j = 0; j < BN_LANES; j++) {
+                double d = (double)x[i + j] - k;
+                a1[j] += d;
+                a2[j] += d * d;
+            }
+        for (; i < n; i++) {
+            double d = (double)x[i] - k;
+            s1 += d;
+            s2 += d * d;
         }
-    for (; i < n; i++) {
-        double d = (double)x[i] - k;
-        s1 += d;
-        s2 += d * d;
     }
     for (int j = 0; j < BN_LANES; j++) {
         s1 += a1[j];
         s2 += a2[j];
     }
-    out[0] = k + s1 / (double)n;
-    out[1] = s2 - s1 * s1 / (double)n;
+    out[0] = k + s1 / total;
+    out[1] = s2 - s1 * s1 / total;
 }
 
 /* Per-column mean and M2 of an nr x nc tile with leading dimension ld;
@@ -134,9 +137,11 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
     }
 }
 
-/* out = {sum g, sum g * (x - m)}, g = dy * act'(y), over a contiguous run. */
+/* out = {sum g, sum g * (x - m)}, g = dy * act'(y), over np runs of n
+ * values, stride apart. */
 BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
-                                  const T *BN_RESTRICT y, int64_t n, double m,
+                                  const T *BN_RESTRICT y, int64_t n, int64_t np,
+                                  int64_t stride, double m,
                                   bn_act act, double slope, double xneg, double *out)
 {
     double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
@@ -144,26 +149,28 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
     BN_OPAQUE(T, zero, 0);
     int64_t nv = n - n % BN_LANES, i;
     double s1 = 0, s2 = 0;
-    if (act == BN_ACT_NONE) {
-        for (i = 0; i < nv; i += BN_LANES)
-            for (int j = 0; j < BN_LANES; j++) {
-                double g = dy[i + j];
-                a1[j] += g;
-                a2[j] += g * ((double)x[i + j] - m);
-            }
-    } else {
-        for (i = 0; i < nv; i += BN_LANES)
-            for (int j = 0; j < BN_LANES; j++) {
-                double g = dy[i + j] * (y[i + j] > 0 ? one : slope);
-                double xv = x[i + j] * (y[i + j] > zero ? one : xneg);
-                a1[j] += g;
-                a2[j] += g * (xv - m);
-            }
-    }
-    for (; i < n; i++) {
-        double g = BN_GRAD((double)dy[i], y[i], act, slope);
-        s1 += g;
-        s2 += g * (BN_PRE((double)x[i], y[i], act, xneg) - m);
+    for (int64_t q = 0; q < np; q++, dy += stride, x += stride, y = y ? y + stride : NULL) {
+        if (act == BN_ACT_NONE) {
+            for (i = 0; i < nv; i += BN_LANES)
+                for (int j = 0; j < BN_LANES; j++) {
+                    double g = dy[i + j];
+                    a1[j] += g;
+                    a2[j] += g * ((double)x[i + j] - m);
+                }
+        } else {
+            for (i = 0; i < nv; i += BN_LANES)
+                for (int j = 0; j < BN_LANES; j++) {
+                    double g = dy[i + j] * (y[i + j] > 0 ? one : slope);
+                    double xv = x[i + j] * (y[i + j] > zero ? one : xneg);
+                    a1[j] += g;
+                    a2[j] += g * (xv - m);
+                }
+        }
+        for (; i < n; i++) {
+            double g = BN_GRAD((double)dy[i], y[i], act, slope);
+            s1 += g;
+            s2 += g * (BN_PRE((double)x[i], y[i], act, xneg) - m);
+        }
     }
     for (int j = 0; j < BN_LANES; j++) {
         s1 += a1[j];
@@ -351,9 +358,9 @@ static void FN(dx_coefs)(const double *a, const double *b, const double *c, int6
 static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *part)
 {
     if (!p->rows) {
-        int64_t off, len, c;
-        bn_run_of(p, u, &off, &len, &c);
-        FN(run_moments)(x + off, len, part + 2 * u);
+        int64_t off, len, np, c;
+        bn_run_of(p, u, &off, &len, &np, &c);
+        FN(run_moments)(x + off, len, np, p->s.channels * p->s.inner, part + 2 * u);
     } else {
         int64_t r0, nr, c0, nc;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
@@ -367,10 +374,10 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
                          int64_t u, double *part)
 {
     if (!p->rows) {
-        int64_t off, len, c;
-        bn_run_of(p, u, &off, &len, &c);
-        FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, mean[c], act, slope, xneg,
-                    part + 2 * u);
+        int64_t off, len, np, c;
+        bn_run_of(p, u, &off, &len, &np, &c);
+        FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, np, p->s.channels * p->s.inner,
+                    mean[c], act, slope, xneg, part + 2 * u);
     } else {
         double mc[BN_MAX_COLS];
         int64_t ch[BN_MAX_COLS], r0, nr, c0, nc, o;
@@ -395,8 +402,8 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
      * only with its x term (dx = a*g alone keeps run_dx, where x may be NaN) */
     int nt = p->stream && act == BN_ACT_NONE && (!dy || (x && b));
     if (!p->rows) {
-        int64_t off, len, ch;
-        bn_run_of(p, u, &off, &len, &ch);
+        int64_t off, len, np, ch;
+        bn_run_of(p, u, &off, &len, &np, &ch);
         T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
         T ta, tb, tc = 0, tk = 0;
         if (dy) {
@@ -405,16 +412,18 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
             ta = (T)a[ch];
             tb = (T)b[ch];
         }
+        for (int64_t q = 0; q < np; q++, off += p->s.channels * p->s.inner) {
 #if BN_NT
-        if (nt)
-            FN(run_nt)(dy ? dy + off : NULL, x + off, out + off, len, mh, ml, ta, tb, tc, tk);
-        else
+            if (nt)
+                FN(run_nt)(dy ? dy + off : NULL, x + off, out + off, len, mh, ml, ta, tb, tc, tk);
+            else
 #endif
-        if (!dy)
-            FN(run_apply)(x + off, out + off, len, mh, ml, ta, tb, act, (T)slope);
-        else
-            FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
-                       mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
+            if (!dy)
+                FN(run_apply)(x + off, out + off, len, mh, ml, ta, tb, act, (T)slope);
+            else
+                FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off,
+                           len, mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
+        }
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
             tk[BN_MAX_COLS];
