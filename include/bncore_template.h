@@ -297,6 +297,21 @@ BN_NT_TARGET static inline void FN(vstream)(T *p, FN(vec) v)
         _mm256_stream_pd((double *)p, (__m256d)v);
 }
 
+/* a scalar head or tail also bypasses the cache: a line written partly with
+ * plain stores and partly with non-temporal ones costs more than either */
+BN_NT_TARGET static inline void FN(sstream)(T *p, T v)
+{
+    if (sizeof(T) == 4) {
+        int32_t b;
+        memcpy(&b, &v, sizeof b);
+        _mm_stream_si32((int *)p, b);
+    } else {
+        long long b;
+        memcpy(&b, &v, sizeof b);
+        _mm_stream_si64((long long *)p, b);
+    }
+}
+
 #define BN_NT_ELEM(i, M, L, A, B, C, K) \
     (dy ? (dy[i] * (A) + ((x[i] - (M)) - (L)) * (B) + (C)) * (K) : ((x[i] - (M)) - (L)) * (A) + (B))
 
@@ -304,14 +319,14 @@ BN_NT_TARGET static void FN(run_nt)(const T *dy, const T *x, T *o, int64_t n, T 
                                     T b, T c, T k)
 {
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(o + i) & 31); i++) o[i] = BN_NT_ELEM(i, m, ml, a, b, c, k);
+    for (; i < n && ((uintptr_t)(o + i) & 31); i++) FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
     if (dy)
         for (; i + BN_VW <= n; i += BN_VW)
             FN(vstream)(o + i, (FN(vload)(dy + i) * a + ((FN(vload)(x + i) - m) - ml) * b + c) * k);
     else
         for (; i + BN_VW <= n; i += BN_VW)
             FN(vstream)(o + i, ((FN(vload)(x + i) - m) - ml) * a + b);
-    for (; i < n; i++) o[i] = BN_NT_ELEM(i, m, ml, a, b, c, k);
+    for (; i < n; i++) FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
 }
 
 BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,
@@ -321,7 +336,7 @@ BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, 
     for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {
         int64_t j = 0;
         for (; j < nc && ((uintptr_t)(o + j) & 31); j++)
-            o[j] = BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]);
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
         if (dy)
             for (; j + BN_VW <= nc; j += BN_VW)
                 FN(vstream)(o + j, (FN(vload)(dy + j) * FN(vload)(a + j) +
@@ -331,7 +346,7 @@ BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, 
             for (; j + BN_VW <= nc; j += BN_VW)
                 FN(vstream)(o + j, ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
                                    FN(vload)(a + j) + FN(vload)(b + j));
-        for (; j < nc; j++) o[j] = BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]);
+        for (; j < nc; j++) FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
     }
 }
 #undef BN_NT_ELEM
@@ -444,7 +459,7 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
                 tm[j] = vm, tl[j] = vl, ta[j] = va, tb[j] = vb, tc[j] = vc, tk[j] = vk;
         }
 #if BN_NT
-        if (nt)
+        if (nt && nc * (int64_t)sizeof(T) >= 1024)  /* short rows: no gain measured */
             FN(tile_nt)(dy ? dy + o : NULL, x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, tc,
                         tk);
         else
