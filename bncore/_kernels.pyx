@@ -410,7 +410,8 @@ cdef int _vec(object v, int64_t C, double *dst):
 
 
 cdef bint _disjoint(object a, object b):
-    """Whether two C-contiguous arrays (or None) share no byte."""
+    """Whether two C-contiguous ndarrays (or None) share no byte; callers
+    have checked both with _kind."""
     if a is None or b is None:
         return True
     cdef char *pa = <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
@@ -563,8 +564,10 @@ def fast_train(x, weight, bias, axis, eps, running_mean, running_var, momentum, 
             or not _real(momentum, 0.0, 1.0, &mom) or s.outer * s.inner < 2):
         return None
     cdef bint running = running_mean is not None
-    if running:
-        if (running_var is None or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+    if running:  # both exact, writable, separate ndarrays (checked before any cast)
+        if (running_var is None or _kind(running_mean) == NOPE or _kind(running_var) == NOPE
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)
                 or not _disjoint(running_mean, running_var)):
             return None
     elif running_var is not None:
@@ -583,8 +586,7 @@ def fast_train(x, weight, bias, axis, eps, running_mean, running_var, momentum, 
         hw, hb = _vec(weight, C, w), _vec(bias, C, b)
         if hw < 0 or hb < 0:
             return None
-        if running and (_vec(running_mean, C, rm) != 1 or _vec(running_var, C, rv) != 1
-                        or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        if running and (_vec(running_mean, C, rm) != 1 or _vec(running_var, C, rv) != 1):
             return None
         y = _output(out, x, k, (x,))
         if y is None or not (_disjoint(y, running_mean) and _disjoint(y, running_var)):

@@ -128,6 +128,10 @@ def test_common_calls_take_the_fast_path(rng):
                                                False),
     lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, None, 0.1, None, None,
                                                 None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, list(rm), rv, 0.1, None, None,
+                                                None, True, False, False),
+    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, list(rv), 0.1, None, None,
+                                                None, True, False, False),
     lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rm, 0.1, None, None,
                                                 None, True, False, False),
     lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rv, 1.5, None, None,
@@ -139,7 +143,7 @@ def test_common_calls_take_the_fast_path(rng):
     lambda x, w, b, rm, rv: _kernels.fast_backward(x, x, rm, rv, w, 1, True, None, "relu",
                                                    None, None, False),
 ], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis",
-        "one-running", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
+        "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
 def test_unusual_inputs_take_the_full_path(rng, call):
     x, w, b, rm, rv = _data(rng, (4, 6, 5), 1, np.float32)
     before = rm.copy(), rv.copy()
