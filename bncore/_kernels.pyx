@@ -427,9 +427,9 @@ cdef int _geometry(object x, object axis, bn_shape *s):
         return NOPE
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(a), i
-    cdef long ax = axis
-    if nd < 2 or not -nd <= ax < nd:
+    if nd < 2 or not -nd <= axis < nd:  # compared as Python ints: no overflow
         return NOPE
+    cdef long ax = axis
     if ax < 0:
         ax += nd
     s.outer, s.channels, s.inner = 1, cnp.PyArray_DIMS(a)[ax], 1

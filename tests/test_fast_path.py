@@ -126,6 +126,8 @@ def test_common_calls_take_the_fast_path(rng):
     lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None, None, 0, False),
     lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, True, 1e-5, None, None, None,
                                                False),
+    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 2**70, 1e-5, None, None, None,
+                                               False),
     lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, None, 0.1, None, None,
                                                 None, True, False, False),
     lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, list(rm), rv, 0.1, None, None,
@@ -142,7 +144,7 @@ def test_common_calls_take_the_fast_path(rng):
                                                    None, None, None, False),
     lambda x, w, b, rm, rv: _kernels.fast_backward(x, x, rm, rv, w, 1, True, None, "relu",
                                                    None, None, False),
-], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis",
+], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis", "huge-axis",
         "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
 def test_unusual_inputs_take_the_full_path(rng, call):
     x, w, b, rm, rv = _data(rng, (4, 6, 5), 1, np.float32)
