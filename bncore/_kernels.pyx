@@ -397,7 +397,9 @@ cdef int _vec(object v, int64_t C, double *dst):
     if v is None:
         return 0
     cdef int k = _kind(v)
-    if k == NOPE or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1 or cnp.PyArray_DIMS(<cnp.ndarray>v)[0] != C:
+    if k == NOPE or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1:
+        return -1
+    if cnp.PyArray_DIMS(<cnp.ndarray>v)[0] != C:
         return -1
     cdef void *p = cnp.PyArray_DATA(<cnp.ndarray>v)
     cdef int64_t i

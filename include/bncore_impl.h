@@ -54,7 +54,8 @@ static int bn_cpu_nt(void) { return 0; }
                                     * short row segments defeat the hardware prefetcher) */
 #define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
-#define BN_GROUP_BYTES (2 << 20)   /* bytes per round: still in L2/L3 for the 2nd pass (8 MB: ~20% slower at 1 thread) */
+#define BN_GROUP_BYTES (2 << 20)   /* bytes per round, still in L2/L3 for the 2nd pass
+                                    * (8 MB rounds: 10-25% slower at 1 thread here) */
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large are written with non-temporal stores */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 32                /* independent double accumulators per run */

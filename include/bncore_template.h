@@ -319,14 +319,16 @@ BN_NT_TARGET static void FN(run_nt)(const T *dy, const T *x, T *o, int64_t n, T 
                                     T b, T c, T k)
 {
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(o + i) & 31); i++) FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
+    for (; i < n && ((uintptr_t)(o + i) & 31); i++)
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
     if (dy)
         for (; i + BN_VW <= n; i += BN_VW)
             FN(vstream)(o + i, (FN(vload)(dy + i) * a + ((FN(vload)(x + i) - m) - ml) * b + c) * k);
     else
         for (; i + BN_VW <= n; i += BN_VW)
             FN(vstream)(o + i, ((FN(vload)(x + i) - m) - ml) * a + b);
-    for (; i < n; i++) FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
+    for (; i < n; i++)
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
 }
 
 BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,
@@ -346,7 +348,8 @@ BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, 
             for (; j + BN_VW <= nc; j += BN_VW)
                 FN(vstream)(o + j, ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
                                    FN(vload)(a + j) + FN(vload)(b + j));
-        for (; j < nc; j++) FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
+        for (; j < nc; j++)
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
     }
 }
 #undef BN_NT_ELEM
