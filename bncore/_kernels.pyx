@@ -472,6 +472,17 @@ cdef int _act(object activation):
     return -1
 
 
+cdef bint _like(object a, object x, int k):
+    """Whether a is an array of kind k (see _kind) with the shape of x."""
+    if _kind(a) != k or cnp.PyArray_NDIM(<cnp.ndarray>a) != cnp.PyArray_NDIM(<cnp.ndarray>x):
+        return False
+    cdef int i
+    for i in range(cnp.PyArray_NDIM(<cnp.ndarray>x)):
+        if cnp.PyArray_DIMS(<cnp.ndarray>a)[i] != cnp.PyArray_DIMS(<cnp.ndarray>x)[i]:
+            return False
+    return True
+
+
 cdef object _output(object out, object x, int k, tuple inputs):
     """A fresh array like x, or out when it can be written directly: an exact
     ndarray like x that is either one of the inputs or disjoint from all of
@@ -479,17 +490,11 @@ cdef object _output(object out, object x, int k, tuple inputs):
     cdef cnp.ndarray a = <cnp.ndarray>x
     if out is None:
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), k, 0)
-    if _kind(out) != k or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+    if not _like(out, x, k) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         return None
-    cdef cnp.ndarray o = <cnp.ndarray>out
-    cdef int i
-    if cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(a):
-        return None
-    for i in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIMS(o)[i] != cnp.PyArray_DIMS(a)[i]:
-            return None
     for b in inputs:
-        if not (_disjoint(out, b) or cnp.PyArray_DATA(o) == cnp.PyArray_DATA(<cnp.ndarray>b)):
+        if not (_disjoint(out, b) or
+                cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>b)):
             return None
     return out
 
@@ -622,16 +627,9 @@ def fast_backward(dy, x, save_mean, save_invstd, weight, axis, training, out, ac
     """(dx, dweight, dbias) or None."""
     cdef bn_shape s
     cdef int k = _geometry(x, axis, &s), act = _act(activation), nt = _threads(n_threads, forked)
-    if k == NOPE or act < 0 or nt < 0 or _kind(dy) != k:
+    if k == NOPE or act < 0 or nt < 0 or not _like(dy, x, k) or (act and not _like(y, x, k)):
         return None
-    cdef int i
     cdef cnp.ndarray a = <cnp.ndarray>x
-    for t in ((dy, y) if act else (dy,)):
-        if _kind(t) != k or cnp.PyArray_NDIM(<cnp.ndarray>t) != cnp.PyArray_NDIM(a):
-            return None
-        for i in range(cnp.PyArray_NDIM(a)):
-            if cnp.PyArray_DIMS(<cnp.ndarray>t)[i] != cnp.PyArray_DIMS(a)[i]:
-                return None
     if not act:
         y = None
     cdef int64_t C = s.channels

@@ -298,7 +298,7 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
 
 /* {sum dy, sum dy*(x - m)} of a short run (n < BN_GN_SHORT, e.g. a 7x7
  * channel): eight lanes closed by a tree, so the closing reduction costs less
- * than run_dot's sixteen-lane chain on such runs. */
+ * than run_dot's many-lane chain on such runs. */
 BN_CLONES static void LN(gn_short_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                        int64_t n, double m, double *out)
 {
