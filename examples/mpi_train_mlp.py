@@ -24,7 +24,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from bncore import demo
+from bncore.demos import mnist as demo
 from bncore.distributed import convert_sync_batchnorm
 
 

@@ -20,7 +20,8 @@ def test_init_follows_the_paper():
     np.testing.assert_array_equal(bn.weight, np.float32(0.1))
     np.testing.assert_array_equal(bn.bias, 0)
     assert bn.running_mean.shape == bn.running_var.shape == (4, 6)
-    assert sorted(bn.state_dict()) == ["bias", "running_mean", "running_var", "weight"]
+    assert sorted(bn.state_dict()) == ["bias", "running_mean", "running_var", "trained_steps",
+                                      "weight"]
     assert bncore.RecurrentBatchNorm(3, 2, gamma_init=1.0).weight[0] == 1.0
 
 

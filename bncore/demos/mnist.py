@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import BatchNorm
+from ..layers import BatchNorm
 
 HIDDEN = (100, 100, 100)
 PERCENTILES = (15, 50, 85)

@@ -1,0 +1,2 @@
+"""The papers' experiments (bncore.demos.mnist for now)."""
+from .mnist import main
