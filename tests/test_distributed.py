@@ -587,3 +587,10 @@ def test_example_matches_single_process_under_mpiexec():
     diff = float(out.split("largest parameter difference ")[1].split()[0])
     assert len(accs) == 2 and accs[0] == accs[1] and accs[0] > 0.5, out
     assert diff < 1e-9, out
+
+
+def test_different_channel_counts_raise_on_every_rank():
+    # one rank with 3 channels, one with 4: every rank raises, none reads a
+    # buffer of the other's size
+    out = run_mpi(2, MPI_SCRIPTS / "check_widths.py")
+    assert out.count("refused: num_features") == 2 and out.count(": OK") == 2, out
