@@ -26,9 +26,10 @@ from .norms import (GroupNorm, InstanceNorm, LayerNorm, group_norm, group_norm_b
 from .recurrent import RecurrentBatchNorm
 from .renorm import BatchRenorm, batch_renorm_backward, batch_renorm_train
 from ._config import show_config
+from ._include import get_include
 
 __all__ = [
-    "__version__", "show_config", "BatchNorm",
+    "__version__", "show_config", "get_include", "BatchNorm",
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
     "batch_norm_stats", "merge_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",
