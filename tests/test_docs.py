@@ -304,3 +304,16 @@ def test_browser_renders_batch_norm_train(html_dir):
     assert names, "no parameter table (numpydoc 'Parameters' section) on the page"
     missing = [p for p in sig.parameters if p not in names]
     assert not missing, f"parameter table lacks {missing}; rows: {names}"
+
+
+# ---- types ----------------------------------------------------------------------------------
+
+def test_kernels_stub_matches_the_module():
+    """bncore/_kernels.pyi names exactly the compiled module's functions."""
+    from bncore import _kernels
+
+    stub = set(re.findall(r"^def (\w+)\(", _read("bncore", "_kernels.pyi"), re.M))
+    actual = {n for n in dir(_kernels) if not n.startswith("__") and callable(getattr(_kernels, n))}
+    assert stub == actual, (f"only in the stub: {sorted(stub - actual)}; "
+                            f"only in the module: {sorted(actual - stub)}")
+    assert os.path.exists(os.path.join(ROOT, "bncore", "py.typed"))

@@ -145,7 +145,8 @@ def test_common_calls_take_the_fast_path(rng):
     lambda x, w, b, rm, rv: _kernels.fast_backward(x, x, rm, rv, w, 1, True, None, "relu",
                                                    None, None, False),
 ], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis", "huge-axis",
-        "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
+        "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value", "dy-shape",
+        "relu-no-y"])
 def test_unusual_inputs_take_the_full_path(rng, call):
     x, w, b, rm, rv = _data(rng, (4, 6, 5), 1, np.float32)
     before = rm.copy(), rv.copy()
