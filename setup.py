@@ -72,8 +72,6 @@ def openmp_candidates(compiler_type):
 
 def probe_openmp(compiler):
     """The first OpenMP flag set this compiler builds and runs a program with, or None."""
-    if os.environ.get("BNCORE_NO_OPENMP"):
-        return None
     for cand in openmp_candidates(compiler.compiler_type):
         name, cargs, largs, incs, libs = cand
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,11 +99,15 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         ctype = self.compiler.compiler_type
-        omp = probe_openmp(self.compiler)
-        if omp is None:
+        omp = None if os.environ.get("BNCORE_NO_OPENMP") else probe_openmp(self.compiler)
+        if os.environ.get("BNCORE_NO_OPENMP"):
+            print("bncore: BNCORE_NO_OPENMP is set: building serial kernels", file=sys.stderr)
+        elif omp is None:
             print("bncore: no OpenMP flag worked with this compiler "
                   f"({', '.join(c[0] for c in openmp_candidates(ctype))}); "
                   "building serial kernels", file=sys.stderr)
+        else:
+            print(f"bncore: OpenMP with {omp[0]}", file=sys.stderr)
         if ctype == "msvc":
             cargs, largs = ["/O2"], []
         else:
