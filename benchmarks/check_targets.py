@@ -45,7 +45,7 @@ def check(results):
         lines.append(f"--- {n} thread(s), bandwidth read {run['bandwidth']['read_GBps']:.1f} "
                      f"copy {run['bandwidth']['copy_GBps']:.1f} GB/s")
         for c in run["cells"]:
-            med, sp = c["median_s"], c["speedup"]
+            sp = c["speedup"]
             if sp.get("torch") is not None:
                 need = 2.0 if (c["op"] == "train" and c["layout"] == "NCHW") else \
                     1.3 if (c["op"] == "train" and c["layout"] == "NC") else 1.0

@@ -526,7 +526,7 @@ def test_convert_sync_batchnorm():
 
 # -- several ranks under mpiexec -----------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mpiexec_command():
     mpi()
     here = Path(sys.executable).parent

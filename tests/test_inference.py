@@ -502,7 +502,7 @@ def test_keras_loader_against_keras_formulas(rng, as_dict):
     want, _, _ = _keras_reference(x, g64, b64, mm64, mv64, 1e-3, 0.9, False)
     np.testing.assert_allclose(bn(x), want, **_tol(np.float32))
     bn.train()
-    for step in range(2):
+    for _ in range(2):
         want, mm64, mv64 = _keras_reference(x, g64, b64, mm64, mv64, 1e-3, 0.9, True)
         np.testing.assert_allclose(bn(x), want, **_tol(np.float32))
         np.testing.assert_allclose(bn.running_mean, mm64, **_tol(np.float32))
@@ -523,7 +523,7 @@ def test_keras_loader_without_scale_or_center(rng):
 
 def _onnx_model(w, b, rm, rv, x_shape, *, epsilon=1e-5, momentum=None, training=False,
                 const_scale=False, opset=15):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
     elem = TensorProto.FLOAT if w.dtype == np.float32 else TensorProto.DOUBLE
     inits = [numpy_helper.from_array(a, n) for a, n in ((b, "B"), (rm, "mean"), (rv, "var"))]
