@@ -4,7 +4,25 @@ import pytest
 
 import bncore
 import reference as ref
-from conftest import DTYPES, LAYOUTS, TOL, layout_id
+from reference import TOL
+
+# (shape, axis) covering axis=1 with 2-5 dims, channels-last and odd axes
+LAYOUTS = [
+    ((37, 5), 1),
+    ((6, 4, 33), 1),
+    ((3, 5, 7, 9), 1),
+    ((2, 3, 4, 5, 6), 1),
+    ((4, 6, 7, 5), -1),
+    ((50, 3), -1),
+    ((4, 3, 5, 6), 2),
+    ((5, 4, 6), 0),
+]
+DTYPES = [np.float32, np.float64]
+
+
+def layout_id(p):
+    shape, axis = p
+    return "x".join(map(str, shape)) + f"-ax{axis}"
 
 
 def _data(rng, shape, axis, dtype, offset=0.0):
