@@ -14,10 +14,10 @@ import numpy as np
 # gradients and other sums over the whole batch, whose rounding grows with it.
 TOL = {np.float16: dict(rtol=2e-3, atol=4e-3),
        np.float32: dict(rtol=2e-5, atol=2e-5),
-       np.float64: dict(rtol=1e-11, atol=1e-11)}
+       np.float64: dict(rtol=1e-12, atol=1e-12)}
 GRAD_TOL = {np.float16: dict(rtol=5e-3, atol=5e-3),
             np.float32: dict(rtol=1e-4, atol=1e-4),
-            np.float64: dict(rtol=1e-10, atol=1e-10)}
+            np.float64: dict(rtol=1e-11, atol=1e-11)}
 
 
 def tol(dtype, grad=False, scale=1.0):

@@ -266,7 +266,6 @@ def test_empty_channels_and_zero_batch(rng):
     assert count == 0 and not mean.any() and not m2.any()
 
 
-
 @pytest.mark.parametrize("shape,axis", [
     ((10, 40, 7), 1),          # short inner runs: row layout, tiles of whole channels
     ((3000, 100, 3), 1),       # ... over several rounds

@@ -211,7 +211,6 @@ def test_hundreds_of_thousands_of_channels(shape, axis):
     np.testing.assert_allclose(m2, m2_ref, rtol=1e-9, atol=1e-9)
 
 
-
 # ---- no elements ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,axis", [((257, 0), 0), ((4, 3, 0), 1), ((2, 300, 0), 1),
