@@ -27,6 +27,12 @@ def tol(dtype, grad=False, scale=1.0):
     return dict(rtol=t["rtol"], atol=t["atol"] * scale)
 
 
+# Norm-wise bounds for assert_close (the largest error over the largest value),
+# tighter than the element-wise float32 entry: one rounding of the largest value
+# bounds every error.
+NORM_RTOL = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}
+
+
 def assert_close(got, want, rtol, what=""):
     """max |got - want| <= rtol * max(1, max |want|): a norm-wise bound, for
     results whose small entries carry the rounding of the large ones."""
