@@ -41,8 +41,8 @@ LAYOUTS = [((6, 4), 1), ((5, 3, 7), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1),
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_stats_match_oracle(shape, axis, dtype):
-    x = sample(np.random.default_rng(0), shape, dtype, offset=3.0)
+def test_stats_match_oracle(rng, shape, axis, dtype):
+    x = sample(rng, shape, dtype, offset=3.0)
     count, mean, m2 = bncore.batch_norm_stats(x, axis=axis)
     n, mean_o, m2_o = ref.stats(x, axis)
     assert count == n and isinstance(count, (int, np.integer))
@@ -51,8 +51,8 @@ def test_stats_match_oracle(shape, axis, dtype):
     ref.assert_close(m2, m2_o, RTOL[dtype], "m2")
 
 
-def test_stats_any_memory_layout():
-    base = sample(np.random.default_rng(1), (6, 8, 5), np.float64)
+def test_stats_any_memory_layout(rng):
+    base = sample(rng, (6, 8, 5), np.float64)
     for x in (base[::-1, ::2], np.asfortranarray(base), base.transpose(2, 1, 0)):
         count, mean, m2 = bncore.batch_norm_stats(x, axis=1)
         n, mean_o, m2_o = ref.stats(x, 1)
@@ -61,8 +61,8 @@ def test_stats_any_memory_layout():
         ref.assert_close(m2, m2_o, 1e-13)
 
 
-def test_stats_float16_input():
-    x = sample(np.random.default_rng(2), (16, 3, 4), np.float16)
+def test_stats_float16_input(rng):
+    x = sample(rng, (16, 3, 4), np.float16)
     count, mean, m2 = bncore.batch_norm_stats(x)
     n, mean_o, m2_o = ref.stats(x)
     assert count == n
@@ -80,9 +80,9 @@ def test_stats_zero_samples(shape, axis):
     assert not mean.any() and not m2.any()
 
 
-def test_stats_float32_huge_offset():
+def test_stats_float32_huge_offset(rng):
     # |mean| >> std: E[x^2] - E[x]^2 would lose every digit of the variance.
-    x = sample(np.random.default_rng(3), (4096, 3), np.float32,
+    x = sample(rng, (4096, 3), np.float32,
                offset=1e4, scale=1.0)
     _, mean, m2 = bncore.batch_norm_stats(x)
     _, mean_o, m2_o = ref.stats(x)
@@ -164,8 +164,7 @@ def test_merge_is_associative(seed):
         ref.assert_close(other[2], flat[2], 1e-12, name + " m2")
 
 
-def test_merge_count_zero_triples():
-    rng = np.random.default_rng(7)
+def test_merge_count_zero_triples(rng):
     x = sample(rng, (9, 3), np.float64, offset=5.0)
     one = bncore.batch_norm_stats(x)
     empty = bncore.batch_norm_stats(x[:0])
@@ -186,8 +185,8 @@ def test_merge_count_zero_triples():
     assert np.isfinite(mean).all() and np.isfinite(m2).all()
 
 
-def test_merge_single_triple_is_identity():
-    x = sample(np.random.default_rng(8), (6, 4), np.float64)
+def test_merge_single_triple_is_identity(rng):
+    x = sample(rng, (6, 4), np.float64)
     count, mean, m2 = bncore.batch_norm_stats(x)
     got = bncore.merge_stats(np.array([count]), mean[None], m2[None])
     assert got[0] == count
@@ -195,9 +194,8 @@ def test_merge_single_triple_is_identity():
     np.testing.assert_array_equal(got[2], m2)
 
 
-def test_merge_huge_offset_stays_accurate():
+def test_merge_huge_offset_stays_accurate(rng):
     # Shards far from zero with small spread: Chan's formula keeps M2.
-    rng = np.random.default_rng(9)
     x = 1e8 + rng.standard_normal((1000, 2))
     count, mean, m2 = bncore.merge_stats(*split_stats(x, [100, 450, 451]))
     _, mean_o, m2_o = ref.stats(x)
@@ -217,8 +215,7 @@ def test_merge_bad_input():
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_elemt_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(10)
+def test_elemt_matches_oracle(rng, shape, axis, dtype):
     x = sample(rng, shape, dtype)
     c = shape[axis]
     mean, invstd = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
@@ -232,8 +229,7 @@ def test_elemt_matches_oracle(shape, axis, dtype):
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backward_reduce_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(11)
+def test_backward_reduce_matches_oracle(rng, shape, axis, dtype):
     x = sample(rng, shape, dtype, offset=2.0)
     dy = sample(rng, shape, dtype)
     mean = ref.stats(x, axis)[1]
@@ -245,9 +241,8 @@ def test_backward_reduce_matches_oracle(shape, axis, dtype):
     ref.assert_close(sum_dy_xmu, want_dy_xmu, RTOL[dtype])
 
 
-def test_backward_reduce_centered_float32():
+def test_backward_reduce_centered_float32(rng):
     # Uncentered sum(dy*x) - mean*sum(dy) cancels catastrophically here.
-    rng = np.random.default_rng(12)
     x = sample(rng, (8192, 2), np.float32, offset=1e4)
     dy = sample(rng, (8192, 2), np.float32)
     mean = ref.stats(x)[1]
@@ -265,8 +260,7 @@ def test_backward_reduce_zero_samples():
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backward_elemt_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(13)
+def test_backward_elemt_matches_oracle(rng, shape, axis, dtype):
     x, dy = sample(rng, shape, dtype), sample(rng, shape, dtype)
     c = shape[axis]
     mean, invstd = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
@@ -302,8 +296,7 @@ def blocks_forward_backward(x, dy, w, b, eps, bounds, axis=1):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((11, 4, 3), 1), ((9, 2, 3, 4), -1)])
-def test_split_batch_equals_whole_batch(dtype, shape, axis):
-    rng = np.random.default_rng(14)
+def test_split_batch_equals_whole_batch(rng, dtype, shape, axis):
     x = sample(rng, shape, dtype, offset=-3.0)
     dy = sample(rng, shape, dtype)
     c = shape[axis]
@@ -318,8 +311,7 @@ def test_split_batch_equals_whole_batch(dtype, shape, axis):
         ref.assert_close(got, want, RTOL[dtype], name)
 
 
-def test_blocks_gradient_matches_finite_differences():
-    rng = np.random.default_rng(15)
+def test_blocks_gradient_matches_finite_differences(rng):
     x = rng.standard_normal((7, 3))
     g = rng.standard_normal((7, 3))  # loss = sum(g * y)
     w, b = rng.normal(size=3), rng.normal(size=3)
@@ -352,14 +344,13 @@ def distributed():
                                     {"affine": False},
                                     {"track_running_stats": False},
                                     {"axis": -1, "dtype": np.float64}])
-def test_sync_single_rank_equals_batchnorm(reduction, kwargs):
+def test_sync_single_rank_equals_batchnorm(rng, reduction, kwargs):
     dist = distributed()
     comm = mpi().COMM_SELF
     dtype = kwargs.get("dtype", np.float32)
     sync = dist.SyncBatchNorm(4, comm=comm, reduction=reduction, **kwargs)
     plain = bncore.BatchNorm(4, **kwargs)
     assert isinstance(sync, bncore.BatchNorm)
-    rng = np.random.default_rng(16)
     for step in range(4):
         if step == 3:
             sync.eval()
@@ -386,9 +377,8 @@ def test_sync_single_rank_equals_batchnorm(reduction, kwargs):
             ref.assert_close(sd[key], sd_ref[key], RTOL[dtype], key)
 
 
-def test_sync_single_rank_float16_and_out():
+def test_sync_single_rank_float16_and_out(rng):
     dist = distributed()
-    rng = np.random.default_rng(18)
     sync = dist.SyncBatchNorm(3, comm=mpi().COMM_SELF)
     plain = bncore.BatchNorm(3)
     x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2),
@@ -408,10 +398,9 @@ def test_sync_single_rank_float16_and_out():
 
 
 @pytest.mark.parametrize("counts", [(7, 5), (0, 4), (3, 0), (0, 0)])
-def test_chan_reduction_operation(counts):
+def test_chan_reduction_operation(rng, counts):
     # The MPI operation of reduction="allreduce", applied as MPI would.
     dist = distributed()
-    rng = np.random.default_rng(19)
     c = 6
     parts = [sample(rng, (n, c), np.float64, offset=40.0) for n in counts]
     recs = []
@@ -451,7 +440,7 @@ def test_sync_rejects_bad_arguments():
         sync.backward(np.ones((3, 3), dtype=np.float32))
 
 
-def test_convert_sync_batchnorm():
+def test_convert_sync_batchnorm(rng):
     dist = distributed()
     comm = mpi().COMM_SELF
     bn1 = bncore.BatchNorm(3, momentum=None)
@@ -473,7 +462,7 @@ def test_convert_sync_batchnorm():
     assert model[0] is bn1  # the input container is left alone
     assert dist.convert_sync_batchnorm(s1) is s1
     assert dist.convert_sync_batchnorm(other) is other
-    x = sample(np.random.default_rng(17), (6, 3), np.float32)
+    x = sample(rng, (6, 3), np.float32)
     plain = bncore.BatchNorm(3, momentum=None)
     ref.assert_close(s1(x), plain(x), 1e-6)
     ref.assert_close(bn1.running_var, plain.running_var, 1e-6)

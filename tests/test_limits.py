@@ -81,7 +81,7 @@ def test_more_than_2_31_elements_without_the_memory(shape, axis):
 
 
 @pytest.mark.slow
-def test_in_place_eval_on_a_9_gb_array():
+def test_in_place_eval_on_a_9_gb_array(rng):
     """Writes every element, so it needs the memory: skipped below 2x the array."""
     n = 2**31 + 2**28 + 7  # 9.7 GB of float32
     if _mem_available() < 2 * 4 * n:
@@ -89,7 +89,6 @@ def test_in_place_eval_on_a_9_gb_array():
                     f"have {_mem_available() / 2**30:.1f}")
     x = np.empty((1, 1, n), np.float32)
     x[...] = 3.0
-    rng = np.random.default_rng(12)
     pos = np.concatenate([[0, n - 1], rng.integers(2**31, n, 20)])
     x.reshape(-1)[pos] = -5.0
     count, mean, m2 = bncore.batch_norm_stats(x)
@@ -120,10 +119,9 @@ SINGLE = [((1, 4), 1), ((1, 4, 1, 1), 1), ((1, 1, 1, 4), -1), ((1, 1), 1), ((1, 
 
 
 @pytest.mark.parametrize("shape,axis", SINGLE, ids=[str(s[0]) for s in SINGLE])
-def test_one_value_per_channel(shape, axis):
+def test_one_value_per_channel(rng, shape, axis):
     """N*HW == 1: training refuses (no variance), leaving state as it was;
     everything that does not need a batch variance works."""
-    rng = np.random.default_rng(13)
     x = rng.standard_normal(shape)
     dy = rng.standard_normal(shape)
     C = shape[axis]
@@ -157,8 +155,7 @@ def test_one_value_per_channel(shape, axis):
 @pytest.mark.parametrize("shape,axis", [((50, 1), 1), ((4, 1, 9, 9), 1), ((3, 7, 7, 1), -1),
                                         ((2, 1), 1), ((70000, 1), -1), ((2, 1, 40000), 1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_channel(shape, axis, dtype):
-    rng = np.random.default_rng(14)
+def test_one_channel(rng, shape, axis, dtype):
     x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     w, b = np.array([1.5]), np.array([-0.5])
@@ -181,8 +178,7 @@ def test_one_channel(shape, axis, dtype):
 @pytest.mark.parametrize("shape,axis", [((4, 300_000), 1), ((2, 300_000, 3), 1),
                                         ((2, 2, 300_000), -1), ((3, 2, 200_001), 2)],
                          ids=["NC", "NCL", "NLC", "odd-axis"])
-def test_hundreds_of_thousands_of_channels(shape, axis):
-    rng = np.random.default_rng(15)
+def test_hundreds_of_thousands_of_channels(rng, shape, axis):
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     C = shape[axis]

@@ -18,8 +18,7 @@ def _run_all(x, dy, axis, **kw):
 
 @pytest.mark.parametrize("shape,axis", [((16, 8, 40, 40), 1), ((16, 40, 40, 8), -1),
                                         ((4096, 64), 1), ((2, 3, 200, 200), 1)])
-def test_thread_count_invariance(shape, axis):
-    rng = np.random.default_rng(0)
+def test_thread_count_invariance(rng, shape, axis):
     x = (rng.standard_normal(shape) + 50).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
@@ -33,8 +32,7 @@ def test_thread_count_invariance(shape, axis):
         np.testing.assert_array_equal(a, c)
 
 
-def test_concurrent_python_threads_match_serial():
-    rng = np.random.default_rng(1)
+def test_concurrent_python_threads_match_serial(rng):
     cases = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32), ax)
              for s, ax in [((8, 16, 30, 30), 1), ((8, 30, 30, 16), -1), ((2048, 32), 1),
                            ((4, 3, 7, 7), 1)]]
