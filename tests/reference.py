@@ -121,7 +121,8 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, training=True):
     dweight = (dy64 * xhat).sum(red)
     k = (w * np.asarray(invstd, np.float64)).reshape(shape)
     if training:
-        dx = k * (dy64 - dy64.mean(red, keepdims=True) - xhat * (dy64 * xhat).mean(red, keepdims=True))
+        dx = k * (dy64 - dy64.mean(red, keepdims=True)
+                  - xhat * (dy64 * xhat).mean(red, keepdims=True))
     else:
         dx = k * dy64
     return dx, dweight, dbias
@@ -138,7 +139,8 @@ def backward_reduce(dy, x, mean, axis=1):
     """(sum dy, sum dy * (x - mean)) per channel."""
     red, shape = axes(x, axis)
     dy64 = np.asarray(dy, np.float64)
-    return dy64.sum(red), (dy64 * (np.asarray(x, np.float64) - _per_channel(mean, shape, 0.0))).sum(red)
+    xmu = np.asarray(x, np.float64) - _per_channel(mean, shape, 0.0)
+    return dy64.sum(red), (dy64 * xmu).sum(red)
 
 
 def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1):
@@ -175,8 +177,8 @@ def ghost_train(x, virtual_batch_size, weight=None, bias=None, axis=1, eps=1e-5)
     """Batch norm of each ghost batch of virtual_batch_size samples along axis 0:
     (y, mean, invstd, unbiased var), the statistics shaped (ghost batches, C)."""
     parts = [train(x[s], weight, bias, axis, eps) for s in ghost_slices(len(x), virtual_batch_size)]
-    return (np.concatenate([p[0] for p in parts]),) + tuple(np.stack([p[i] for p in parts])
-                                                           for i in (1, 2, 3))
+    stacked = (np.stack([p[i] for p in parts]) for i in (1, 2, 3))
+    return (np.concatenate([p[0] for p in parts]), *stacked)
 
 
 def ghost_backward(dy, x, mean, invstd, virtual_batch_size, weight=None, axis=1):

@@ -233,8 +233,7 @@ def test_backward_reduce_matches_oracle(rng, shape, axis, dtype):
     x = sample(rng, shape, dtype, offset=2.0)
     dy = sample(rng, shape, dtype)
     mean = ref.stats(x, axis)[1]
-    sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(dy, x, mean,
-                                                          axis=axis)
+    sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(dy, x, mean, axis=axis)
     assert sum_dy.dtype == sum_dy_xmu.dtype == np.float64
     want_dy, want_dy_xmu = ref.backward_reduce(dy, x, mean, axis)
     ref.assert_close(sum_dy, want_dy, RTOL[dtype])
@@ -381,8 +380,7 @@ def test_sync_single_rank_float16_and_out(rng):
     dist = distributed()
     sync = dist.SyncBatchNorm(3, comm=mpi().COMM_SELF)
     plain = bncore.BatchNorm(3)
-    x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2),
-                                                        np.float16)
+    x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2), np.float16)
     y, y_ref = sync(x), plain(x)
     assert y.dtype == np.float16
     ref.assert_close(y, y_ref, 2e-3, "y")

@@ -160,7 +160,7 @@ def test_one_channel(rng, shape, axis, dtype):
     dy = rng.standard_normal(shape).astype(dtype)
     w, b = np.array([1.5]), np.array([-0.5])
     rm, rv = np.zeros(1), np.ones(1)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    tol = ref.GRAD_TOL[dtype]
     y, m, inv = bncore.batch_norm_train(x, w, b, axis=axis, running_mean=rm, running_var=rv)
     y_ref, m_ref, inv_ref, var_u = ref.train(x, w, b, axis)
     np.testing.assert_allclose(y, y_ref, **tol)
