@@ -1,6 +1,7 @@
-"""Concurrency: 8 Python threads hammering every function with OpenMP on get
-exactly the serial results; a process forked after OpenMP has run does not
-deadlock (bncore runs serially in a forked child, see RELIABILITY.md)."""
+"""Threads: results do not depend on the OpenMP thread count; 8 Python
+threads hammering every function with OpenMP on get exactly the serial
+results; a process forked after OpenMP has run does not deadlock (bncore runs
+serially in a forked child, see RELIABILITY.md)."""
 import multiprocessing as mp
 import os
 import threading
@@ -59,6 +60,23 @@ CALLS_PER_ALL = 11  # public calls made by one _all(): 8 functions, 3 layer call
 
 def _same(a, b):
     return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 8, 40, 40), 1), ((16, 40, 40, 8), -1),
+                                        ((4096, 64), 1), ((2, 3, 200, 200), 1)])
+def test_thread_count_invariance(rng, shape, axis):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x = (rng.standard_normal(shape) + 50).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        one = _all(x, dy, axis, None)
+    with threadpoolctl.threadpool_limits(2, user_api="openmp"):
+        two = _all(x, dy, axis, None)
+    explicit = _all(x, dy, axis, 3)
+    for a, b, c in zip(one, two, explicit):
+        # fixed blocking and merge order: identical, not merely close
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
 
 
 def test_eight_threads_get_the_serial_results():
