@@ -15,47 +15,71 @@ from reference import GRAD_TOL as GTOL
 from reference import TOL
 
 
-# ---- layer norm ------------------------------------------------------------------------------
+# ---- layer and group norm against the reference ------------------------------------------------
 
-LN_CASES = [((13, 7), (7,)), ((3, 5, 16), (16,)), ((2, 3, 4, 5), (4, 5)),
-            ((2, 3, 4, 5), (2, 3, 4, 5)), ((8, 768), (768,)), ((5,), (5,)),
-            ((3, 17000), (17000,)), ((2, 2, 9000), (2, 9000))]
-LN_IDS = ["x".join(map(str, s)) + "-ns" + "x".join(map(str, n)) for s, n in LN_CASES]
+# name: (train, apply, backward, reference, reference backward, (scale, offset, eps) of the data)
+FAMILY = {
+    "layer_norm": (bncore.layer_norm_train, bncore.layer_norm, bncore.layer_norm_backward,
+                   ref.layer_norm, ref.layer_norm_backward, (3, 5, 1e-4)),
+    "group_norm": (bncore.group_norm_train, bncore.group_norm, bncore.group_norm_backward,
+                   ref.group_norm, ref.group_norm_backward, (2, -4, 1e-3)),
+}
 
 
-@pytest.mark.parametrize("shape,ns", LN_CASES, ids=LN_IDS)
+def _dims(v):
+    return "x".join(map(str, v))
+
+
+# (name, x's shape, normalized_shape or num_groups, the affine parameters' shape)
+CASES = [("layer_norm", s, ns, ns) for s, ns in [
+    ((13, 7), (7,)), ((3, 5, 16), (16,)), ((2, 3, 4, 5), (4, 5)), ((2, 3, 4, 5), (2, 3, 4, 5)),
+    ((8, 768), (768,)), ((5,), (5,)), ((3, 17000), (17000,)), ((2, 2, 9000), (2, 9000))]] + [
+    ("group_norm", s, G, (s[1],)) for s, G in [
+        ((4, 6, 5, 3), 3), ((2, 8, 7), 4), ((5, 4), 2), ((2, 32, 9, 9), 32), ((3, 6, 3, 3), 1),
+        ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2), ((2, 4, 130, 130), 1)]]
+IDS = [f"{n}-{_dims(s)}-" + (f"ns{_dims(a)}" if n == "layer_norm" else f"g{a}")
+       for n, s, a, _ in CASES]
+
+
+@pytest.mark.parametrize("name,shape,arg,pshape", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_matches_reference(rng, shape, ns, dtype, affine):
-    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
-    w = rng.uniform(0.5, 1.5, ns).astype(dtype) if affine else None
-    b = rng.standard_normal(ns).astype(dtype) if affine else None
-    y, mean, invstd = bncore.layer_norm_train(x, ns, w, b, eps=1e-4)
-    y_ref, m_ref, inv_ref = ref.layer_norm(x, ns, w, b, eps=1e-4)
+def test_matches_reference(rng, name, shape, arg, pshape, dtype, affine):
+    train, apply, backward, forward_ref, backward_ref, (scale, offset, eps) = FAMILY[name]
+    x = (rng.standard_normal(shape) * scale + offset).astype(dtype)
+    w = rng.uniform(0.5, 1.5, pshape).astype(dtype) if affine else None
+    b = rng.standard_normal(pshape).astype(dtype) if affine else None
+    y, mean, invstd = train(x, arg, w, b, eps=eps)
+    y_ref, m_ref, inv_ref = forward_ref(x, arg, w, b, eps=eps)
     assert y.dtype == mean.dtype == invstd.dtype == dtype
     assert mean.shape == invstd.shape == m_ref.shape
     np.testing.assert_allclose(y, y_ref, **TOL[dtype])
     np.testing.assert_allclose(mean, m_ref, **TOL[dtype])
     np.testing.assert_allclose(invstd, inv_ref, **TOL[dtype])
-    np.testing.assert_array_equal(bncore.layer_norm(x, ns, w, b, eps=1e-4), y)
+    np.testing.assert_array_equal(apply(x, arg, w, b, eps=eps), y)
 
     dy = rng.standard_normal(shape).astype(dtype)
-    dx, dw, db = bncore.layer_norm_backward(dy, x, ns, mean, invstd, w)
-    for got, want in zip((dx, dw, db), ref.layer_norm_backward(dy, x, ns, m_ref, inv_ref, w)):
+    dx, dw, db = backward(dy, x, arg, mean, invstd, w)
+    for got, want in zip((dx, dw, db), backward_ref(dy, x, arg, m_ref, inv_ref, w)):
         np.testing.assert_allclose(got, want, **GTOL[dtype])
-    assert dw.shape == db.shape == tuple(ns) and dw.dtype == dtype
+    assert dw.shape == db.shape == tuple(pshape) and dw.dtype == dtype
 
 
-@pytest.mark.parametrize("shape,ns", [((4, 3), (3,)), ((2, 3, 2), (3, 2)), ((3, 2, 2), (2,))])
-def test_layer_norm_finite_differences(rng, shape, ns):
+@pytest.mark.parametrize("name,shape,arg,pshape", [
+    ("layer_norm", (4, 3), (3,), (3,)), ("layer_norm", (2, 3, 2), (3, 2), (3, 2)),
+    ("layer_norm", (3, 2, 2), (2,), (2,)), ("group_norm", (2, 4, 3), 1, (4,)),
+    ("group_norm", (2, 4, 3), 2, (4,))])
+def test_finite_differences(rng, name, shape, arg, pshape):
+    train, apply, backward = FAMILY[name][:3]
     x = rng.standard_normal(shape)
-    w, b = rng.uniform(0.5, 1.5, ns), rng.standard_normal(ns)
+    w, b = rng.uniform(0.5, 1.5, pshape), rng.standard_normal(pshape)
     g = rng.standard_normal(shape)
-    _, mean, invstd = bncore.layer_norm_train(x, ns, w, b)
-    grads = bncore.layer_norm_backward(g, x, ns, mean, invstd, w)
-    ref.assert_grads(lambda: float(np.sum(bncore.layer_norm(x, ns, w, b) * g)),
-                     zip((x, w, b), grads))
+    _, mean, invstd = train(x, arg, w, b)
+    grads = backward(g, x, arg, mean, invstd, w)
+    ref.assert_grads(lambda: float(np.sum(apply(x, arg, w, b) * g)), zip((x, w, b), grads))
 
+
+# ---- layer norm ------------------------------------------------------------------------------
 
 def test_layer_norm_float32_accuracy_far_from_zero(rng):
     # |mean| >> std: E[x^2] - E[x]^2 would lose every digit of the variance in float32
@@ -117,44 +141,6 @@ def test_layer_norm_empty_rows():
 
 
 # ---- group and instance norm -------------------------------------------------------------------
-
-GN_CASES = [((4, 6, 5, 3), 3), ((2, 8, 7), 4), ((5, 4), 2), ((2, 32, 9, 9), 32), ((3, 6, 3, 3), 1),
-            ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2), ((2, 4, 130, 130), 1)]
-GN_IDS = ["x".join(map(str, s)) + f"-g{g}" for s, g in GN_CASES]
-
-
-@pytest.mark.parametrize("shape,G", GN_CASES, ids=GN_IDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_matches_reference(rng, shape, G, dtype, affine):
-    C = shape[1]
-    x = (rng.standard_normal(shape) * 2 - 4).astype(dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype) if affine else None
-    b = rng.standard_normal(C).astype(dtype) if affine else None
-    y, mean, invstd = bncore.group_norm_train(x, G, w, b, eps=1e-3)
-    y_ref, m_ref, inv_ref = ref.group_norm(x, G, w, b, eps=1e-3)
-    assert y.dtype == mean.dtype == dtype and mean.shape == (shape[0], G)
-    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
-    np.testing.assert_allclose(mean, m_ref, **TOL[dtype])
-    np.testing.assert_allclose(invstd, inv_ref, **TOL[dtype])
-    np.testing.assert_array_equal(bncore.group_norm(x, G, w, b, eps=1e-3), y)
-
-    dy = rng.standard_normal(shape).astype(dtype)
-    dx, dw, db = bncore.group_norm_backward(dy, x, G, mean, invstd, w)
-    for got, want in zip((dx, dw, db), ref.group_norm_backward(dy, x, G, m_ref, inv_ref, w)):
-        np.testing.assert_allclose(got, want, **GTOL[dtype])
-
-
-@pytest.mark.parametrize("G", [1, 2])
-def test_group_norm_finite_differences(rng, G):
-    x = rng.standard_normal((2, 4, 3))
-    w, b = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
-    g = rng.standard_normal(x.shape)
-    _, mean, invstd = bncore.group_norm_train(x, G, w, b)
-    grads = bncore.group_norm_backward(g, x, G, mean, invstd, w)
-    ref.assert_grads(lambda: float(np.sum(bncore.group_norm(x, G, w, b) * g)),
-                     zip((x, w, b), grads))
-
 
 def test_instance_norm_reference_and_running_stats(rng):
     x = rng.standard_normal((3, 4, 5, 2)) * 2 + 1
