@@ -79,11 +79,12 @@ def test_thread_count_invariance(rng, shape, axis):
         np.testing.assert_array_equal(a, c)
 
 
-def test_eight_threads_get_the_serial_results():
+@pytest.mark.parametrize("n_workers", [4, THREADS])
+def test_python_threads_get_the_serial_results(n_workers):
     cases = _cases()
     serial = [_all(x, dy, axis, 1) for x, dy, axis in cases]
-    errors, done = [], [0] * THREADS
-    start = threading.Barrier(THREADS)
+    errors, done = [], [0] * n_workers
+    start = threading.Barrier(n_workers)
 
     def worker(k):
         try:
@@ -98,7 +99,7 @@ def test_eight_threads_get_the_serial_results():
         except Exception as e:  # noqa: BLE001 -- reported below
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(THREADS)]
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(n_workers)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + TIMEOUT
@@ -106,7 +107,7 @@ def test_eight_threads_get_the_serial_results():
         t.join(timeout=max(0.1, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "threads still running: deadlock?"
     assert not errors, errors[:3]
-    assert sum(done) == THREADS * ROUNDS  # THREADS * ROUNDS * CALLS_PER_ALL calls in all
+    assert sum(done) == n_workers * ROUNDS  # n_workers * ROUNDS * CALLS_PER_ALL calls in all
 
 
 def test_threads_share_one_layer_read_only_in_eval():
