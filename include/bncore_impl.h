@@ -328,7 +328,11 @@ static int bn_bad_shape(bn_shape s, size_t elsize)
     return oc > 0 && s.inner > lim / oc;
 }
 
-static int64_t bn_numel(bn_shape s) { return s.outer * s.channels * s.inner; }
+/* Elements of s; 0 for a shape bn_bad_shape rejects (no overflow to reach). */
+static int64_t bn_numel(bn_shape s)
+{
+    return bn_bad_shape(s, 1) ? 0 : s.outer * s.channels * s.inner;
+}
 
 /* eps: finite and >= 0 (NaN fails both comparisons). */
 static int bn_bad_eps(double eps) { return !(eps >= 0 && eps <= DBL_MAX); }
