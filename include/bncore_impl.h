@@ -365,21 +365,19 @@ int bn_merge_stats(int64_t k, int64_t channels, const double *count,
         return BN_EINVAL;
     for (int64_t j = 0; j < k; j++)
         if (!(count[j] >= 0 && count[j] <= DBL_MAX)) return BN_EINVAL;
-    /* bn_chan's arithmetic, part by part, with channels innermost (contiguous) */
+    /* bn_chan, the one merge formula, part by part for each channel (k is the
+     * number of processes or ghost batches: the strided reads cost nothing) */
     double n = 0;
-    for (int64_t c = 0; c < channels; c++) out_mean[c] = out_m2[c] = 0;
-    for (int64_t j = 0; j < k; j++) {
-        double nb = count[j];
-        if (nb == 0) continue;
-        double f = nb / (n + nb);
-        const double *mj = mean + j * channels, *qj = m2 + j * channels;
-        for (int64_t c = 0; c < channels; c++) {
-            double d = mj[c] - out_mean[c];
-            out_mean[c] += d * f;
-            out_m2[c] += qj[c] + d * d * n * f;
-        }
-        n += nb;
+    for (int64_t c = 0; c < channels; c++) {
+        double a = 0, q = 0;
+        n = 0;
+        for (int64_t j = 0; j < k; j++)
+            bn_chan(&n, &a, &q, count[j], mean[j * channels + c], m2[j * channels + c]);
+        out_mean[c] = a;
+        out_m2[c] = q;
     }
+    if (channels == 0)
+        for (int64_t j = 0; j < k; j++) n += count[j];
     *out_count = n;
     return 0;
 }
