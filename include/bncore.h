@@ -211,7 +211,7 @@ int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_me
 
 /* Build description: compiler, OpenMP, SIMD targets. Static string. */
 const char *bn_build_info(void);
-/* Threads a call with n_threads <= 0 would use (omp_get_max_threads()). */
+/* Threads a call with n_threads = 0 would use (omp_get_max_threads()). */
 int bn_default_threads(void);
 
 /* ---- Normalization family: layer, group and instance normalization ---------
