@@ -668,3 +668,24 @@ def fast_backward(dy, x, save_mean, save_invstd, weight, axis, training, out, ac
         return dx, _stat_array(dw, C, k), _stat_array(db, C, k)
     finally:
         free(buf)
+
+
+# ---- fresh outputs through a bounded cache of freed buffers (bncore/_alloc.h) ----------------
+
+cdef extern from "_alloc.h":
+    object bn_out_empty(object shape, object dtype)
+    object bn_out_cache(object enabled, object max_bytes)
+
+
+def empty_output(shape, dtype):
+    """np.empty(shape, dtype) for a bncore output: arrays of 4 MiB and more
+    reuse a recently freed output buffer of a fitting size (already faulted
+    in) when the cache is on. An ordinary ndarray that owns its memory."""
+    return bn_out_empty(shape, dtype)
+
+
+def output_cache(enabled=None, max_bytes=None):
+    """The output cache's state and counters (dict); enabled=False turns it
+    off and frees what it holds, max_bytes bounds the bytes it may hold
+    (default 256 MiB, or BNCORE_OUTPUT_CACHE=<MiB>; =0 turns it off)."""
+    return bn_out_cache(enabled, max_bytes)
