@@ -670,9 +670,9 @@ def fast_backward(dy, x, save_mean, save_invstd, weight, axis, training, out, ac
         free(buf)
 
 
-# ---- fresh outputs through a bounded cache of freed buffers (bncore/_alloc.h) ----------------
+# ---- fresh outputs through a bounded cache of freed buffers (include/bncore_alloc.h) ------
 
-cdef extern from "_alloc.h":
+cdef extern from "bncore_alloc.h":
     object bn_out_empty(object shape, object dtype)
     object bn_out_cache(object enabled, object max_bytes)
 

@@ -1,4 +1,4 @@
-"""The output cache (bncore/_alloc.h): fresh bncore outputs of 4 MiB and more
+"""The output cache (include/bncore_alloc.h): fresh bncore outputs of 4 MiB and more
 reuse recently freed output buffers. Reused buffers must never alias a live
 array, whoever frees them (other threads, a forked child); the cache holds at
 most max_bytes; turning it off frees what it holds and restores plain

@@ -1,7 +1,10 @@
-/* _alloc.h -- the output cache of the Python extension (not part of the C API
- * in include/): a NumPy memory handler (PyDataMem_Handler, NumPy >= 1.22)
- * that bncore installs only around the allocation of its own large output
- * arrays. Such an array remembers the handler and frees through it; a freed
+/* bncore_alloc.h -- the output cache of the Python extension, included by
+ * bncore/_kernels.pyx only: NOT part of the C API (bncore.h does not include
+ * it, and it needs Python and NumPy). It lives here so that the include path
+ * and the source distribution carry it with the other headers.
+ *
+ * A NumPy memory handler (PyDataMem_Handler, NumPy >= 1.22) that bncore
+ * installs only around the allocation of its own large output arrays. Such an array remembers the handler and frees through it; a freed
  * buffer, already faulted in, is kept in a small bounded cache and handed to
  * the next bncore output of a fitting size. A fresh multi-MB output
  * otherwise costs a page fault (and the kernel zeroing a page) per 4 KiB or
