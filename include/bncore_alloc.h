@@ -4,8 +4,9 @@
  * and the source distribution carry it with the other headers.
  *
  * A NumPy memory handler (PyDataMem_Handler, NumPy >= 1.22) that bncore
- * installs only around the allocation of its own large output arrays. Such an array remembers the handler and frees through it; a freed
- * buffer, already faulted in, is kept in a small bounded cache and handed to
+ * installs only around the allocation of its own large output arrays. Such
+ * an array remembers the handler and frees through it; a freed buffer,
+ * already faulted in, is kept in a small bounded cache and handed to
  * the next bncore output of a fitting size. A fresh multi-MB output
  * otherwise costs a page fault (and the kernel zeroing a page) per 4 KiB or
  * 2 MiB: about as long as the batch-norm pass that writes it.
@@ -21,8 +22,9 @@
  * bncore._kernels.output_cache(enabled=False) turns it off at run time and
  * releases what it holds.
  *
- * Thread safety: every operation takes bn_cache.lock (a PyThread lock, which
- * needs no GIL). Fork: a child process drops the parent's cached buffers at
+ * Thread safety: every operation takes bn_cache.lock (a PyThread lock), so
+ * buffers may be allocated and freed from any thread; the first use (which
+ * makes the lock) runs under the GIL, as every NumPy allocation does. Fork: a child process drops the parent's cached buffers at
  * its first use (their pages are shared copy-on-write, so reusing them would
  * fault again) and makes a new lock. */
 #ifndef BNCORE_ALLOC_H
@@ -72,7 +74,11 @@ static void *bn_raw_alloc(size_t cap, int zero)
     char *base = NULL;
     if (cap > (size_t)-1 - BN_CACHE_ALIGN) return NULL;
     if (cap >= BN_CACHE_MIN) {
+#ifdef _WIN32
+        if (!(base = (char *)malloc(cap + BN_CACHE_HEAD))) return NULL;
+#else
         if (posix_memalign((void **)&base, BN_CACHE_ALIGN, cap + BN_CACHE_HEAD)) return NULL;
+#endif
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
         /* as NumPy's default allocator does for arrays of 4 MiB and more:
          * 512x fewer faults where transparent huge pages are `madvise` */
