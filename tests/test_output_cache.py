@@ -211,3 +211,21 @@ def test_a_forked_child_drops_the_parents_buffers():
     a = K.empty_output((6 * MIB,), np.uint8)
     assert K.output_cache()["hits"] == s["hits"] + 1 and np.all(keep == 7)
     del a
+
+
+def test_resizing_an_output_keeps_its_data():
+    """ndarray.resize reallocates through the array's handler (ours)."""
+    a = K.empty_output((5 * MIB,), np.uint8)
+    a[...] = np.arange(a.size, dtype=np.uint64) % 251
+    a.resize((9 * MIB,), refcheck=False)  # grows: a new buffer, the data copied
+    assert np.array_equal(a[:5 * MIB], np.arange(5 * MIB, dtype=np.uint64) % 251)
+    a[5 * MIB:] = 1
+    a.resize((6 * MIB,), refcheck=False)  # shrinks in place
+    assert np.array_equal(a[:5 * MIB], np.arange(5 * MIB, dtype=np.uint64) % 251)
+    assert np.all(a[5 * MIB:] == 1)
+    del a
+    s = K.output_cache()  # freed with its capacity: held, and reused by a fitting output
+    assert s["held_buffers"] == 1 and s["held_bytes"] == 9 * MIB
+    b = K.empty_output((8 * MIB,), np.uint8)
+    assert K.output_cache()["hits"] == s["hits"] + 1
+    del b
