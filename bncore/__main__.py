@@ -38,7 +38,7 @@ def main(argv=None):
     if cmd == "selfcheck":
         return selfcheck()
     if cmd == "demo":
-        from bncore.demo import main as demo
+        from bncore.demos import main as demo
         return demo(argv[1:])
     if cmd == "bench":
         from bncore.bench import main as bench
