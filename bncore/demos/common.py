@@ -132,7 +132,7 @@ class Adam:
             self.moments = [(np.zeros_like(p), np.zeros_like(p)) for p, _ in pairs]
         scale = 1.0
         if self.max_norm is not None:
-            norm = np.sqrt(sum(float(np.vdot(g, g)) for _, g in pairs))
+            norm = np.sqrt(sum(np.vdot(g, g) for g in (g.astype(np.float64) for _, g in pairs)))
             scale = min(1.0, self.max_norm / (norm + 1e-12))
         self.t += 1
         b1, b2 = self.betas

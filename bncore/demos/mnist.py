@@ -42,15 +42,18 @@ class MLP:
     """[Linear -> (BatchNorm) -> sigmoid] per hidden layer, then Linear -> softmax.
 
     With ``batch_norm`` the hidden layers have no bias: BN's beta takes its
-    place. ``sigmoid_input`` holds the last hidden layer's sigmoid input from
-    the most recent forward pass (the quantity of the paper's panels b and c).
+    place. ``make_norm(num_features, dtype)`` builds another batch-norm-like
+    layer than ``bncore.BatchNorm`` (the renorm demo's ``BatchRenorm``).
+    ``sigmoid_input`` holds the last hidden layer's sigmoid input from the most
+    recent forward pass (the quantity of the paper's panels b and c).
     """
 
-    def __init__(self, weights, *, batch_norm, dtype=np.float32):
+    def __init__(self, weights, *, batch_norm, dtype=np.float32, make_norm=None):
         last = len(weights) - 1
+        make_norm = make_norm or (lambda n, dtype: BatchNorm(n, dtype=dtype))
         self.linears = [Linear(w.astype(dtype), bias=not batch_norm or i == last)
                         for i, w in enumerate(weights)]
-        self.norms = ([BatchNorm(w.shape[1], dtype=dtype) for w in weights[:-1]]
+        self.norms = ([make_norm(w.shape[1], dtype) for w in weights[:-1]]
                       if batch_norm else [])
 
     def train(self, mode=True):
