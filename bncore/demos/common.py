@@ -136,14 +136,16 @@ class Adam:
             scale = min(1.0, self.max_norm / (norm + 1e-12))
         self.t += 1
         b1, b2 = self.betas
-        step_size = self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        correction1, correction2 = 1 - b1 ** self.t, np.sqrt(1 - b2 ** self.t)
         for (param, grad), (m, v) in zip(pairs, self.moments):
             g = grad * scale
             m *= b1
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            param -= (step_size * m / (np.sqrt(v) + self.eps)).astype(param.dtype)
+            # eps added to the bias-corrected sqrt(v), as torch.optim.Adam does
+            param -= (self.lr / correction1 * m
+                      / (np.sqrt(v) / correction2 + self.eps)).astype(param.dtype)
 
 
 # ---------------------------------------------------------------- running

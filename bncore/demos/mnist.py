@@ -22,9 +22,9 @@ import sys
 import numpy as np
 
 from .. import BatchNorm
-from .common import (Linear, Timer, eval_points, init_weights, load_digits, make_parser,
-                     new_figure, parse_args, progress_bar, save_figure, shuffled_batches,
-                     sigmoid, single_threaded, softmax_cross_entropy, style_axes)
+from .common import (Linear, Timer, eval_points, init_weights, load_digits, make_parser, new_figure,
+                     parse_args, progress_bar, save_figure, shuffled_batches, sigmoid,
+                     single_threaded, softmax_cross_entropy, style_axes)
 
 __all__ = ["HIDDEN", "MLP", "accuracy", "init_weights", "load_digits", "main", "plot",
            "run_experiment", "sigmoid_input_percentiles", "softmax_cross_entropy", "train"]

@@ -24,8 +24,8 @@ import numpy as np
 
 from .. import RecurrentBatchNorm
 from .common import (Adam, Linear, Timer, eval_points, format_table, load_digits, make_parser,
-                     new_figure, parse_args, progress_bar, save_figure, shuffled_batches,
-                     sigmoid, single_threaded, softmax_cross_entropy, style_axes)
+                     new_figure, parse_args, progress_bar, save_figure, shuffled_batches, sigmoid,
+                     single_threaded, softmax_cross_entropy, style_axes)
 
 ROWS = 28  # an MNIST image read as 28 steps of 28 pixels
 BLANK = -1.0  # a blank pixel once pixels are mapped from [0, 1] to [-1, 1]
