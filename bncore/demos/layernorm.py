@@ -183,7 +183,7 @@ def verdict(result):
 def plot(result, path):
     """(a) training loss, (b) accuracy against the test batch size computing as in
     training, (c) accuracy against the sequence length."""
-    fig, ((ax_a, ax_b, ax_c),) = new_figure(1, 3, (16, 4.8))
+    fig, ((ax_a, ax_b, ax_c),) = new_figure(1, 3, (16, 5.2))
     colors = {"LSTM": "tab:blue", "BN-LSTM": "tab:red", "LN-LSTM": "tab:green"}
     width = max(1, result["steps"] // 50)
     for run in result["runs"]:
@@ -208,7 +208,7 @@ def plot(result, path):
     ax_c.axvline(ROWS, color="0.5", lw=0.8)
     style_axes(ax_c, f"(c) test accuracy on longer sequences\n(trained on {ROWS} steps; "
                "the digit plus blank rows)", "sequence length (steps)", "test accuracy",
-               ylim=(0, 1), legend="lower left")
+               ylim=(0, 1), legend="center right")
     return save_figure(fig, path,
                        f"Ba et al. (2016) layer norm in an LSTM, with bncore: {result['name']} "
                        f"read row by row, {result['n_train']} train / {result['n_test']} test, "

@@ -312,9 +312,10 @@ def verdict(result):
              f"(running statistics per step), {100 * bn['batch_stat_accuracy'][-1]:.1f}% with "
              f"batch statistics; {plain_label}: {100 * plain['accuracy'][-1]:.1f}%")
     if gap > 0.02:
-        text += (f"\n(the {100 * gap:.1f}-point gap: the first rows are blank in almost every "
-                 "digit, so their per-step statistics are nearly degenerate and the running "
-                 "averages do not match what a batch sees)")
+        text += (f"\n(a {100 * gap:.1f}-point gap between the two: the running averages of "
+                 "the per-step statistics do not match what a batch sees; a likely cause is "
+                 "that the first rows are blank in almost every digit, so the early steps' "
+                 "statistics are nearly degenerate)")
     return text
 
 

@@ -226,7 +226,7 @@ def plot(result, path):
                 ax.plot(runs[key]["steps"], runs[key]["accuracy"], color=color, ls=ls,
                         label=label)
         style_axes(ax, f"({letter}) {setting}", "SGD steps (batches of 60)",
-                   "test accuracy, inference mode", ylim=(0, 1), legend="lower right")
+                   "test accuracy, inference mode", ylim=(0, 1), legend="best")
     ax = axes.flat[3]
     steps = np.arange(result["steps"] + 1)
     warmup, rmax_ramp, dmax_ramp = result["schedule"]
