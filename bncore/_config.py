@@ -3,6 +3,7 @@ import platform
 
 import numpy as np
 
+from . import _checks as chk
 from . import _kernels
 from ._version import __version__
 
@@ -30,7 +31,7 @@ def show_config(mode="stdout"):
     if mode == "dicts":
         return info
     if mode != "stdout":
-        raise ValueError(f"mode: expected 'stdout' or 'dicts', got {mode!r}")
+        chk.choice(mode, "mode", {"stdout": "print", "dicts": "return a dict"})
     width = max(map(len, info))
     for k, v in info.items():
         print(f"{k:>{width}}: {v}")
