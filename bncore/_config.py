@@ -19,6 +19,7 @@ def config():
         "python": platform.python_version(),
         "machine": platform.machine(),
         "default_threads": _kernels.default_threads(),
+        "thread_limit": _kernels.thread_limit() or "none",
         "kernel_isa": _LEVELS[_kernels.cpu_level()] if "baseline only" not in info["simd"]
         else "baseline",
     })
