@@ -510,33 +510,17 @@ def report(result):
     return "\n".join(out)
 
 
-def _ints(text, what):
-    try:
-        vals = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
-    return vals
-
-
-def _shapes(text):
-    try:
-        shapes = [tuple(int(d) for d in s.split("x")) for s in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) not in (2, 4) or min(s) < 1 for s in shapes):
-        raise argparse.ArgumentTypeError(
-            f"--shapes: expected e.g. 8x512x7x7,64x256 (N,C,H,W or N,C), got {text!r}")
-    return shapes
-
-
-def _choices(text, allowed, what):
-    vals = [v for v in text.split(",") if v]
-    if not vals or any(v not in allowed for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"{what}: expected a comma list of {', '.join(allowed)}, got {text!r}")
-    return vals
+def _csv(convert, ok, what):
+    """An argparse type: a comma list whose items pass ``ok`` after ``convert``."""
+    def parse(text):
+        try:
+            vals = [convert(v) for v in text.split(",") if v]
+        except ValueError:
+            vals = []
+        if not vals or not all(map(ok, vals)):
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return vals
+    return parse
 
 
 def parse_args(argv):
@@ -544,14 +528,18 @@ def parse_args(argv):
                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--quick", action="store_true", help="4 small shapes, 3 rounds")
     p.add_argument("--json", metavar="PATH", help="write every cell, sample and machine info")
-    p.add_argument("--threads", type=lambda t: _ints(t, "--threads"), metavar="N[,N]",
-                   help="thread counts, e.g. 1,2 (default: all cores)")
-    p.add_argument("--dtype", type=lambda t: _choices(t, ("float32", "float64"), "--dtype"),
-                   default=["float32"], help="float32, float64 or both (default float32)")
-    p.add_argument("--ops", type=lambda t: _choices(t, OPS, "--ops"), default=list(OPS),
-                   help=f"comma list of {', '.join(OPS)}")
-    p.add_argument("--shapes", type=_shapes, help="e.g. 8x512x7x7,64x256 (default: the grid)")
-    p.add_argument("--rounds", type=lambda t: _ints(t, "--rounds")[0],
+    p.add_argument("--threads", type=_csv(int, lambda n: n > 0, "expected positive integers"),
+                   metavar="N[,N]", help="thread counts, e.g. 1,2 (default: all cores)")
+    p.add_argument("--dtype", default=["float32"], help="float32, float64 or both",
+                   type=_csv(str, ("float32", "float64").__contains__,
+                             "expected float32, float64 or both"))
+    p.add_argument("--ops", default=list(OPS), help=f"comma list of {', '.join(OPS)}",
+                   type=_csv(str, OPS.__contains__, f"expected a comma list of {', '.join(OPS)}"))
+    p.add_argument("--shapes", help="e.g. 8x512x7x7,64x256 (default: the grid)",
+                   type=_csv(lambda t: tuple(map(int, t.split("x"))),
+                             lambda s: len(s) in (2, 4) and min(s) > 0,
+                             "expected e.g. 8x512x7x7,64x256 (N,C,H,W or N,C)"))
+    p.add_argument("--rounds", type=_csv(int, lambda n: n > 0, "expected a positive integer"),
                    help="interleaved rounds per cell (default 7, quick 3)")
     p.add_argument("--min-time", type=float, help="seconds per sample; short calls repeat "
                    "(default 0.005, quick 0.002)")
@@ -559,7 +547,7 @@ def parse_args(argv):
                    help="seconds of sleep before each sample (idle OpenMP threads stop spinning)")
     p.add_argument("--no-peers", action="store_true", help="skip PyTorch and ONNX Runtime")
     a = p.parse_args(argv)
-    a.rounds = a.rounds or (3 if a.quick else 7)
+    a.rounds = a.rounds[0] if a.rounds else (3 if a.quick else 7)
     a.min_time = a.min_time if a.min_time is not None else (0.002 if a.quick else 0.005)
     a.shapes = a.shapes or (QUICK_SHAPES if a.quick else SHAPES)
     a.threads = a.threads or [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
