@@ -10,6 +10,9 @@
 # the suite from another directory). Installs asv when missing.
 set -euo pipefail
 py=${1:-${PYTHON:-python}}
+if [[ $py == */* ]]; then  # a path: keep it valid after the cd below
+    py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"
+fi
 if [[ -n "${PYTHONPATH:-}" && -z "${ASV_PYTHONPATH:-}" ]]; then
     abs=()
     IFS=: read -ra parts <<< "$PYTHONPATH"
