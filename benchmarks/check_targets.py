@@ -43,20 +43,23 @@ def check(results):
             if "torch" in sp:
                 need = 2.0 if (c["op"] == "train" and c["layout"] == "NCHW") else \
                     1.3 if (c["op"] == "train" and c["layout"] == "NC") else 1.0
-                verdict(sp["torch"] >= need, f"{_name(c)} vs torch {sp['torch']:.2f}x (need >= {need})")
+                verdict(sp["torch"] >= need,
+                        f"{_name(c)} vs torch {sp['torch']:.2f}x (need >= {need})")
             if c["nbytes"] >= LARGE:
                 verdict(sp["numpy"] >= 10, f"{_name(c)} vs numpy {sp['numpy']:.1f}x (need >= 10)")
                 br, b = c["bound_ratio"], c["bound"]
                 limit = BOUND[c["op"]]
                 verdict(br["bncore_out"] <= limit,
-                        f"{_name(c)} out= {br['bncore_out']:.2f}x bound (fresh {br['bncore']:.2f}x;"
+                        f"{_name(c)} out= {br['bncore_out']:.2f}x bound "
+                        f"(fresh {br['bncore']:.2f}x;"
                         f" read/copy {b['read_GBps']:.0f}/{b['copy_GBps']:.0f} GB/s over "
                         f"{b['working_set_bytes'] / 2**20:.0f} MiB; need out= <= {limit})")
             peak = c["peak_alloc_bytes"]
             if c["op"] == "train":
                 small = 1 << 20  # O(C) arrays and bookkeeping
                 verdict(peak["bncore"] <= c["nbytes"] + small and peak["bncore_out"] <= small,
-                        f"{_name(c)} NumPy-visible peak: fresh {peak['bncore'] / c['nbytes']:.2f}x "
+                        f"{_name(c)} NumPy-visible peak: fresh "
+                        f"{peak['bncore'] / c['nbytes']:.2f}x "
                         f"the tensor, out= {peak['bncore_out']} B (need <= 1x + 1 MiB, <= 1 MiB)")
     lines.append("--- threading penalty on small calls (2 threads vs 1, bncore fresh)")
     for (dtype, n), run in sorted(runs.items()):

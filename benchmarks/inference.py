@@ -139,7 +139,7 @@ def bench_rps(callers_list, rounds, torch, ort, per_caller=20):
     result = {}
     for callers in callers_list:
         with ThreadPoolExecutor(callers) as pool:
-            def burst(f, nt):
+            def burst(f, nt, callers=callers, pool=pool):
                 if nt is not None:
                     torch.set_num_threads(nt)
                 futs = [pool.submit(lambda: [f() for _ in range(per_caller)])
@@ -219,8 +219,8 @@ def report(res):
              f"load {res['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}"]
     if "fused" in res:
         names = list(res["fused"][0]["median_s"])
-        lines += ["", f"batch norm + ReLU, float32, n_threads={res['fused'][0]['n_threads']}, "
-                  "ms (median):", "", "| op | shape | " + " | ".join(names) + " |",
+        lines += ["", (f"batch norm + ReLU, float32, n_threads={res['fused'][0]['n_threads']}, "
+                       "ms (median):"), "", "| op | shape | " + " | ".join(names) + " |",
                   "|---|---|" + "---|" * len(names)]
         lines += [f"| {r['op']} | {r['shape']} | "
                   + " | ".join(f"{r['median_s'][n] * 1e3:.3g}" for n in names) + " |"
@@ -235,11 +235,12 @@ def report(res):
                   for n in next(iter(rps.values()))]
     if "memory" in res:
         m = res["memory"]
-        lines += ["", f"training step peak memory, {m['blocks']} x (dense -> BN + leaky ReLU) "
-                  f"on {m['batch'][0]}x{m['batch'][1]} float32 ({m['activation_MiB']:.0f} MiB "
-                  f"per activation): BatchNorm {m['peak_batchnorm_MiB']:.0f} MiB, InPlaceABN "
-                  f"{m['peak_inplace_abn_MiB']:.0f} MiB, saving {m['saving_MiB']:.0f} MiB "
-                  f"({100 * m['saving_fraction']:.0f}%)"]
+        lines += ["", (f"training step peak memory, {m['blocks']} x (dense -> BN + leaky "
+                       f"ReLU) on {m['batch'][0]}x{m['batch'][1]} float32 "
+                       f"({m['activation_MiB']:.0f} MiB per activation): BatchNorm "
+                       f"{m['peak_batchnorm_MiB']:.0f} MiB, InPlaceABN "
+                       f"{m['peak_inplace_abn_MiB']:.0f} MiB, saving {m['saving_MiB']:.0f} MiB "
+                       f"({100 * m['saving_fraction']:.0f}%)")]
     return "\n".join(lines)
 
 

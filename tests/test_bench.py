@@ -84,8 +84,13 @@ def test_json_schema(tiny_run):
             assert b["working_set_bytes"] == bench.working_set(c["op"], nbytes)
             assert (b["read_bytes"], b["copy_bytes"]) == bench.bound_bytes(
                 c["op"], nbytes, b["channel_cached"] is not False)
-            assert b["seconds"] == pytest.approx(
-                b["read_bytes"] / (b["read_GBps"] * 1e9) + b["copy_bytes"] / (b["copy_GBps"] * 1e9))
+            for kind in ("read", "copy"):  # the fastest pass of the cell's rounds
+                moved = b["buffer_bytes"] * b["passes_per_call"]
+                assert b[f"{kind}_GBps"] == pytest.approx(
+                    moved / min(c["samples_s"][f"bound:{kind}"]) / 1e9)
+            assert b["buffer_bytes"] == pytest.approx(b["working_set_bytes"], abs=8)
+            assert b["seconds"] == pytest.approx(b["read_bytes"] / (b["read_GBps"] * 1e9)
+                                                 + b["copy_bytes"] / (b["copy_GBps"] * 1e9))
             for name in ("bncore", "bncore_out"):
                 assert c["bound_ratio"][name] == pytest.approx(med[name] / b["seconds"])
             assert c["speedup"] == pytest.approx({p: med[p] / med["bncore"]
@@ -125,11 +130,17 @@ def test_channel_bytes(layout, shape, itemsize, want):
 def test_channel_cached_against_half_the_llc():
     llc = 32 * MiB
     shape = (64, 3, 224, 224)  # 12.25 MiB per float32 channel
-    assert bench.chunk_cached("train", "NCHW", shape, 4, llc) is True     # 12.25 <= 16
-    assert bench.chunk_cached("backward", "NCHW", shape, 4, llc) is False  # x and dy: 24.5 > 16
-    assert bench.chunk_cached("train", "NCHW", shape, 8, llc) is False     # 24.5 > 16
-    assert bench.chunk_cached("eval", "NCHW", shape, 4, llc) is None       # one pass
-    assert bench.chunk_cached("train", "NCHW", shape, 8, None) is True     # unknown LLC
+    assert bench.channel_cached("train", "NCHW", shape, 4, llc) is True     # 12.25 <= 16
+    assert bench.channel_cached("backward", "NCHW", shape, 4, llc) is False  # x and dy: 24.5 > 16
+    assert bench.channel_cached("train", "NCHW", shape, 8, llc) is False     # 24.5 > 16
+    assert bench.channel_cached("eval", "NCHW", shape, 4, llc) is None       # one pass
+    assert bench.channel_cached("train", "NCHW", shape, 8, None) is True     # unknown LLC
+
+
+@pytest.mark.parametrize("text,want", [("32768K\n", 32 * MiB), ("2M", 2 * MiB), ("512", 512),
+                                       ("1G", 2**30)])
+def test_cache_size(text, want):
+    assert bench.cache_size(text) == want
 
 
 def test_bandwidth_passes_move_the_working_set():
@@ -163,7 +174,7 @@ def test_cli_tiny_grid(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bncore", "bench", "--quick", "--shapes", "16x8",
                         "--threads", "1", "--rounds", "1", "--min-time", "0", "--settle", "0",
                         "--no-peers", "--json", str(path)], capture_output=True, text=True,
-                       env=env, timeout=300)
+                       env=env, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and " NC " in ln]
     assert sorted(ln.split("|")[1].strip() for ln in rows) == sorted(bench.OPS)
@@ -183,7 +194,7 @@ def test_cases_are_one_tensor_in_two_layouts():
 def test_numpy_peer_against_float64_reference():
     """The NumPy peer (the reference the table compares with) is batch norm."""
     case = bench.make_case("backward", "NC", (64, 3), np.float64)
-    dx, dw, db = bench.numpy_impl(case)()
+    dx, _, db = bench.numpy_impl(case)()
     x, dy, w = case["x"], case["dy"], case["weight"]
     h = 1e-6
     # finite differences of L = sum(dy * bn(x)) in one element of x
