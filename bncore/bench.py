@@ -6,11 +6,11 @@ implementations interleaved in this one process: every round takes one sample
 of each in turn (rotating the order), and the table reports medians over
 rounds. bncore runs with a fresh output and with a preallocated ``out=``.
 
-The bound is timed in the same rounds as the cell: a read pass (a max-reduction)
-and a copy pass (``np.copyto``) over buffers as large as the cell's working set,
-split over the same number of threads, so a tensor that fits in the cache is
-held to cache bandwidth; the fastest round gives the bandwidth. Bytes the
-operation must move, S the bytes of x:
+The bound is timed in the same rounds as the cell: read passes (max- and
+or-reductions) and copy passes (``np.copyto``, ``np.abs``) over buffers as large
+as the cell's working set, split over the same number of threads, so a tensor
+that fits in the cache is held to cache bandwidth; the fastest kernel and round
+give the bandwidth. Bytes the operation must move, S the bytes of x:
 
 * eval forward: read x, write y, one pass: ``2S`` at copy bandwidth;
 * training forward: a statistics pass reading x, then x -> y. While one
@@ -55,9 +55,9 @@ BOUND_MODEL = {
                 "else 2S / read + 3S / copy",
     "backward_eval": "3S / copy",
     "S": "bytes of x",
-    "bandwidth": "read (max-reduction) and copy (np.copyto, read + write bytes) over the "
-                 "cell's working set (2S forward, 3S backward), split over the cell's threads, "
-                 "the fastest of the cell's rounds",
+    "bandwidth": "read (max- and or-reductions) and copy (np.copyto and np.abs, read + "
+                 "write bytes) over the cell's working set (2S forward, 3S backward), split "
+                 "over the cell's threads, the fastest kernel and round of the cell's rounds",
     "channel": "NCHW: its N planes; channels-last and (N, C): its 64-byte lines of every row",
 }
 
@@ -140,14 +140,22 @@ def channel_cached(op, layout, array_shape, itemsize, llc):
 
 class BandwidthPasses:
     """Read and copy passes over ``ws_bytes`` (two halves, src and dst), split
-    over ``n_threads`` (NumPy releases the GIL). Each call repeats the pass
-    ``inner`` times per thread so that thread dispatch is amortized; divide a
-    call's time by ``inner``."""
+    over ``n_threads`` (NumPy releases the GIL), each with two kernels, as
+    neither is the fastest everywhere: reads a max-reduction (float32) and an
+    or-reduction (uint64); copies ``np.copyto`` (memcpy, which may stream the
+    stores past the cache) and a ufunc loop (``np.abs`` of ones: plain vector
+    stores). Each call repeats the pass ``inner`` times per thread so that thread
+    dispatch is amortized; divide a call's time by ``inner``."""
+
+    READS = {"max": lambda a: np.maximum.reduce(a.view(np.float32)),
+             "or": np.bitwise_or.reduce}
+    COPIES = {"memcpy": lambda s, d: np.copyto(d, s),
+              "ufunc": lambda s, d: np.abs(s.view(np.float32), out=d.view(np.float32))}
 
     def __init__(self, ws_bytes, n_threads, pool):
-        half = max(1, ws_bytes // 8)  # float32 elements per half
-        self.src = np.ones(half, np.float32)
-        self.dst = np.zeros(half, np.float32)
+        half = max(1, ws_bytes // 16)  # uint64 elements per half
+        self.src = np.ones(2 * half, np.float32).view(np.uint64)
+        self.dst = np.zeros(half, np.uint64)
         self.nbytes = self.src.nbytes + self.dst.nbytes
         self.inner = max(1, math.ceil(32 * 2**20 / self.nbytes))
         self.parts = list(zip(np.array_split(self.src, n_threads),
@@ -160,19 +168,29 @@ class BandwidthPasses:
         for f in futs:
             f.result()
 
-    def read(self):
+    def read(self, kernel):
         def work(i):
             for _ in range(self.inner):
                 for a in self.parts[i]:
-                    np.maximum.reduce(a)
-        self._run(work)
+                    kernel(a)
+        return lambda: self._run(work)
 
-    def copy(self):
+    def copy(self, kernel):
         def work(i):
             s, d = self.parts[i]
             for _ in range(self.inner):
-                np.copyto(d, s)
-        self._run(work)
+                kernel(s, d)
+        return lambda: self._run(work)
+
+    def timed(self):
+        """{"bound:read:KERNEL" and "bound:copy:KERNEL": zero-argument pass}."""
+        return dict({f"bound:read:{k}": self.read(f) for k, f in self.READS.items()},
+                    **{f"bound:copy:{k}": self.copy(f) for k, f in self.COPIES.items()})
+
+    def best_Bps(self, samples, kind):
+        """Bytes per second of the fastest round of the fastest ``kind`` kernel."""
+        return max(self.nbytes * self.inner / min(s) for n, s in samples.items()
+                   if n.startswith(f"bound:{kind}:"))
 
 
 # ----------------------------------------------------------------- cases
@@ -358,12 +376,11 @@ def run_cell(case, n_threads, args, peers, pool, llc):
     x, op = case["x"], case["op"]
     ws = working_set(op, x.nbytes)
     passes = BandwidthPasses(ws, n_threads, pool)
-    timed = dict(impls, **{"bound:read": passes.read, "bound:copy": passes.copy})
-    med, samples, k = interleaved(timed, args.rounds, args.min_time, args.settle)
+    med, samples, k = interleaved(dict(impls, **passes.timed()), args.rounds, args.min_time,
+                                  args.settle)
     # the fastest pass: load from other processes only ever tightens the bound
-    read_Bps, copy_Bps = (passes.nbytes * passes.inner / min(samples[n])
-                          for n in ("bound:read", "bound:copy"))
-    del med["bound:read"], med["bound:copy"]
+    read_Bps, copy_Bps = passes.best_Bps(samples, "read"), passes.best_Bps(samples, "copy")
+    med = {n: t for n, t in med.items() if not n.startswith("bound:")}
     cached = channel_cached(op, case["layout"], x.shape, x.itemsize, llc)
     rb, cb = bound_bytes(op, x.nbytes, cached is not False)
     bound = bound_seconds(rb, cb, read_Bps, copy_Bps)
@@ -513,7 +530,7 @@ def report(result):
            f"Medians of {result['rounds']} interleaved rounds, ms. x peer = peer / bncore "
            "(fresh output).",
            "bound = bytes that must move / bandwidth measured over the cell's working set (WS)",
-           "with its threads (read: a max-reduction, copy: np.copyto; the fastest round):",
+           "with its threads (read: max/or-reduce, copy: np.copyto/np.abs; fastest round):",
            "eval 2S/copy, backward_eval 3S/copy, train 2S/copy, backward 3S/copy, S = bytes of",
            "x; op* = one channel does not fit in half the LLC (an unknown LLC counts as",
            "fitting), so the second pass reads it again: + S/read (train), + 2S/read",
