@@ -93,8 +93,9 @@ def test_json_schema(tiny_run):
             assert b["buffer_bytes"] == pytest.approx(b["working_set_bytes"], abs=8)
             assert b["seconds"] == pytest.approx(b["read_bytes"] / (b["read_GBps"] * 1e9)
                                                  + b["copy_bytes"] / (b["copy_GBps"] * 1e9))
-            for name in ("bncore", "bncore_out"):
-                assert c["bound_ratio"][name] == pytest.approx(med[name] / b["seconds"])
+            for name in ("bncore", "bncore_out"):  # fastest round against the bound
+                assert c["bound_ratio"][name] == pytest.approx(
+                    min(c["samples_s"][name]) / b["seconds"])
             assert c["speedup"] == pytest.approx({p: med[p] / med["bncore"]
                                                   for p in bench.PEERS if p in med})
             assert set(c["peak_alloc_bytes"]) == {"bncore", "bncore_out"}
