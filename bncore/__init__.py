@@ -1,8 +1,10 @@
 """bncore: fast, accurate CPU batch normalization for NumPy.
 
-Functions follow shared/API.md: batch_norm_train, batch_norm_eval,
-batch_norm_backward and the BatchNorm layer, plus the building blocks of
-synchronized batch norm (batch_norm_stats, merge_stats, ...).
+Operations (batch_norm_train, batch_norm_eval, batch_norm_backward and the
+building blocks of synchronized batch norm; layer, group and instance norm;
+batch renormalization; folding) and layers (BatchNorm and its variants),
+over C kernels with OpenMP. The documentation's "API contract" page states
+what every function guarantees.
 """
 from ._version import __version__
 
@@ -10,25 +12,30 @@ try:
     from . import _kernels
 except ImportError as e:  # an unbuilt source tree
     raise ImportError(
-        "bncore's compiled kernels are missing: install with `pip install .` or build in "
-        "place with `python setup.py build_ext --inplace`") from e
+        "bncore's compiled kernels are missing: this is a source folder without a build. "
+        "Install with `pip install -e .` (builds them here) or `pip install .` and run "
+        "from another folder, or build in place with `python setup.py build_ext --inplace`"
+    ) from e
 
-from .functional import (batch_norm_backward, batch_norm_backward_elemt,
-                         batch_norm_backward_reduce, batch_norm_elemt, batch_norm_eval,
-                         batch_norm_stats, batch_norm_train, merge_stats)
-from .layers import BatchNorm
-from .inference import (FrozenBatchNorm, InPlaceABN, batch_norm_backward_from_output,
-                        batch_norm_from_keras, batch_norm_from_onnx, fold_batch_norm,
-                        fold_into_conv, fold_into_linear)
-from .norms import (GroupNorm, InstanceNorm, LayerNorm, group_norm, group_norm_backward,
-                    group_norm_train, instance_norm, instance_norm_backward, instance_norm_train,
-                    layer_norm, layer_norm_backward, layer_norm_train)
-from .recurrent import RecurrentBatchNorm
-from .renorm import BatchRenorm, batch_renorm_backward, batch_renorm_train
 from ._config import show_config
+from ._include import get_include
+from ._threads import get_num_threads, set_num_threads
+from .folding import fold_batch_norm, fold_into_conv, fold_into_linear
+from .functional import (batch_norm_backward, batch_norm_backward_elemt,
+                         batch_norm_backward_from_output, batch_norm_backward_reduce,
+                         batch_norm_elemt, batch_norm_eval, batch_norm_stats, batch_norm_train,
+                         merge_stats)
+from .interop import batch_norm_from_keras, batch_norm_from_onnx
+from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
+                     InstanceNorm, LayerNorm, RecurrentBatchNorm)
+from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
+                    instance_norm_backward, instance_norm_train, layer_norm,
+                    layer_norm_backward, layer_norm_train)
+from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
-    "__version__", "show_config", "BatchNorm",
+    "__version__", "show_config", "get_include", "get_num_threads", "set_num_threads",
+    "BatchNorm",
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
     "batch_norm_stats", "merge_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",

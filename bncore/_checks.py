@@ -1,34 +1,138 @@
-"""Argument checks and layout plumbing shared by every public function.
+"""Argument validation: the only code in bncore that raises argument errors.
 
-Everything here runs before a kernel or a running statistic is touched, so a
-bad argument leaves all state as it was. Messages name the argument and say
-what was expected and what was received.
+Every public function and layer checks all of its arguments here before a
+kernel runs or any state (an output, a running statistic, a gradient, a
+saved record) changes. Messages name the argument and say what was expected
+and what was received. The scalar predicates (`real`, `threads`,
+`activation`) are the compiled module's own (`_kernels.real_in` and
+friends), which also define the canonical form its entries accept, so the
+rules exist once.
 """
 import math
 import numbers
-import operator
-import os
 
 import numpy as np
 
+from . import _kernels as _k
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+INF = float("inf")
 
 
-def tensor(x, name="x"):
-    """x as an ndarray of a supported dtype with ndim >= 2."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+# ---- scalars ---------------------------------------------------------------------------------
+
+def real(v, name, lo=-INF, hi=INF):
+    """v as a float: a finite real number (not a bool) in [lo, hi]."""
+    f = v
+    if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)):
+        try:
+            f = float(v)
+        except OverflowError:  # an int beyond float
+            f = None
+    if not _k.real_in(f, -INF if lo is None else lo, INF if hi is None else hi):
+        if not _k.real_in(f, -INF, INF):
+            raise ValueError(f"{name}: expected a finite real number, got {v!r}")
+        want = f"a value >= {lo}" if hi == INF else f"a value in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {want}, got {v!r}")
+    return f
+
+
+def integer(v, name, lo=0):
+    """v as an int (not a bool) >= lo."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < lo:
+        what = "a positive int" if lo == 1 else f"an int >= {lo}"
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+    return int(v)
+
+
+def positive_int(v, name):
+    return integer(v, name, 1)
+
+
+def divisor(v, n, name, of):
+    """A positive int dividing n (the count named `of`)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 1 or n % v:
+        raise ValueError(f"{name}: expected a positive int dividing {of}={n}, got {v!r}")
+    return int(v)
+
+
+def choice(v, name, options):
+    """v one of the keys of options (a dict of value -> meaning)."""
+    if not isinstance(v, str) or v not in options:
+        said = " or ".join(f"{k!r} ({m})" for k, m in options.items())
+        raise ValueError(f"{name}: expected {said}, got {v!r}")
+    return v
+
+
+def n_threads(n):
+    """n_threads in canonical form: None or a positive Python int."""
+    m = int(n) if isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) else n
+    if _k.threads(m) < 0:
+        raise ValueError(f"n_threads: expected None or a positive int, got {n!r}")
+    return m
+
+
+def threads(n):
+    """The kernels' thread argument for n_threads (see _kernels.threads): 0 for
+    None (OpenMP's maximum at call time), else the positive int, capped."""
+    return _k.threads(n_threads(n))
+
+
+def activation(act):
+    """act in canonical form: None, 'relu' or ('leaky_relu', float slope >= 0)."""
+    if _k.activation_code(act) is not None:
+        return act
+    if isinstance(act, tuple) and len(act) == 2 and act[0] == "leaky_relu":
+        return ("leaky_relu", real(act[1], "activation slope", 0.0))
+    raise ValueError(f"activation: expected None, 'relu' or ('leaky_relu', slope), got {act!r}")
+
+
+def activation_code(act):
+    """(kernel code, negative slope) of a canonical activation."""
+    return _k.activation_code(activation(act))
+
+
+def flag(v, name):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+# ---- arrays ----------------------------------------------------------------------------------
+
+def _array(a, name):
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got a numpy.ma.MaskedArray (masks "
+                        f"are not supported: pass the data with the masked entries removed)")
+    return a if isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def dtype(d, name="dtype"):
+    """A supported dtype argument (float16, float32, float64)."""
+    try:
+        dt = np.dtype(d)
+    except TypeError:
+        dt = None
+    if dt is None or dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float16, float32 or float64, "
+                        f"got {dt if dt is not None else repr(d)}")
+    return dt
+
+
+def tensor(x, name="x", min_ndim=2):
+    """x as an ndarray of a supported dtype with ndim >= min_ndim."""
+    x = _array(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected an array with ndim >= 2 (N, C, ...), got shape {x.shape}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected an array with ndim >= {min_ndim}"
+                         + (" (N, C, ...)" if min_ndim == 2 else "") + f", got shape {x.shape}")
     return x
 
 
 def like(a, x, name):
     """a checked to match x in shape and dtype (dy, y)."""
-    a = tensor(a, name)
+    a = tensor(a, name, min(x.ndim, 1))
     if a.shape != x.shape:
         raise ValueError(f"{name}: expected shape {x.shape} (the shape of x), got {a.shape}")
     if a.dtype != x.dtype:
@@ -37,57 +141,98 @@ def like(a, x, name):
 
 
 def channel_axis(axis, ndim):
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
-    if not -ndim <= ax < ndim:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
         raise ValueError(f"axis: expected an int in [{-ndim}, {ndim - 1}] for an array with "
                          f"ndim {ndim}, got {axis}")
-    return ax % ndim
+    return int(axis) % ndim
 
 
-def geometry(shape, ax):
-    """(outer, C, inner) of a C-contiguous array with channel axis ax."""
-    return math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
+def compute_dtype(dt):
+    return np.dtype(np.float32) if dt == np.float16 else np.dtype(dt)
 
 
-def compute_dtype(dtype):
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
-
-
-def stat_dtype(dtype):
+def stat_dtype(dt):
     """dtype of save_mean / save_invstd and parameter gradients."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
 
 
 def contiguous(x, cd):
-    """x itself when it is already C-contiguous in cd, else a contiguous copy."""
-    if x.dtype == cd and x.flags.c_contiguous:
+    """x itself when it is canonical in cd (the kernels' form), else a contiguous copy."""
+    if x.dtype == cd and _k.is_canonical(x):
         return x
     return np.ascontiguousarray(x, dtype=cd)
 
 
-def flat(a):
-    return None if a is None else a.reshape(-1)
+def param(v, shape, name, *, required=False, what=None, flat=False):
+    """A parameter of the given shape as a contiguous float64 copy (None stays
+    None), flattened with flat=True."""
+    if v is None:
+        if required:
+            raise TypeError(f"{name}: expected an array of shape {tuple(shape)}, got None")
+        return None
+    a = _array(v, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}"
+                         + (f", {what}" if what else "") + f", got {a.shape}")
+    a = np.array(a, dtype=np.float64, order="C")
+    return a.reshape(-1) if flat else a
 
 
 def vector(v, C, name, *, required=False):
     """A per-channel parameter as a contiguous float64 copy (None stays None)."""
-    if v is None:
-        if required:
-            raise TypeError(f"{name}: expected an array of length {C}, got None")
-        return None
-    a = np.asarray(v)
+    return param(v, (C,), name, required=required, what="one value per channel")
+
+
+def float_vector(v, name):
+    """Any 1-D floating-point array as float64 (its length sets C)."""
+    a = _array(v, name)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{name}: expected shape ({C},), one value per channel, got {a.shape}")
-    return np.array(a, dtype=np.float64, order="C")
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (one value per channel), got shape "
+                         f"{a.shape}")
+    return a.astype(np.float64)
 
 
-def running(rm, rv, C):
+def layer_weight(weight, min_ndim, what):
+    """The weight of a dense (min_ndim 2: exactly 2-D) or convolution layer."""
+    W = _array(weight, "weight")
+    if W.dtype.kind != "f":
+        raise TypeError(f"weight: expected a floating-point array, got dtype {W.dtype}")
+    if W.ndim < min_ndim or (min_ndim == 2 and W.ndim != 2):
+        raise ValueError(f"weight: expected {what}, got shape {W.shape}")
+    return W
+
+
+def saved(v, size, name):
+    """Saved statistics (mean / invstd): any shape holding `size` floats, flat float64."""
+    a = _array(v, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    if a.size != size:
+        raise ValueError(f"{name}: expected {size} values (one per normalized row or group), "
+                         f"got shape {a.shape}")
+    return np.array(a, dtype=np.float64, order="C").reshape(-1)
+
+
+def variance(rv, eps, name="running_var"):
+    """running_var + eps must not be negative (0 gives invstd 0, the kernels' rule)."""
+    bad = np.flatnonzero(rv + eps < 0)
+    if bad.size:
+        raise ValueError(f"{name}: expected {name} + eps >= 0, got {rv[bad[:5]].tolist()} "
+                         f"+ {eps} at channels {bad[:5].tolist()}")
+    return rv
+
+
+def running(rm, rv, C, *, required=False):
     """Checks the pair of running statistics that training updates in place."""
+    if required and rm is None and rv is None:
+        raise ValueError("running_mean: expected an array of length "
+                         f"{C} (running_mean and running_var are required here), got None")
     if (rm is None) != (rv is None):
         missing, given = ("running_var", "running_mean") if rv is None else ("running_mean",
                                                                              "running_var")
@@ -96,8 +241,9 @@ def running(rm, rv, C):
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
         if a is None:
             continue
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy.ndarray updated in place, got {type(a).__name__}")
+        if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name}: expected a numpy.ndarray updated in place, got "
+                            f"{type(a).__name__}")
         if a.dtype.kind != "f":
             raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
         if a.shape != (C,):
@@ -119,60 +265,24 @@ def disjoint_from_running(out, rm, rv):
                              f"sharing its memory")
 
 
-def real(v, name, lo=None, hi=None):
-    try:
-        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
-    except OverflowError:  # an int beyond float
-        f = None
-    if f is None or not math.isfinite(f):
-        raise ValueError(f"{name}: expected a finite real number, got {v!r}")
-    if (lo is not None and f < lo) or (hi is not None and f > hi):
-        want = f"a value >= {lo}" if hi is None else f"a value in [{lo}, {hi}]"
-        raise ValueError(f"{name}: expected {want}, got {v!r}")
-    return f
+def separate_from_input(out, x):
+    """A layer keeps x for its backward: its out must not overlap x."""
+    if isinstance(out, np.ndarray) and np.may_share_memory(out, x):
+        raise ValueError("out: expected an array separate from x (a layer keeps x for "
+                         "backward; use the functional API or InPlaceABN to normalize in "
+                         "place), got one sharing memory with x")
 
 
-# libgomp keeps its thread pool across fork() without the threads: a forked
-# child that enters a parallel region waits forever for them. Every kernel
-# call in a forked child therefore runs on the calling thread.
-_forked_child = False
-
-
-def _mark_forked_child():
-    global _forked_child
-    _forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_mark_forked_child)
-
-
-def forked_child():
-    return _forked_child
-
-
-def threads(n_threads):
-    """0 (the kernel reads omp_get_max_threads() at call time) or a positive
-    int; 1 in a process forked from the one that imported bncore."""
-    if n_threads is None:
-        return 1 if _forked_child else 0
-    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
-        raise ValueError(f"n_threads: expected None or a positive int, got {n_threads!r}")
-    return 1 if _forked_child else int(min(n_threads, 4096))
-
-
-def activation(act):
-    """(kernel code, negative slope) of None, 'relu', 'leaky_relu' or ('leaky_relu', slope)."""
-    slope = 0.01
-    name = act
-    if isinstance(act, tuple):
-        if len(act) != 2 or act[0] != "leaky_relu":
-            raise ValueError(f"activation: expected None, 'relu' or ('leaky_relu', slope), got {act!r}")
-        name, slope = act
-        slope = real(slope, "activation slope", 0.0)
-    if not (name is None or isinstance(name, str)) or name not in ACTIVATIONS:
-        raise ValueError(f"activation: expected None, 'relu' or ('leaky_relu', slope), got {act!r}")
-    return ACTIVATIONS[name], (0.0 if name == "relu" else slope)
+def _self_overlapping(a):
+    """Whether two elements of a share memory (a zero or interleaved stride)."""
+    if a.size == 0:
+        return False
+    extent = a.itemsize
+    for st, n in sorted((abs(st), n) for n, st in zip(a.shape, a.strides) if n > 1):
+        if st < extent:
+            return True
+        extent = st * (n - 1) + extent
+    return False
 
 
 def _same_view(a, b):
@@ -183,15 +293,15 @@ def _same_view(a, b):
 def output(out, x, cd, inputs):
     """(buffer the kernel writes, array to return or copy into).
 
-    The kernel writes straight into `out` when it is a C-contiguous array of
-    the compute dtype that is either disjoint from every input or exactly one
-    of them (elementwise in place is safe). Otherwise a temporary is used and
+    The kernel writes straight into `out` when it is a canonical array of the
+    compute dtype that is either disjoint from every input or exactly one of
+    them (elementwise in place is safe). Otherwise a temporary is used and
     copied into `out` afterwards, so a partially overlapping `out` still gets
     the right answer.
     """
     if out is None:
-        return np.empty(x.shape, cd), None
-    if not isinstance(out, np.ndarray):
+        return _k.empty_output(x.shape, cd), None
+    if not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray):
         raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
@@ -199,15 +309,277 @@ def output(out, x, cd, inputs):
         raise TypeError(f"out: expected dtype {x.dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError("out: expected a writable array, got a read-only one")
-    direct = out.dtype == cd and out.flags.c_contiguous and all(
+    if _self_overlapping(out):
+        raise ValueError(f"out: expected an array whose elements do not overlap, got strides "
+                         f"{out.strides} for shape {out.shape}")
+    direct = out.dtype == cd and _k.is_canonical(out) and all(
         a is None or not np.may_share_memory(out, a) or _same_view(out, a) for a in inputs)
-    return (out, out) if direct else (np.empty(x.shape, cd), out)
+    return (out, out) if direct else (_k.empty_output(x.shape, cd), out)
 
 
-def finish(buf, final, dtype):
+def finish(buf, final, dt):
     """The result in the input's dtype, copied into `out` when one was given."""
     if final is None:
-        return buf if buf.dtype == dtype else buf.astype(dtype)
+        return buf if buf.dtype == dt else buf.astype(dt)
     if buf is not final:
         np.copyto(final, buf, casting="unsafe")
     return final
+
+
+class Layout:
+    """x checked for a per-channel operation along `axis`: its (outer, C,
+    inner) geometry, element count per channel and dtypes."""
+
+    def __init__(self, x, axis, name="x"):
+        self.x = tensor(x, name)
+        self.axis = channel_axis(axis, self.x.ndim)
+        shape = self.x.shape
+        self.shape = (math.prod(shape[:self.axis]), shape[self.axis],
+                      math.prod(shape[self.axis + 1:]))
+        self.C = self.shape[1]
+        self.count = self.shape[0] * self.shape[2]
+        self.cd = compute_dtype(self.x.dtype)
+        self.sd = stat_dtype(self.x.dtype)
+
+    def flat(self, a):
+        """a (shaped like x) as the flat canonical compute-dtype buffer (None stays None)."""
+        return None if a is None else contiguous(a, self.cd).reshape(-1)
+
+    def canonical(self, a):
+        """a (shaped like x) as a canonical array of the compute dtype."""
+        return None if a is None else contiguous(a, self.cd)
+
+    def channels(self, n, what="x"):
+        if self.C != n:
+            raise ValueError(f"{what}: expected {n} channels on axis {self.axis}, got shape "
+                             f"{self.x.shape}")
+        return self
+
+    def trainable(self):
+        if self.count < 2:
+            raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                             f"{self.count} (shape {self.x.shape}, axis={self.axis})")
+        return self
+
+
+def ghost_batches(L, virtual_batch_size):
+    """virtual_batch_size checked against the layout: None or an int whose ghost
+    batches along axis 0 each hold more than one value per channel."""
+    if virtual_batch_size is None:
+        return None
+    v = positive_int(virtual_batch_size, "virtual_batch_size")
+    if L.axis == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
+                         "must not be the channel axis (axis=0)")
+    N = L.x.shape[0]
+    per_sample = L.count // max(N, 1)
+    last = N % v if v < N else N
+    small = last if last else v
+    if small * per_sample < 2:
+        raise ValueError(f"virtual_batch_size: every ghost batch needs more than 1 value per "
+                         f"channel; {v} samples of x {L.x.shape} leave a ghost batch of "
+                         f"{small} sample(s) with {small * per_sample} value(s) per channel")
+    return v
+
+
+def normalized_shape(ns_arg, x=None):
+    """normalized_shape as a tuple of non-negative ints, checked against x's trailing dims."""
+    ns = ns_arg
+    if isinstance(ns, numbers.Integral) and not isinstance(ns, (bool, np.bool_)):
+        ns = (int(ns),)
+    else:
+        try:
+            ns = tuple(ns)
+        except TypeError:
+            raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got "
+                            f"{ns_arg!r}") from None
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, (bool, np.bool_))
+                   for d in ns):
+            raise ValueError(f"normalized_shape: expected a tuple of non-negative ints, got "
+                             f"{ns_arg!r}")
+        ns = tuple(int(d) for d in ns)
+    if not ns or min(ns) < 0:
+        raise ValueError(f"normalized_shape: expected a non-empty tuple of non-negative ints, "
+                         f"got {ns_arg!r}")
+    if x is not None and (len(ns) > x.ndim or x.shape[x.ndim - len(ns):] != ns):
+        raise ValueError(f"normalized_shape: expected the trailing dimensions of x, got {ns} "
+                         f"for x of shape {x.shape}")
+    return ns
+
+
+def state_entry(key, value, current):
+    """A state_dict value checked against the attribute it replaces."""
+    v = _array(value, f"state[{key!r}]")
+    if v.shape != current.shape:
+        raise ValueError(f"state[{key!r}]: expected shape {current.shape}, got {v.shape}")
+    if current.dtype.kind in "iu":
+        if v.dtype.kind not in "iu":
+            raise TypeError(f"state[{key!r}]: expected an integer, got dtype {v.dtype}")
+        info = np.iinfo(current.dtype)
+        bad = [int(n) for n in np.ravel(v) if not 0 <= int(n) <= info.max]
+        if bad:
+            raise ValueError(f"state[{key!r}]: expected a count in [0, {info.max}], got {bad[0]}")
+    elif v.dtype.kind != "f":
+        raise TypeError(f"state[{key!r}]: expected a floating-point array, got dtype {v.dtype}")
+    return v
+
+
+def state_keys(state, names, strict, optional=()):
+    """The keys of a state dict checked against the layer's names."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"state: expected a mapping of names to arrays, got {type(state).__name__}")
+    missing = [k for k in names if k not in state]
+    unexpected = [k for k in state if k not in names and k not in optional]
+    if unexpected or (strict and missing):
+        raise KeyError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+
+
+# ---- operation-specific rules --------------------------------------------------------------
+
+def mask_source(y, x, act):
+    """The forward output y (the activation's mask) when act is set, else None."""
+    if act is None:
+        return None
+    if y is None:
+        raise ValueError(f"y: expected the forward output (shape {x.shape}; its sign is the "
+                         f"activation's mask) since activation is set, got None")
+    return like(y, x, "y")
+
+
+def counts(v):
+    """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
+    try:
+        c = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"counts: expected real numbers, got {v!r:.80}") from None
+    if c.ndim != 1:
+        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {c.shape}")
+    bad = (c < 0) | ~np.isfinite(c)
+    if bad.any():
+        raise ValueError(f"counts: expected finite non-negative counts, got {c[bad][0]} "
+                         f"at index {np.flatnonzero(bad)[0]}")
+    return c
+
+
+def part_rows(arrays, K):
+    """(K, C) float64 arrays of per-part statistics, all of one shape."""
+    shape, out = None, []
+    for a, name in arrays:
+        a = _array(a, name)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name}: expected a real array, got dtype {a.dtype}")
+        if a.ndim != 2 or a.shape[0] != K:
+            raise ValueError(f"{name}: expected shape ({K}, C), got {a.shape}")
+        if shape is not None and a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} (the shape of "
+                             f"{arrays[0][1]}), got {a.shape}")
+        shape = a.shape
+        out.append(np.ascontiguousarray(a, dtype=np.float64))
+    return out
+
+
+def invertible(activation_arg):
+    """(code, slope) of an activation the in-place backward can invert."""
+    code, slope = activation_code(activation_arg)
+    if code == 1 or (code == 2 and slope <= 0):
+        raise ValueError(f"activation: the in-place backward rebuilds x from y, which needs an "
+                         f"invertible activation: None or ('leaky_relu', slope > 0), got "
+                         f"{activation_arg!r}")
+    return code, slope
+
+
+def rebuildable(w, inv, tol, C):
+    """Every |weight| >= tol and weight * save_invstd finite and non-zero: the
+    in-place backward divides by them."""
+    wabs = np.ones(C) if w is None else np.abs(w)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        bad = np.flatnonzero(~(wabs >= tol) | ~np.isfinite(1.0 / (wabs * np.abs(inv))))[:5]
+    if bad.size:
+        shown = (np.ones(C) if w is None else w)[bad]
+        raise ValueError(f"weight: the in-place backward divides by weight * save_invstd, so "
+                         f"|weight| must be >= {tol:.3g} (min_abs_weight) and save_invstd finite "
+                         f"and non-zero; channels {bad.tolist()} have weight {shown.tolist()}, "
+                         f"save_invstd {inv[bad].tolist()}")
+
+
+def groups(num_groups, x):
+    """num_groups dividing the channel count of x (N, C, ...)."""
+    G = positive_int(num_groups, "num_groups")
+    if x.shape[1] % G:
+        raise ValueError(f"num_groups: expected a divisor of the channel count "
+                         f"{x.shape[1]} (axis 1 of x, shape {x.shape}), got {G}")
+    return G
+
+
+def spatial(x, n, what):
+    """x (N, C, *) with at least n spatial elements per channel."""
+    if math.prod(x.shape[2:]) < n:
+        raise ValueError(f"x: expected more than {n - 1} spatial element per channel {what}, "
+                         f"got shape {x.shape}")
+
+
+def nonempty(x, what):
+    if x.shape[0] == 0 and x.shape[1]:
+        raise ValueError(f"x: expected at least one instance {what}, got shape {x.shape}")
+
+
+def required(v, name, why):
+    if v is None:
+        raise ValueError(f"{name}: expected an array, got None ({why})")
+    return v
+
+
+def named_weights(weights, names):
+    """A list or mapping of arrays in the order of names."""
+    if hasattr(weights, "keys"):
+        missing = [k for k in names if k not in weights]
+        if missing:
+            raise KeyError(f"weights: missing keys {missing} (expected {names})")
+        return dict(zip(names, (weights[k] for k in names)))
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"weights: expected {len(names)} arrays ({', '.join(names)}), got "
+                         f"{len(weights)}")
+    return dict(zip(names, weights))
+
+
+def writable_input(x, what):
+    """x for a layer that overwrites it: a writable ndarray."""
+    if not isinstance(x, np.ndarray) or not x.flags.writeable:
+        raise ValueError(f"x: {what} overwrites its input: expected a writable "
+                         f"numpy.ndarray, got {type(x).__name__}"
+                         + ("" if not isinstance(x, np.ndarray) else " (read-only)"))
+    return x
+
+
+def refuse(name, message, error=ValueError):
+    """A setting a layer or function does not support."""
+    raise error(f"{name}: {message}")
+
+
+def steps(x, name, C, t):
+    """A recurrent step (N, C) or sequence (T, N, C) and its start step t."""
+    x = tensor(x, name)
+    if x.ndim not in (2, 3) or x.shape[-1] != C:
+        raise ValueError(f"{name}: expected shape (N, {C}) for one step or (T, N, {C}) for a "
+                         f"sequence, got {x.shape}")
+    if t is None:
+        if x.ndim == 2:
+            raise ValueError(f"t: the time step is required with a single step {name} "
+                             f"of shape {x.shape}")
+        t = 0
+    return x, integer(t, "t")
+
+
+def step_grads(dy, saved, first):
+    """dy (T, N, C) or (N, C) matching the saved inputs of its steps."""
+    for s in range(first, first + (dy.shape[0] if dy.ndim == 3 else 1)):
+        x = saved[s].x
+        if x.shape != dy.shape[-2:] or x.dtype != dy.dtype:
+            raise ValueError(f"dy: expected steps of shape {x.shape} and dtype {x.dtype} "
+                             f"(the input of step {s}), got {dy.shape} {dy.dtype}")
+
+
+def count_in(v, key, hi):
+    if not 0 <= int(v) <= hi:
+        raise ValueError(f"state[{key!r}]: expected a count in [0, {hi}], got {int(v)}")

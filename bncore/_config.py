@@ -3,6 +3,7 @@ import platform
 
 import numpy as np
 
+from . import _checks as chk
 from . import _kernels
 from ._version import __version__
 
@@ -18,6 +19,7 @@ def config():
         "python": platform.python_version(),
         "machine": platform.machine(),
         "default_threads": _kernels.default_threads(),
+        "thread_limit": _kernels.thread_limit() or "none",
         "kernel_isa": _LEVELS[_kernels.cpu_level()] if "baseline only" not in info["simd"]
         else "baseline",
     })
@@ -30,7 +32,7 @@ def show_config(mode="stdout"):
     if mode == "dicts":
         return info
     if mode != "stdout":
-        raise ValueError(f"mode: expected 'stdout' or 'dicts', got {mode!r}")
+        chk.choice(mode, "mode", {"stdout": "print", "dicts": "return a dict"})
     width = max(map(len, info))
     for k, v in info.items():
         print(f"{k:>{width}}: {v}")

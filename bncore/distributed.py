@@ -35,11 +35,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
         "bncore.distributed needs mpi4py and an MPI library: "
         "pip install 'bncore[mpi]'") from exc
 
-import bncore
-from bncore import BatchNorm
-from bncore import _checks as chk
-from bncore import _kernels as _k
-from bncore.functional import _update_running
+from . import _checks as chk
+from . import _kernels as _k
+from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce, batch_norm_elemt,
+                         batch_norm_stats, merge_stats, update_running)
+from .layers import BatchNorm
+from .layers.batch_norm import _Record
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -97,11 +98,10 @@ def _check_comm(comm, reduction):
     if comm is None:
         comm = MPI.COMM_WORLD
     if not isinstance(comm, MPI.Intracomm):
-        raise TypeError("comm must be an mpi4py MPI.Intracomm, got "
-                        f"{type(comm).__name__}")
-    if reduction not in ("allgather", "allreduce"):
-        raise ValueError("reduction must be 'allgather' or 'allreduce', "
-                         f"got {reduction!r}")
+        chk.refuse("comm", f"expected an mpi4py MPI.Intracomm, got {type(comm).__name__}",
+                   TypeError)
+    chk.choice(reduction, "reduction", {"allgather": "every rank merges every buffer",
+                                        "allreduce": "a Chan-merge reduction"})
     return comm
 
 
@@ -122,8 +122,8 @@ class SyncBatchNorm(BatchNorm):
                  **kwargs):
         comm = _check_comm(comm, reduction)
         if kwargs.get("activation") is not None:
-            raise ValueError("activation: SyncBatchNorm does not fuse an activation; "
-                             "apply it after the layer")
+            chk.refuse("activation", "SyncBatchNorm does not fuse an activation; apply it "
+                                     "after the layer")
         super().__init__(num_features, **kwargs)
         self.comm = comm
         self.reduction = reduction
@@ -160,7 +160,7 @@ class SyncBatchNorm(BatchNorm):
             merged = None
             if n_bad == 0 and lo == hi:
                 # Fixed rank order: every rank computes the same bits.
-                merged = bncore.merge_stats(head[:, 0],
+                merged = merge_stats(head[:, 0],
                                             recv[:, _HEAD:_HEAD + c],
                                             recv[:, _HEAD + c:])
         else:
@@ -192,24 +192,29 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward / backward ------------------------------------------------
 
-    def forward(self, x, *, out=None, n_threads=None):
+    def _same_width(self):
+        # Ranks with different channel counts would exchange buffers of
+        # different sizes: every rank checks first, so every rank raises.
+        c = self.num_features
+        widths = np.empty(2, np.int64)
+        self.comm.Allreduce(np.array([c, -c], np.int64), widths, op=MPI.MAX)
+        if widths[0] != -widths[1]:
+            raise ValueError(f"num_features: expected the same channel count on every rank, "
+                             f"got {c} here and counts from {-widths[1]} to {widths[0]} "
+                             f"across ranks")
+
+    def _forward(self, x, out, n_threads):
         if not self.training and self.track_running_stats:
             # Running statistics: nothing to exchange.
-            y = super().forward(x, out=out, n_threads=n_threads)
-            x, mean, invstd, _ = self._saved
-            self._saved = (x, mean, invstd, None, False)
-            return y
+            return super()._forward(x, out, n_threads)
         c = self.num_features
+        self._same_width()
         error = None
         try:
-            x = self._check_input(x)
-            if (out is not None and isinstance(out, np.ndarray)
-                    and np.may_share_memory(out, x)):
-                raise ValueError("out: must not overlap x in a layer "
-                                 "(backward needs the input)")
+            x = self._input(x, out)
             _check_out(out, x)
-            count, mean, m2 = bncore.batch_norm_stats(x, axis=self.axis,
-                                                      n_threads=n_threads)
+            chk.n_threads(n_threads)
+            count, mean, m2 = batch_norm_stats(x, axis=self.axis, n_threads=n_threads)
             code = _DTYPE_CODES[x.dtype]
         except (TypeError, ValueError) as exc:
             error = exc
@@ -225,58 +230,48 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError("x: expected more than 1 value per channel over "
                              f"all ranks when training, got {total}")
         var = m2 / total
-        invstd = 1.0 / np.sqrt(var + self.eps)
-        y = bncore.batch_norm_elemt(x, mean, invstd, self.weight, self.bias,
-                                    axis=self.axis, out=out,
-                                    n_threads=n_threads)
+        invstd = _k.invstd(var, self.eps)
+        y = batch_norm_elemt(x, mean, invstd, self.weight, self.bias, axis=self.axis, out=out,
+                             n_threads=n_threads)
         if self.training and self.track_running_stats:
             n = int(self.num_batches_tracked) + 1
             factor = 1.0 / n if self.momentum is None else self.momentum
-            _update_running(self.running_mean, self.running_var, mean, var,
-                            total, factor)
+            update_running(self.running_mean, self.running_var, mean, var, total, factor)
             self.num_batches_tracked[...] = n
-        self._saved = (x, mean, invstd, total, True)
-        return y
+        return y, _Record(x, mean, invstd, True, extra=total)
 
-    def backward(self, dy, *, out=None, n_threads=None):
-        """dx of the most recent forward; sets the global grad_weight and
-        grad_bias on every rank (one collective)."""
-        if self._saved is None:
-            raise RuntimeError("backward: no forward call to differentiate; "
-                               "call forward first")
-        x, mean, invstd, total, batch_stats = self._saved
+    def _backward(self, dy, r, out, n_threads):
+        """dx of the most recent forward; grad_weight and grad_bias are the
+        global sums on every rank (one collective)."""
         c = self.num_features
+        self._same_width()
         error = None
         try:
-            sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(
-                dy, x, mean, axis=self.axis, n_threads=n_threads)
-            _check_out(out, x)
+            sum_dy, sum_dy_xmu = batch_norm_backward_reduce(
+                dy, r.x, r.mean, axis=self.axis, n_threads=n_threads)
+            _check_out(out, r.x)
         except (TypeError, ValueError) as exc:
             error = exc
             sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)
         sum_dy, sum_dy_xmu, n_bad, bad_ranks = self._exchange_grads(
             sum_dy, sum_dy_xmu, error is not None)
         self._raise_if_bad(n_bad, bad_ranks, error, "backward")
-        if not batch_stats:
-            # Constant statistics: dx = dy * weight * invstd.
+        if r.training:
+            sum_dy_dx, sum_dy_xmu_dx, total = sum_dy, sum_dy_xmu, r.extra
+        else:  # constant statistics: dx = dy * weight * invstd
             sum_dy_xmu_dx = sum_dy_dx = np.zeros(c)
             total = 1
-        else:
-            sum_dy_dx, sum_dy_xmu_dx = sum_dy, sum_dy_xmu
-        dx = bncore.batch_norm_backward_elemt(
-            dy, x, mean, invstd, self.weight, sum_dy_dx, sum_dy_xmu_dx, total,
+        dx = batch_norm_backward_elemt(
+            dy, r.x, r.mean, r.invstd, self.weight, sum_dy_dx, sum_dy_xmu_dx, total,
             axis=self.axis, out=out, n_threads=n_threads)
-        if self.affine:
-            self.grad_weight = (sum_dy_xmu * invstd).astype(self.weight.dtype)
-            self.grad_bias = sum_dy.astype(self.bias.dtype)
-        return dx
+        return dx, sum_dy_xmu * r.invstd, sum_dy
 
     @classmethod
     def from_batchnorm(cls, layer, comm=None, reduction="allgather"):
         """A SyncBatchNorm sharing ``layer``'s parameter and running arrays."""
         if getattr(layer, "activation", None) is not None:
-            raise ValueError("layer: SyncBatchNorm does not fuse an activation; got a "
-                             f"BatchNorm with activation={layer.activation!r}")
+            chk.refuse("layer", f"SyncBatchNorm does not fuse an activation; got a BatchNorm "
+                                f"with activation={layer.activation!r}")
         sync = cls.__new__(cls)
         comm = _check_comm(comm, reduction)
         sync.__dict__.update(layer.__dict__)  # same arrays, same settings

@@ -1,6 +1,6 @@
 """The C-API fast paths of batch_norm_train/_eval/_backward (bncore/_kernels.pyx).
 
-Common inputs take the fast path; anything unusual takes functional.py's full
+Common inputs take the compiled entries straight; anything unusual takes the full
 path. Both must give bit-identical results (and the same running-statistics
 update), and the fast path must really be taken for the common case. The
 values themselves are checked against the float64 reference in
@@ -98,54 +98,56 @@ def test_out_in_place_and_disjoint(rng, dtype):
     buf = np.zeros(x.size + 7, dtype)
     part = buf[3:3 + x.size].reshape(x.shape)
     part[...] = x
-    assert _kernels.fast_eval(part, rm, rv, w, b, 1, 1e-5, buf[:x.size].reshape(x.shape),
-                              None, None, False) is None
+    assert _kernels.evaluate(part, rm, rv, w, b, 1, 1e-5, buf[:x.size].reshape(x.shape),
+                              None, None) is None
     got = bncore.batch_norm_eval(part, rm, rv, w, b, out=buf[:x.size].reshape(x.shape))
     _same((got,), (want_e,))
 
 
 def test_common_calls_take_the_fast_path(rng):
     x, w, b, rm, rv = _data(rng, (4, 3, 5), 1, np.float32)
-    assert _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None, None, None, False) is not None
-    assert _kernels.fast_train(x, w, b, -2, 1e-5, rm, rv, 0.1, None, "relu", 2, True, False,
-                               False) is not None
+    assert _kernels.evaluate(x, rm, rv, w, b, 1, 1e-5, None, None, None) is not None
+    assert _kernels.evaluate(x, rm, rv, w, b, 1, 1e-5, None, ("leaky_relu", 0.1),
+                             None) is not None
+    assert _kernels.train(x, w, b, -2, 1e-5, rm, rv, 0.1, None, "relu", 2, True, False,
+                          None) is not None
     y, mean, invstd = bncore.batch_norm_train(x, w, b)
-    assert _kernels.fast_backward(x, x, mean, invstd, None, 1, True, None, None, None, 1,
-                                  False) is not None
+    assert _kernels.backward(x, x, mean, invstd, None, 1, True, None, None, None, 1,
+                             None) is not None
+
+
+def _eval(x, rm, rv, w, b, axis=1, eps=1e-5, out=None, act=None, nt=None):
+    return _kernels.evaluate(x, rm, rv, w, b, axis, eps, out, act, nt)
+
+
+def _train(x, w, b, rm, rv, momentum=0.1):
+    return _kernels.train(x, w, b, 1, 1e-5, rm, rv, momentum, None, None, None, True, False,
+                          None)
+
+
+def _backward(dy, x, m, inv, w, act=None):
+    return _kernels.backward(dy, x, m, inv, w, 1, True, None, act, None, None, None)
 
 
 @pytest.mark.parametrize("call", [
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x.astype(np.float16), rm, rv, w, b, 1, 1e-5,
-                                               None, None, None, False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x[:, ::2], rm, rv, w[::2], b[::2], 1, 1e-5,
-                                               None, None, None, False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, float("nan"), None, None,
-                                               None, False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None,
-                                               ("leaky_relu", 0.1), None, False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 1, 1e-5, None, None, 0, False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, True, 1e-5, None, None, None,
-                                               False),
-    lambda x, w, b, rm, rv: _kernels.fast_eval(x, rm, rv, w, b, 2**70, 1e-5, None, None, None,
-                                               False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, None, 0.1, None, None,
-                                                None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, list(rm), rv, 0.1, None, None,
-                                                None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, list(rv), 0.1, None, None,
-                                                None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rm, 0.1, None, None,
-                                                None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x, w, b, 1, 1e-5, rm, rv, 1.5, None, None,
-                                                None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_train(x[:1, :, :1], w, b, 1, 1e-5, None, None, 0.1,
-                                                None, None, None, True, False, False),
-    lambda x, w, b, rm, rv: _kernels.fast_backward(x[..., :2], x, rm, rv, w, 1, True, None,
-                                                   None, None, None, False),
-    lambda x, w, b, rm, rv: _kernels.fast_backward(x, x, rm, rv, w, 1, True, None, "relu",
-                                                   None, None, False),
-], ids=["float16", "strided", "nan-eps", "leaky", "zero-threads", "bool-axis", "huge-axis",
-        "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value", "dy-shape", "relu-no-y"])
+    lambda x, w, b, rm, rv: _eval(x.astype(np.float16), rm, rv, w, b),
+    lambda x, w, b, rm, rv: _eval(x[:, ::2], rm, rv, w[::2], b[::2]),
+    lambda x, w, b, rm, rv: _eval(x, rm, rv, w, b, eps=float("nan")),
+    lambda x, w, b, rm, rv: _eval(x, rm, rv, w, b, eps=float("inf")),
+    lambda x, w, b, rm, rv: _eval(x, rm, rv, w, b, nt=0),
+    lambda x, w, b, rm, rv: _eval(x, rm, rv, w, b, axis=True),
+    lambda x, w, b, rm, rv: _eval(x, rm, rv, w, b, axis=2**70),
+    lambda x, w, b, rm, rv: _train(x, w, b, rm, None),
+    lambda x, w, b, rm, rv: _train(x, w, b, list(rm), rv),
+    lambda x, w, b, rm, rv: _train(x, w, b, rm, list(rv)),
+    lambda x, w, b, rm, rv: _train(x, w, b, rm, rm),
+    lambda x, w, b, rm, rv: _train(x, w, b, rm, rv, momentum=1.5),
+    lambda x, w, b, rm, rv: _train(x[:1, :, :1], w, b, None, None),
+    lambda x, w, b, rm, rv: _backward(x[..., :2], x, rm, rv, w),
+    lambda x, w, b, rm, rv: _backward(x, x, rm, rv, w, act="relu"),
+], ids=["float16", "strided", "nan-eps", "inf-eps", "zero-threads", "bool-axis", "huge-axis",
+        "one-running", "list-mean", "list-var", "shared-running", "momentum", "one-value",
+        "dy-shape", "relu-no-y"])
 def test_unusual_inputs_take_the_full_path(rng, call):
     x, w, b, rm, rv = _data(rng, (4, 6, 5), 1, np.float32)
     before = rm.copy(), rv.copy()

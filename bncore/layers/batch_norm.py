@@ -1,0 +1,487 @@
+"""Batch normalization layers: BatchNorm (PyTorch's behaviour and state_dict
+keys), BatchRenorm, RecurrentBatchNorm, InPlaceABN and FrozenBatchNorm."""
+import numpy as np
+
+from .. import _checks as chk
+from .. import _kernels as _k
+from ..folding import eval_coefficients
+from ..functional import (batch_norm_backward, batch_norm_backward_from_output,
+                          batch_norm_elemt, batch_norm_eval, batch_norm_train, train)
+from ..renorm import batch_renorm_backward, batch_renorm_train
+from .base import Module
+
+__all__ = ["BatchNorm", "BatchRenorm", "RecurrentBatchNorm", "InPlaceABN", "FrozenBatchNorm"]
+
+
+class _Record:
+    """What backward needs of one forward call."""
+    __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
+
+    def __init__(self, x, mean, invstd, training, ghost=None, y=None, extra=None):
+        self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
+        self.ghost, self.y, self.extra = ghost, y, extra
+
+
+class BatchNorm(Module):
+    """Batch normalization over channel axis `axis`, like torch.nn.BatchNorm{1,2,3}d.
+
+    forward(x) normalizes with the batch statistics in training mode (and
+    updates the running statistics) and with the running statistics in eval
+    mode; backward(dy) returns dx for the most recent forward call and sets
+    grad_weight / grad_bias. momentum=None is the cumulative moving average;
+    track_running_stats=False uses batch statistics in eval mode too.
+    virtual_batch_size (ghost batch norm): in training mode each slice of that
+    many samples along axis 0 is normalized with its own statistics.
+    activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
+    backward; running_var_unbiased=False keeps the biased running variance
+    (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
+
+    skip_nonfinite_update=True leaves running_mean, running_var and
+    num_batches_tracked untouched on a training step whose batch mean or
+    variance is NaN or inf in any channel (see batch_norm_train); the step's
+    output is still returned. Off by default, as in PyTorch.
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
+                 activation=None, running_var_unbiased=True, skip_nonfinite_update=False):
+        self._setup(dtype, eps)
+        self.num_features = C = chk.positive_int(num_features, "num_features")
+        self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.activation = chk.activation(activation)
+        self.running_var_unbiased = bool(running_var_unbiased)
+        self.skip_nonfinite_update = bool(skip_nonfinite_update)
+        self.virtual_batch_size = (None if virtual_batch_size is None else
+                                   chk.positive_int(virtual_batch_size, "virtual_batch_size"))
+        dtype = self.dtype
+        self.weight = np.ones(C, dtype) if affine else None
+        self.bias = np.zeros(C, dtype) if affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def __repr__(self):
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}{act})")
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def _input(self, x, out):
+        """x checked to have this layer's channels, and out separate from it."""
+        L = chk.Layout(x, self.axis).channels(self.num_features)
+        chk.separate_from_input(out, L.x)
+        return L.x
+
+    def _forward(self, x, out, n_threads):
+        x = self._input(x, out)
+        if self.training or not self.track_running_stats:
+            ghost = self.virtual_batch_size if self.training else None
+            if self.training and self.track_running_stats:
+                n = int(self.num_batches_tracked) + 1
+                factor = 1.0 / n if self.momentum is None else self.momentum
+                y, mean, invstd, updated = train(
+                    x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
+                    self.running_var, factor, out, self.activation, n_threads, ghost,
+                    self.skip_nonfinite_update, self.running_var_unbiased)
+                if updated:
+                    self.num_batches_tracked[...] = n
+            else:
+                y, mean, invstd = batch_norm_train(
+                    x, self.weight, self.bias, axis=self.axis, eps=self.eps, out=out,
+                    activation=self.activation, n_threads=n_threads, virtual_batch_size=ghost)
+            record = _Record(x, mean, invstd, True, ghost)
+        else:
+            y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                axis=self.axis, eps=self.eps, out=out,
+                                activation=self.activation, n_threads=n_threads)
+            record = _Record(x, self.running_mean.astype(np.float64),
+                             _k.invstd(self.running_var, self.eps), False)
+        # the activation's mask source, kept only when there is one
+        record.y = y if self.activation is not None else None
+        return y, record
+
+    def _backward(self, dy, r, out, n_threads):
+        return batch_norm_backward(dy, r.x, r.mean, r.invstd, self.weight, axis=self.axis,
+                                   training=r.training, out=out, activation=self.activation,
+                                   y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost)
+
+    def freeze(self):
+        """A FrozenBatchNorm with copies of this layer's eval-mode parameters."""
+        if not self.track_running_stats:
+            chk.refuse("freeze", "the layer has no running statistics to freeze "
+                                 "(track_running_stats=False)")
+        return FrozenBatchNorm.from_state_dict(
+            self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
+            dtype=self.dtype)
+
+    def _state_names(self):
+        names = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization layer (eval mode: the moving statistics).
+
+    rmax and dmax follow the paper's schedule over training steps (forward
+    calls in training mode, counted by num_batches_tracked): rmax=1, dmax=0
+    (plain batch norm) for `warmup_steps`, then linear relaxation to `rmax`
+    over `rmax_ramp_steps` and to `dmax` over `dmax_ramp_steps`. The defaults
+    are the paper's (5000 steps, rmax=3 at 40k steps, dmax=5 at 25k); pass
+    warmup_steps=0, rmax_ramp_steps=0, dmax_ramp_steps=0 for fixed limits.
+    momentum (default 0.01) is the moving statistics' update rate; None is the
+    cumulative average as in BatchNorm.
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.01, affine=True, axis=1,
+                 dtype=np.float32, rmax=3.0, dmax=5.0, warmup_steps=5000,
+                 rmax_ramp_steps=35000, dmax_ramp_steps=20000):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=True, axis=axis, dtype=dtype)
+        self.rmax = chk.real(rmax, "rmax", 1.0)
+        self.dmax = chk.real(dmax, "dmax", 0.0)
+        self.warmup_steps = chk.integer(warmup_steps, "warmup_steps")
+        self.rmax_ramp_steps = chk.integer(rmax_ramp_steps, "rmax_ramp_steps")
+        self.dmax_ramp_steps = chk.integer(dmax_ramp_steps, "dmax_ramp_steps")
+
+    def __repr__(self):
+        return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
+                f"axis={self.axis})")
+
+    def limits(self, step=None):
+        """(rmax, dmax) in force at training step `step` (default: the next one)."""
+        step = int(self.num_batches_tracked) if step is None else step
+        if step < self.warmup_steps:
+            return 1.0, 0.0
+
+        def ramp(target, start, length):
+            frac = 1.0 if length == 0 else min(1.0, (step - self.warmup_steps) / length)
+            return start + (target - start) * frac
+
+        return (ramp(self.rmax, 1.0, self.rmax_ramp_steps),
+                ramp(self.dmax, 0.0, self.dmax_ramp_steps))
+
+    def _forward(self, x, out, n_threads):
+        if not self.training:
+            return super()._forward(x, out, n_threads)
+        x = self._input(x, out)
+        n = int(self.num_batches_tracked) + 1
+        rmax, dmax = self.limits()
+        y, mean, invstd, r, d = batch_renorm_train(
+            x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
+            eps=self.eps, rmax=rmax, dmax=dmax,
+            momentum=1.0 / n if self.momentum is None else self.momentum,
+            out=out, n_threads=n_threads)
+        self.num_batches_tracked[...] = n
+        return y, _Record(x, mean, invstd, True, extra=(r, d))
+
+    def _backward(self, dy, rec, out, n_threads):
+        if rec.extra is None:
+            return super()._backward(dy, rec, out, n_threads)
+        return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, *rec.extra, self.weight,
+                                     axis=self.axis, out=out, n_threads=n_threads)
+
+
+class InPlaceABN(BatchNorm):
+    """Batch norm + activation whose forward overwrites its input x with y.
+
+    In the spirit of Inplace-ABN (Rota Bulo et al., 2018): the backward
+    rebuilds the normalized input from y (batch_norm_backward_from_output), so
+    a training step keeps one activation buffer per layer instead of two.
+    activation is None or ('leaky_relu', slope > 0) (default slope 0.01);
+    other arguments as BatchNorm. x must be a writable ndarray; forward
+    returns x (filled with y) and the caller must not need x afterwards.
+    """
+
+    def __init__(self, num_features, *, activation=("leaky_relu", 0.01), min_abs_weight=None,
+                 **kwargs):
+        chk.invertible(activation)
+        if kwargs.get("virtual_batch_size") is not None:
+            chk.refuse("virtual_batch_size", "not supported by InPlaceABN (its backward "
+                                             "rebuilds x from one set of batch statistics)")
+        super().__init__(num_features, activation=activation, **kwargs)
+        self.min_abs_weight = (None if min_abs_weight is None else
+                               chk.real(min_abs_weight, "min_abs_weight", 0.0))
+
+    def _input(self, x, out):
+        chk.writable_input(x, "InPlaceABN")
+        return chk.Layout(x, self.axis).channels(self.num_features).x
+
+    def forward(self, x, *, n_threads=None):
+        y, record = self._forward(x, x, n_threads)
+        self._saved = record
+        return y
+
+    def _forward(self, x, out, n_threads):
+        y, record = super()._forward(x, out, n_threads)
+        record.x, record.y = None, y  # x is gone: y is all backward has
+        return y, record
+
+    def _backward(self, dy, r, out, n_threads):
+        return batch_norm_backward_from_output(
+            dy, r.y, r.invstd, self.weight, self.bias, axis=self.axis, training=r.training,
+            activation=self.activation, out=out, min_abs_weight=self.min_abs_weight,
+            n_threads=n_threads)
+
+
+class RecurrentBatchNorm(Module):
+    """Per-time-step batch normalization of (N, C) features with shared gamma/beta
+    (Cooijmans et al. 2016, "Recurrent Batch Normalization", arXiv:1603.09025).
+
+    forward(x, t) normalizes one step x (N, C) at step t; forward(x) with x
+    (T, N, C) a whole sequence (steps t..t+T-1, t defaulting to 0). Each step t
+    has its own running statistics (slot t, shape (max_steps, C)) and is
+    normalized with its own batch statistics in training. In eval mode step t
+    uses slot min(t, trained_steps - 1): steps beyond those seen in training
+    take the statistics of the last trained step, as the paper does
+    (`trained_steps`, part of the state dict, counts the slots training has
+    reached). gamma (weight) starts at 0.1, which the paper recommends.
+    backward(dy, t) / backward(dy) (a sequence) return dx of those steps'
+    forward calls and ADD the parameter gradients to grad_weight / grad_bias,
+    as backpropagation through time does; a forward at step 0 starts a new
+    sequence (it forgets the saved steps and zeroes the gradients), and
+    zero_grad() zeroes them explicitly. Only what a pending backward needs is
+    kept: training steps until their backward, and in eval mode the latest
+    max(max_steps, EVAL_HISTORY = 64) steps, enough for backpropagation
+    through an eval-mode sequence while an endless stream stays bounded.
+    """
+
+    EVAL_HISTORY = 64
+
+    def __init__(self, num_features, max_steps, *, eps=1e-5, momentum=0.1, affine=True,
+                 gamma_init=0.1, dtype=np.float32):
+        self._setup(dtype, eps)
+        self.num_features = C = chk.positive_int(num_features, "num_features")
+        self.max_steps = S = chk.positive_int(max_steps, "max_steps")
+        self.momentum = chk.real(momentum, "momentum", 0.0, 1.0)
+        self.affine = bool(affine)
+        gamma_init = chk.real(gamma_init, "gamma_init")
+        self.weight = np.full(C, gamma_init, self.dtype) if affine else None
+        self.bias = np.zeros(C, self.dtype) if affine else None
+        self.running_mean = np.zeros((S, C), self.dtype)
+        self.running_var = np.ones((S, C), self.dtype)
+        self.trained_steps = np.array(0, dtype=np.int64)
+        self._steps = {}
+        self.zero_grad()
+
+    def __repr__(self):
+        return (f"RecurrentBatchNorm({self.num_features}, max_steps={self.max_steps}, "
+                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine})")
+
+    def _state_names(self):
+        return super()._state_names() + ["running_mean", "running_var", "trained_steps"]
+
+    def _assign(self, staged):
+        if "trained_steps" in staged:
+            chk.count_in(staged["trained_steps"], "trained_steps", self.max_steps)
+        super()._assign(staged)
+
+    def zero_grad(self):
+        if self.affine:
+            self.grad_weight = np.zeros(self.num_features, self.dtype)
+            self.grad_bias = np.zeros(self.num_features, self.dtype)
+
+    def reset_running_stats(self):
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
+        self.trained_steps[...] = 0
+
+    def slot(self, t):
+        """Index of the running statistics used at step t (in eval mode, steps
+        past the trained ones use the last trained slot)."""
+        last = self.max_steps if self.training else max(int(self.trained_steps), 1)
+        return min(t, last - 1)
+
+    def __call__(self, x, t=None, **kwargs):
+        return self.forward(x, t, **kwargs)
+
+    def forward(self, x, t=None, *, out=None, n_threads=None):
+        x, t = chk.steps(x, "x", self.num_features, t)
+        chk.separate_from_input(out, x)
+        chk.n_threads(n_threads)
+        if self.training and x.shape[-2] < 2:
+            chk.refuse("x", f"expected more than 1 sample per step when training, got shape "
+                            f"{x.shape}")
+        if out is not None:
+            out = chk.output(out, x, x.dtype, ())[1]
+        seq = x if x.ndim == 3 else x[None]
+        y = np.empty_like(seq) if out is None else (out if x.ndim == 3 else out[None])
+        steps = {}
+        for i in range(seq.shape[0]):
+            steps[t + i] = self._step(seq[i], t + i, y[i], n_threads)
+        # everything ran: now the record changes
+        if t == 0:
+            self._steps = {}
+            self.zero_grad()
+        self._steps.update(steps)
+        if not self.training:  # an endless stream keeps a bounded number of them
+            for s in sorted(self._steps)[:-max(self.max_steps, self.EVAL_HISTORY)]:
+                del self._steps[s]
+        if self.training:
+            reached = min(t + seq.shape[0], self.max_steps)
+            self.trained_steps[...] = max(int(self.trained_steps), reached)
+        return y if x.ndim == 3 else y[0]
+
+    def _step(self, x, t, out, n_threads):
+        s = self.slot(t)
+        rm, rv = self.running_mean[s], self.running_var[s]
+        if self.training:
+            _, mean, invstd = batch_norm_train(
+                x, self.weight, self.bias, eps=self.eps, running_mean=rm, running_var=rv,
+                momentum=self.momentum, out=out, n_threads=n_threads)
+        else:
+            batch_norm_eval(x, rm, rv, self.weight, self.bias, eps=self.eps, out=out,
+                            n_threads=n_threads)
+            mean, invstd = rm.astype(np.float64), _k.invstd(rv, self.eps)
+        return _Record(x, mean, invstd, self.training)
+
+    def backward(self, dy, t=None, *, out=None, n_threads=None):
+        """dx of step t (dy (N, C)) or of the sequence starting at t (dy (T, N, C));
+        adds the parameter gradients to grad_weight and grad_bias."""
+        dy, t = chk.steps(dy, "dy", self.num_features, t)
+        steps = range(t, t + (dy.shape[0] if dy.ndim == 3 else 1))
+        missing = [s for s in steps if s not in self._steps]
+        if missing:
+            raise RuntimeError(f"backward: no forward call saved for step(s) {missing}; call "
+                               f"forward for them first (a forward at step 0 starts over)")
+        chk.step_grads(dy, self._steps, t)
+        chk.n_threads(n_threads)
+        seq = dy if dy.ndim == 3 else dy[None]
+        dx = np.empty_like(dy) if out is None else chk.output(out, dy, dy.dtype, ())[1]
+        dxs = dx if dy.ndim == 3 else dx[None]
+        for i in reversed(range(seq.shape[0])):  # the order of backpropagation through time
+            r = self._steps[t + i]
+            _, dw, db = batch_norm_backward(seq[i], r.x, r.mean, r.invstd, self.weight,
+                                            training=r.training, out=dxs[i],
+                                            n_threads=n_threads)
+            self._set_grads(dw, db, accumulate=True)
+            if r.training:
+                del self._steps[t + i]  # consumed: nothing pending for this step
+        return dx
+
+
+class FrozenBatchNorm(Module):
+    """Batch norm with fixed parameters, like torchvision's FrozenBatchNorm2d.
+
+    y = act((x - running_mean) * scale + bias), scale = weight / sqrt(running_var + eps),
+    with eps inside the square root (torchvision's convention since 0.8 and
+    detectron2's: default 1e-5; checkpoints from code that used no eps load
+    with eps=0). The coefficients are computed once, when the parameters are
+    set, and a call is one fused pass over x, bitwise the same as
+    batch_norm_eval. Keeping running_mean as the center (instead of the folded
+    x * scale + shift) costs nothing in a memory-bound pass and keeps float32
+    exact when |mean| >> std; `scale` and `shift` give the folded form.
+
+    Parameters are read-only arrays: change them with load_state_dict, which
+    recomputes the coefficients. Calls keep no state, so one instance serves
+    any number of threads at once. backward(dy, y=...) is dx = dy * scale
+    (times the activation's derivative, taken from the output y); nothing is
+    trained.
+    """
+
+    training = False
+
+    def __init__(self, num_features, *, eps=1e-5, axis=1, activation=None, dtype=np.float32):
+        self._setup(dtype, eps)
+        self.training = False
+        self.num_features = C = chk.positive_int(num_features, "num_features")
+        self.axis = axis
+        self.activation = chk.activation(activation)
+        d = self.dtype
+        self._set(np.ones(C, d), np.zeros(C, d), np.zeros(C, d), np.ones(C, d))
+
+    @classmethod
+    def from_state_dict(cls, state, *, eps=1e-5, axis=1, activation=None, dtype=None):
+        """From PyTorch-style keys (weight, bias, running_mean, running_var;
+        num_batches_tracked is ignored; weight/bias may be absent: affine=False)."""
+        chk.state_keys(state, ("running_mean",), False, optional=(
+            "weight", "bias", "running_var", "num_batches_tracked"))
+        if "running_mean" not in state:
+            chk.refuse("state", "missing key 'running_mean'", KeyError)
+        rm = chk.float_vector(state["running_mean"], "state['running_mean']")
+        if dtype is None:
+            dtype = np.asarray(state["running_mean"]).dtype
+            dtype = dtype if dtype in chk.FLOAT_DTYPES else np.float32
+        layer = cls(rm.shape[0], eps=eps, axis=axis, activation=activation, dtype=dtype)
+        layer.load_state_dict(state, strict=False)
+        return layer
+
+    def _state_names(self):
+        return ["weight", "bias", "running_mean", "running_var"]
+
+    def _set(self, w, b, rm, rv):
+        params = []
+        for a, name in zip((w, b, rm, rv), self._state_names()):
+            a = chk.vector(a, self.num_features, name, required=True).astype(self.dtype)
+            a.flags.writeable = False
+            params.append(a)
+        # coefficients from the stored (rounded) parameters, as batch_norm_eval's
+        w, b, rm, rv = (a.astype(np.float64) for a in params)
+        center, scale, shift = eval_coefficients(rm, rv, w, b, self.eps)
+        # everything is validated: now assign
+        self.weight, self.bias, self.running_mean, self.running_var = params
+        self._invstd, self._w64 = _k.invstd(rv, self.eps), w
+        self._center, self._scale, self._shift = center, scale, shift
+
+    def load_state_dict(self, state, strict=True):
+        """Sets any of weight, bias, running_mean, running_var (missing keys keep
+        their values unless strict); checked fully before anything changes."""
+        names = self._state_names()
+        chk.state_keys(state, names, strict, optional=("num_batches_tracked",))
+        self._set(*(state.get(k, getattr(self, k)) for k in names))
+
+    @property
+    def scale(self):
+        """Folded per-channel scale (float64): weight / sqrt(running_var + eps)."""
+        return self._scale.copy()
+
+    @property
+    def shift(self):
+        """Folded per-channel shift (float64): bias - running_mean * scale."""
+        return self._shift - self._center * self._scale
+
+    def __repr__(self):
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return f"FrozenBatchNorm({self.num_features}, eps={self.eps}, axis={self.axis}{act})"
+
+    def train(self, mode=True):
+        if mode:
+            chk.refuse("mode", "a FrozenBatchNorm has no training mode (use BatchNorm)")
+        return self
+
+    def forward(self, x, *, out=None, n_threads=None):
+        # stateless: nothing is recorded, so calls may run in parallel
+        y = _k.elemt(x, self._center, self._invstd, self._w64, self._shift, self.axis, out,
+                     self.activation, n_threads)
+        if y is None:
+            L = chk.Layout(x, self.axis).channels(self.num_features)
+            y = batch_norm_elemt(L.x, self._center, self._invstd, self._w64, self._shift,
+                                 axis=self.axis, out=out, activation=self.activation,
+                                 n_threads=n_threads)
+        return y
+
+    def backward(self, dy, *, y=None, out=None, n_threads=None):
+        """dx = act'(y) * dy * scale; y (the forward output) is needed only with
+        an activation, as its mask."""
+        L = chk.Layout(dy, self.axis, "dy").channels(self.num_features, "dy")
+        code, slope = chk.activation_code(self.activation)
+        y = chk.mask_source(y, L.x, self.activation if code else None)
+        nt = chk.threads(n_threads)
+        buf, final = chk.output(out, L.x, L.cd, (L.x, y))
+        _k.backward_apply(L.flat(L.x), None, L.flat(y), buf.reshape(-1), L.shape, self._center,
+                          self._scale, None, None, code, slope, nt)
+        return chk.finish(buf, final, L.x.dtype)
