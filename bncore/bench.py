@@ -79,7 +79,7 @@ def interleaved(impls, rounds, min_time=0.005, settle=0.0):
         impls[n]()
         dt = min(_sample(impls[n], 1) for _ in range(2))
         k[n] = max(1, min(10000, math.ceil(min_time / max(dt, 1e-7))))
-    samples = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
