@@ -52,13 +52,20 @@ static int bn_cpu_nt(void) { return 0; }
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
-#define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
+#ifndef BN_MIN_RUN
+#define BN_MIN_RUN 1024            /* inner runs shorter than this use the row layout */
+#endif
+#ifndef BN_MIN_SEG
+#define BN_MIN_SEG 16              /* ... in segments of whole planes from this length on */
+#endif
+#define BN_SEG_MAXN (BN_MAX_COLS / BN_MIN_SEG)  /* segments per unit, at most */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #define BN_GROUP_BYTES (2 << 20)   /* bytes per round, still in L2/L3 for the 2nd pass
                                     * (8 MB rounds: 10-25% slower at 1 thread here) */
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large are written with non-temporal stores */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 32                /* independent double accumulators per run */
+#define BN_LANES_TAIL 8            /* ... and per block of a run's rest (one AVX-512 vector) */
 #define BN_SHIFT_LEN 16            /* run_moments: values averaged for the shift */
 #define BN_SHIFT_ROWS 8            /* tile_moments: rows averaged for the shift */
 #define BN_STRIP 512               /* tile kernels: columns per sweep (accumulators in L1) */
@@ -71,6 +78,8 @@ static int bn_cpu_nt(void) { return 0; }
 typedef struct {
     bn_shape s;
     int rows;            /* 1: row layout (channels-last, or short inner runs) */
+    int64_t seg;         /* row layout: values per partial column, inner (segments of
+                          * whole planes) or 1 (columns: channels-last, tiny planes) */
     int64_t kruns;       /* NCHW: runs per (n, c) plane */
     int64_t nb;          /* NCHW: planes (n) per unit, for planes shorter than BN_RUN */
     int64_t nnb;         /* NCHW: blocks of nb planes */
@@ -82,7 +91,7 @@ typedef struct {
     int64_t cols;        /* channels-last: columns per unit */
     int64_t ntiles;      /* channels-last: column tiles */
     int64_t nunits;
-    int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, channel) */
+    int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, column) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
     int64_t nrounds;
     int stream;          /* outputs written with non-temporal stores (BN_NT) */
@@ -102,6 +111,7 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
      * inner == 0 stays on the run layout, whose rounds still visit every channel
      * (rows of width 0 would have no tile, so no round to write the results in) */
     p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
+    p.seg = s.inner >= BN_MIN_SEG ? s.inner : 1;
     p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES && bn_cpu_nt();
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
@@ -122,12 +132,12 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.mrows = s.outer / p.fold;
         p.width = row * p.fold;
         /* tiles hold whole channels, so a round finishes the channels it reads */
-        p.cols = bn_max64(1, bn_min64(p.width, BN_MAX_COLS / bn_max64(1, s.inner) * s.inner));
+        p.cols = bn_max64(1, bn_min64(p.width, bn_max64(1, BN_MAX_COLS / s.inner) * s.inner));
         p.ntiles = bn_cdiv(p.width, p.cols);
         p.rb_rows = bn_max64(1, BN_TILE_BYTES / (p.cols * (int64_t)elsize));
         p.nrb = bn_cdiv(p.mrows, p.rb_rows);
         p.nunits = p.ntiles * p.nrb;
-        p.nslots = p.nrb * p.width;
+        p.nslots = p.nrb * (p.width / p.seg);
         p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, p.mrows * p.cols * (int64_t)elsize));
         p.nrounds = bn_cdiv(p.ntiles, p.round);
     }
@@ -174,12 +184,6 @@ static void bn_tile_of(const bn_plan *p, int64_t u, int64_t *r0, int64_t *nr,
     *nr = bn_min64(p->rb_rows, p->mrows - *r0);
     *c0 = t * p->cols;
     *nc = bn_min64(p->cols, p->width - *c0);
-}
-
-/* Row layout: column of (folded row i, channel c, inner index l), and back. */
-static int64_t bn_col_of(const bn_plan *p, int64_t i, int64_t c, int64_t l)
-{
-    return (i * p->s.channels + c) * p->s.inner + l;
 }
 
 /* Channels of columns [c0, c0 + nc): ch[j], counted up without a division
@@ -249,14 +253,14 @@ static void bn_merge(const bn_plan *p, const double *part, int64_t lo, int64_t h
         }
         return;
     }
-    int64_t ci = p->s.inner;
+    int64_t ci = p->s.inner / p->seg, sw = p->width / p->seg;
     double n = 0;
     for (int64_t c = lo; c < hi; c++) o0[c] = o1[c] = 0;
     for (int64_t rb = 0; rb < p->nrb; rb++) {
-        double nb = bn_slot_count(p, rb);
+        double nb = bn_slot_count(p, rb) * (double)p->seg;
         for (int64_t i = 0; i < p->fold; i++)
             for (int64_t l = 0; l < ci; l++) {
-                const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, 0, l));
+                const double *s = part + 2 * (rb * sw + i * p->s.channels * ci + l);
                 if (moments) {  /* bn_chan, with the count shared by all channels */
                     double f = nb / (n + nb);
                     for (int64_t c = lo; c < hi; c++) {
