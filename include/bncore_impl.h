@@ -47,6 +47,7 @@ static int bn_cpu_nt(void) { return 0; }
 #define BN_CLONES_NAMES "baseline only"
 #endif
 
+/* Tunables; those in #ifndef may be set with -D when timing with benchmarks/c/bench.c. */
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once);
                                     * shorter planes are grouped, up to this many elements */
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
@@ -58,14 +59,20 @@ static int bn_cpu_nt(void) { return 0; }
 #ifndef BN_MIN_SEG
 #define BN_MIN_SEG 16              /* ... in segments of whole planes from this length on */
 #endif
-#define BN_SEG_MAXN (BN_MAX_COLS / BN_MIN_SEG)  /* segments per unit, at most */
+#ifndef BN_SEG_COLS
+#define BN_SEG_COLS 1024           /* ... and up to this many columns per unit */
+#endif
+#define BN_SEG_MAXN (BN_SEG_COLS / BN_MIN_SEG)  /* segments per unit, at most */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
+#ifndef BN_GROUP_BYTES
 #define BN_GROUP_BYTES (2 << 20)   /* bytes per round, still in L2/L3 for the 2nd pass
                                     * (8 MB rounds: 10-25% slower at 1 thread here) */
+#endif
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large are written with non-temporal stores */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 32                /* independent double accumulators per run */
-#define BN_LANES_TAIL 8            /* ... and per block of a run's rest (one AVX-512 vector) */
+#define BN_LANES_TAIL 8            /* ... per block of a run's rest, and per segment (one
+                                    * AVX-512 vector of doubles) */
 #define BN_SHIFT_LEN 16            /* run_moments: values averaged for the shift */
 #define BN_SHIFT_ROWS 8            /* tile_moments: rows averaged for the shift */
 #define BN_STRIP 512               /* tile kernels: columns per sweep (accumulators in L1) */
@@ -108,6 +115,10 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     p.s = s;
     /* short inner runs (channels-last has inner == 1) are better read as
      * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C.
+     * Runs of BN_MIN_SEG values and more are read as segments of whole planes
+     * (one partial per plane column), shorter ones column by column (one partial
+     * per column): a strided run of a few cache lines per plane defeats the
+     * prefetcher, and per-column partials cost more than short planes' tails.
      * inner == 0 stays on the run layout, whose rounds still visit every channel
      * (rows of width 0 would have no tile, so no round to write the results in) */
     p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
@@ -132,7 +143,8 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.mrows = s.outer / p.fold;
         p.width = row * p.fold;
         /* tiles hold whole channels, so a round finishes the channels it reads */
-        p.cols = bn_max64(1, bn_min64(p.width, bn_max64(1, BN_MAX_COLS / s.inner) * s.inner));
+        int64_t maxc = p.seg > 1 ? BN_SEG_COLS : BN_MAX_COLS;
+        p.cols = bn_max64(1, bn_min64(p.width, bn_max64(1, maxc / s.inner) * s.inner));
         p.ntiles = bn_cdiv(p.width, p.cols);
         p.rb_rows = bn_max64(1, BN_TILE_BYTES / (p.cols * (int64_t)elsize));
         p.nrb = bn_cdiv(p.mrows, p.rb_rows);
