@@ -54,6 +54,7 @@ if os.environ.get("BNCORE_SANITIZE"):
     compile_args = ["-O1", "-g"] + omp + san
     link_args += san
 
+no_dispatch = [("BNCORE_NO_DISPATCH", "1")] if os.environ.get("BNCORE_NO_DISPATCH") == "1" else []  # portable baseline kernels
 ext = Extension(
     "bncore._kernels",
     ["bncore/_kernels.pyx"],
@@ -62,7 +63,7 @@ ext = Extension(
              "include/bncore_norms_template.h"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + no_dispatch,
 )
 
 setup(ext_modules=cythonize([ext], compiler_directives={"language_level": 3}))

@@ -17,19 +17,30 @@
 #define BN_RESTRICT restrict
 #endif
 
+/* Run-time SIMD dispatch, on GCC and Clang for x86-64 only: elsewhere, or
+ * with BNCORE_NO_DISPATCH defined (setup.py: BNCORE_NO_DISPATCH=1), every
+ * kernel is plain portable C, compiled for the baseline. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(BNCORE_NO_DISPATCH) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define BN_DISPATCH 1
+#else
+#define BN_DISPATCH 0
+#endif
+
 /* Non-temporal stores write a large output straight to memory, without first
  * reading each line in (1.3x on a large copy here). GCC has no portable
- * non-temporal store, so those loops are compiled for AVX2 and chosen at run
- * time; elsewhere every output is written with plain stores. */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(BN_NO_CLONES) && \
-    !defined(__SANITIZE_ADDRESS__)
+ * non-temporal store, so those loops are compiled for AVX-512 and for AVX2 and
+ * one is chosen at run time (bn_cpu_nt: 2, 1, or 0 for plain stores). */
+#if BN_DISPATCH
 #define BN_NT 1
 #include <immintrin.h>
 #define BN_NT_TARGET __attribute__((target("avx2,fma")))
+#define BN_NT512_TARGET __attribute__((target("avx512f,avx2,fma")))
 static int bn_cpu_nt(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
 }
 #else
 #define BN_NT 0
@@ -37,9 +48,9 @@ static int bn_cpu_nt(void) { return 0; }
 #endif
 
 /* Hot inner loops are compiled for AVX-512 and AVX2 besides the baseline and
- * picked at load time, since a wheel cannot assume the build machine's ISA. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    defined(__linux__) && !defined(BN_NO_CLONES) && !defined(__SANITIZE_ADDRESS__)
+ * picked at load time, since a wheel cannot assume the build machine's ISA
+ * (GCC on Linux: target_clones needs ifunc). */
+#if BN_DISPATCH && !defined(__clang__) && defined(__linux__)
 #define BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define BN_CLONES_NAMES "x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA), baseline"
 #else
@@ -101,7 +112,7 @@ typedef struct {
     int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, column) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
     int64_t nrounds;
-    int stream;          /* outputs written with non-temporal stores (BN_NT) */
+    int stream;          /* outputs written with non-temporal stores: bn_cpu_nt() or 0 */
 } bn_plan;
 
 static int64_t bn_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -123,7 +134,7 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
      * (rows of width 0 would have no tile, so no round to write the results in) */
     p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
     p.seg = s.inner >= BN_MIN_SEG ? s.inner : 1;
-    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES && bn_cpu_nt();
+    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES ? bn_cpu_nt() : 0;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);

@@ -473,29 +473,12 @@ BN_CLONES static void FN(seg_dx)(const T *dy, const T *x, const T *y, T *dx, int
 #if BN_NT
 /* The elementwise passes without an activation, for outputs of BN_STREAM_BYTES
  * and more: the same arithmetic as run_apply/run_dx and tile_apply/tile_dx,
- * 32-byte vectors written with non-temporal stores. dy == NULL: forward,
+ * vectors written with non-temporal stores. dy == NULL: forward,
  * o = ((x - m) - ml) * a + b; else dx = (dy*a + ((x - m) - ml)*b + c) * k. */
-typedef T FN(vec) __attribute__((vector_size(32)));
-#define BN_VW ((int64_t)(32 / sizeof(T)))
-
-BN_NT_TARGET static inline FN(vec) FN(vload)(const T *p)
-{
-    FN(vec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-BN_NT_TARGET static inline void FN(vstream)(T *p, FN(vec) v)
-{
-    if (sizeof(T) == 4)
-        _mm256_stream_ps((float *)p, (__m256)v);
-    else
-        _mm256_stream_pd((double *)p, (__m256d)v);
-}
 
 /* a scalar head or tail also bypasses the cache: a line written partly with
  * plain stores and partly with non-temporal ones costs more than either */
-BN_NT_TARGET static inline void FN(sstream)(T *p, T v)
+static inline void FN(sstream)(T *p, T v)
 {
     if (sizeof(T) == 4) {
         int32_t b;
@@ -511,57 +494,90 @@ BN_NT_TARGET static inline void FN(sstream)(T *p, T v)
 #define BN_NT_ELEM(i, M, L, A, B, C, K) \
     (dy ? (dy[i] * (A) + ((x[i] - (M)) - (L)) * (B) + (C)) * (K) : ((x[i] - (M)) - (L)) * (A) + (B))
 
-BN_NT_TARGET static inline void FN(run_nt)(const T *dy, const T *x, T *o, int64_t n, T m, T ml, T a,
-                                    T b, T c, T k)
-{
-    int64_t i = 0;
-    for (; i < n && ((uintptr_t)(o + i) & 31); i++)
-        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
-    if (dy)
-        for (; i + BN_VW <= n; i += BN_VW)
-            FN(vstream)(o + i, (FN(vload)(dy + i) * a + ((FN(vload)(x + i) - m) - ml) * b + c) * k);
-    else
-        for (; i + BN_VW <= n; i += BN_VW)
-            FN(vstream)(o + i, ((FN(vload)(x + i) - m) - ml) * a + b);
-    for (; i < n; i++)
-        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
+/* The kernels for vectors of W bytes under TARGET, stored with STREAM(p, v):
+ * defined once per instruction set (bn_cpu_nt picks one at run time). */
+#define BN_NT_KERNELS(W, TARGET, STREAM)                                                       \
+typedef T FN(vec##W) __attribute__((vector_size(W)));                                          \
+                                                                                               \
+TARGET static inline FN(vec##W) FN(vload##W)(const T *p)                                       \
+{                                                                                              \
+    FN(vec##W) v;                                                                              \
+    memcpy(&v, p, sizeof v);                                                                   \
+    return v;                                                                                  \
+}                                                                                              \
+                                                                                               \
+TARGET static inline void FN(run_nt##W)(const T *dy, const T *x, T *o, int64_t n, T m, T ml,   \
+                                        T a, T b, T c, T k)                                    \
+{                                                                                              \
+    const int64_t vw = W / (int64_t)sizeof(T);                                                 \
+    int64_t i = 0;                                                                             \
+    for (; i < n && ((uintptr_t)(o + i) & (W - 1)); i++)                                       \
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));                                  \
+    if (dy)                                                                                    \
+        for (; i + vw <= n; i += vw)                                                           \
+            STREAM(o + i, (FN(vload##W)(dy + i) * a + ((FN(vload##W)(x + i) - m) - ml) * b +  \
+                           c) * k);                                                            \
+    else                                                                                       \
+        for (; i + vw <= n; i += vw)                                                           \
+            STREAM(o + i, ((FN(vload##W)(x + i) - m) - ml) * a + b);                           \
+    for (; i < n; i++)                                                                         \
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));                                  \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(seg_nt##W)(const T *dy, const T *x, T *o, int64_t nr, int64_t ns,        \
+                                 int64_t n, int64_t ld, const T *m, const T *ml, const T *a,   \
+                                 const T *b, const T *c, const T *k)                           \
+{                                                                                              \
+    for (int64_t r = 0; r < nr; r++)                                                           \
+        for (int64_t q = 0; q < ns; q++) {                                                     \
+            int64_t off = r * ld + q * n;                                                      \
+            FN(run_nt##W)(dy ? dy + off : NULL, x + off, o + off, n, m[q], ml[q], a[q], b[q],  \
+                          c[q], k[q]);                                                         \
+        }                                                                                      \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(runs_nt##W)(const T *dy, const T *x, T *o, int64_t n, int64_t np,        \
+                                  int64_t stride, T m, T ml, T a, T b, T c, T k)               \
+{                                                                                              \
+    for (int64_t q = 0; q < np; q++, x += stride, o += stride, dy = dy ? dy + stride : NULL)   \
+        FN(run_nt##W)(dy, x, o, n, m, ml, a, b, c, k);                                         \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(tile_nt##W)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,       \
+                                  int64_t ld, const T *m, const T *ml, const T *a,             \
+                                  const T *b, const T *c, const T *k)                          \
+{                                                                                              \
+    const int64_t vw = W / (int64_t)sizeof(T);                                                 \
+    for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {             \
+        int64_t j = 0;                                                                         \
+        for (; j < nc && ((uintptr_t)(o + j) & (W - 1)); j++)                                  \
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));            \
+        if (dy)                                                                                \
+            for (; j + vw <= nc; j += vw)                                                      \
+                STREAM(o + j, (FN(vload##W)(dy + j) * FN(vload##W)(a + j) +                    \
+                               ((FN(vload##W)(x + j) - FN(vload##W)(m + j)) -                  \
+                                FN(vload##W)(ml + j)) * FN(vload##W)(b + j) +                  \
+                               FN(vload##W)(c + j)) * FN(vload##W)(k + j));                    \
+        else                                                                                   \
+            for (; j + vw <= nc; j += vw)                                                      \
+                STREAM(o + j, ((FN(vload##W)(x + j) - FN(vload##W)(m + j)) -                   \
+                               FN(vload##W)(ml + j)) * FN(vload##W)(a + j) +                   \
+                              FN(vload##W)(b + j));                                            \
+        for (; j < nc; j++)                                                                    \
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));            \
+    }                                                                                          \
 }
 
-BN_NT_TARGET static void FN(seg_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t ns,
-                                    int64_t n, int64_t ld, const T *m, const T *ml, const T *a,
-                                    const T *b, const T *c, const T *k)
-{
-    for (int64_t r = 0; r < nr; r++)
-        for (int64_t q = 0; q < ns; q++) {
-            int64_t off = r * ld + q * n;
-            FN(run_nt)(dy ? dy + off : NULL, x + off, o + off, n, m[q], ml[q], a[q], b[q], c[q],
-                       k[q]);
-        }
-}
-
-BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,
-                                     int64_t ld, const T *m, const T *ml, const T *a,
-                                     const T *b, const T *c, const T *k)
-{
-    for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {
-        int64_t j = 0;
-        for (; j < nc && ((uintptr_t)(o + j) & 31); j++)
-            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
-        if (dy)
-            for (; j + BN_VW <= nc; j += BN_VW)
-                FN(vstream)(o + j, (FN(vload)(dy + j) * FN(vload)(a + j) +
-                                    ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
-                                    FN(vload)(b + j) + FN(vload)(c + j)) * FN(vload)(k + j));
-        else
-            for (; j + BN_VW <= nc; j += BN_VW)
-                FN(vstream)(o + j, ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
-                                   FN(vload)(a + j) + FN(vload)(b + j));
-        for (; j < nc; j++)
-            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
-    }
-}
+#define BN_STREAM32(p, v) (sizeof(T) == 4 ? _mm256_stream_ps((float *)(p), (__m256)(v)) \
+                                          : _mm256_stream_pd((double *)(p), (__m256d)(v)))
+#define BN_STREAM64(p, v) (sizeof(T) == 4 ? _mm512_stream_ps((float *)(p), (__m512)(v)) \
+                                          : _mm512_stream_pd((double *)(p), (__m512d)(v)))
+BN_NT_KERNELS(32, BN_NT_TARGET, BN_STREAM32)
+BN_NT_KERNELS(64, BN_NT512_TARGET, BN_STREAM64)
+#undef BN_STREAM32
+#undef BN_STREAM64
+#undef BN_NT_KERNELS
 #undef BN_NT_ELEM
-#undef BN_VW
 #endif
 
 /* The backward coefficients a, b, c (double) as T: (a*g + b*(x-m) + c) is
@@ -653,8 +669,9 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         int64_t st = p->s.channels * p->s.inner;
 #if BN_NT
         if (nt)
-            for (int64_t q = 0; q < np; q++, off += st)
-                FN(run_nt)(dy ? dy + off : NULL, x + off, out + off, len, mh, ml, ta, tb, tc, tk);
+            (p->stream > 1 ? FN(runs_nt64) : FN(runs_nt32))(dy ? dy + off : NULL, x + off,
+                                                             out + off, len, np, st, mh, ml, ta,
+                                                             tb, tc, tk);
         else
 #endif
         if (!dy)
@@ -688,7 +705,8 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         if (p->seg > 1) {
 #if BN_NT
             if (nt)
-                FN(seg_nt)(dyo, x + o, out + o, nr, ns, p->seg, p->width, tm, tl, ta, tb, tc, tk);
+                (p->stream > 1 ? FN(seg_nt64) : FN(seg_nt32))(dyo, x + o, out + o, nr, ns, p->seg,
+                                                              p->width, tm, tl, ta, tb, tc, tk);
             else
 #endif
             if (!dy)
@@ -700,7 +718,8 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         } else {
 #if BN_NT
             if (nt && nc * (int64_t)sizeof(T) >= 1024)  /* short rows: no gain measured */
-                FN(tile_nt)(dyo, x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, tc, tk);
+                (p->stream > 1 ? FN(tile_nt64) : FN(tile_nt32))(dyo, x + o, out + o, nr, nc,
+                                                                p->width, tm, tl, ta, tb, tc, tk);
             else
 #endif
             if (!dy)
@@ -712,6 +731,8 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
     }
 #if BN_NT
     if (nt) _mm_sfence();  /* the unit's stores are visible before the barrier */
+#else
+    (void)nt;
 #endif
 }
 
