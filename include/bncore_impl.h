@@ -409,6 +409,11 @@ const char *bn_build_info(void)
         ;
 }
 
+/* The templates' names: FN(name) is name_f32 or name_f64. */
+#define BN_CAT2(a, b) a##_##b
+#define BN_CAT(a, b) BN_CAT2(a, b)
+#define FN(name) BN_CAT(name, SFX)
+
 #define T float
 #define SFX f32
 #include "bncore_template.h"
@@ -422,5 +427,8 @@ const char *bn_build_info(void)
 #include "bncore_norms_template.h"
 #undef T
 #undef SFX
+#undef FN
+#undef BN_CAT
+#undef BN_CAT2
 
 #endif /* BNCORE_IMPL_H */

@@ -1,11 +1,8 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
- * once per element type with T (float or double) and SFX (f32 or f64).
+ * once per element type with T (float or double) and SFX (f32 or f64);
+ * FN(name), defined there, is name_SFX.
  * Sums are taken in double: exact enough for any float32 input, and the
  * squares of |x| ~ 1e30 (or 1e-30) neither overflow nor underflow. */
-
-#define BN_CAT2(a, b) a##_##b
-#define BN_CAT(a, b) BN_CAT2(a, b)
-#define FN(name) BN_CAT(name, SFX)
 
 /* Activation derivative taken from the output: y > 0 <=> v > 0 for slope >= 0
  * (BN_ACT_RELU runs with slope 0). This macro and BN_PRE serve the scalar
@@ -940,9 +937,6 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
     return 0;
 }
 
-#undef FN
-#undef BN_CAT
-#undef BN_CAT2
 #undef BN_GRAD
 #undef BN_PRE
 #undef BN_OPAQUE
