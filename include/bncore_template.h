@@ -30,8 +30,8 @@
  * samples, so (mean - k)^2 / var <= n / BN_SHIFT_LEN (Samuelson) even for an
  * adversarial run: ~1e-14 relative at worst. out = {mean, M2}.
  * A run's rest after the BN_LANES blocks goes to the first lanes in blocks of
- * BN_LANES_TAIL, and its last few values to lanes of their own (short planes
- * such as 7x7 = 32 + 16 + 1 stay vectorized and carry no long scalar chain). */
+ * BN_LANES_TAIL, and its last few values to lanes of their own: the rest stays
+ * vectorized and no scalar chain runs through all np runs. */
 BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, int64_t np,
                                       int64_t stride, double *out)
 {
