@@ -856,6 +856,33 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
     double count = (double)(s.outer * s.inner);
     double xneg = from_y && act == BN_ACT_LEAKY_RELU ? 1.0 / slope : 1.0;
     int nt = bn_threads(n_threads, &p);
+    if (!training) {
+        /* eval mode: dx = k*g needs no sum, so each unit's sums and its dx are
+         * taken in one visit (dy read once from memory); the same partials
+         * and merge as below. Units are disjoint, so dx may alias dy or x. */
+        for (int64_t c = 0; c < s.channels; c++) {
+            ca[c] = (weight ? weight[c] : 1.0) * invstd[c];
+            cc[c] = 0.0;
+        }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < p.nunits; u++) {
+                FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
+                FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, NULL, cc, act, slope, xneg, u);
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < nt; t++) {
+                int64_t a, b;
+                bn_chunk(0, s.channels, t, nt, &a, &b);
+                bn_merge(&p, part, a, b, 0, dbias, dweight);
+                for (int64_t c = a; c < b; c++)
+                    dweight[c] = dweight[c] * (from_y ? 1.0 / ca[c] : 1.0) * invstd[c];
+            }
+        }
+        free(part);
+        return 0;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < p.nrounds; r++) {
         int64_t u0, u1, c0, c1;
@@ -876,14 +903,13 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
                 dweight[c] = sgx * invstd[c];
                 /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
                 ca[c] = k;
-                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count * rs : 0.0;
-                cc[c] = training ? -k * sg / count : 0.0;
+                cb[c] = -k * invstd[c] * invstd[c] * sgx / count * rs;
+                cc[c] = -k * sg / count;
             }
         }
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
-            FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, training ? cb : NULL, cc, act,
-                                 slope, xneg, u);
+            FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, cb, cc, act, slope, xneg, u);
     }
     free(part);
     return 0;
