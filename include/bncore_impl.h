@@ -61,7 +61,9 @@ static int bn_cpu_nt(void) { return 0; }
 /* Tunables; those in #ifndef may be set with -D when timing with benchmarks/c/bench.c. */
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once);
                                     * shorter planes are grouped, up to this many elements */
+#ifndef BN_TILE_BYTES
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
+#endif
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
 #ifndef BN_MIN_RUN
