@@ -12,7 +12,7 @@ package as ``bncore/include/``, so a wheel ships them and
 
 Environment:
   BNCORE_NO_OPENMP=1   build serial kernels without probing
-  BNCORE_NO_DISPATCH=1 no run-time SIMD dispatch (defines BN_NO_CLONES): the
+  BNCORE_NO_DISPATCH=1 no run-time SIMD dispatch (defines BNCORE_NO_DISPATCH): the
                        portable baseline kernels only
   BNCORE_SANITIZE=1    AddressSanitizer + UndefinedBehaviorSanitizer (GCC/clang)
 """
@@ -143,7 +143,7 @@ class BuildPy(build_py):
 
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if os.environ.get("BNCORE_NO_DISPATCH"):
-    macros.append(("BN_NO_CLONES", "1"))
+    macros.append(("BNCORE_NO_DISPATCH", "1"))  # portable baseline kernels
 
 ext = Extension(
     "bncore._kernels",

@@ -18,19 +18,30 @@
 #define BN_RESTRICT restrict
 #endif
 
+/* Run-time SIMD dispatch, on GCC and Clang for x86-64 only: elsewhere, or
+ * with BNCORE_NO_DISPATCH defined (setup.py: BNCORE_NO_DISPATCH=1), every
+ * kernel is plain portable C, compiled for the baseline. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(BNCORE_NO_DISPATCH) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define BN_DISPATCH 1
+#else
+#define BN_DISPATCH 0
+#endif
+
 /* Non-temporal stores write a large output straight to memory, without first
  * reading each line in (1.3x on a large copy here). GCC has no portable
- * non-temporal store, so those loops are compiled for AVX2 and chosen at run
- * time; elsewhere every output is written with plain stores. */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(BN_NO_CLONES) && \
-    !defined(__SANITIZE_ADDRESS__)
+ * non-temporal store, so those loops are compiled for AVX-512 and for AVX2 and
+ * one is chosen at run time (bn_cpu_nt: 2, 1, or 0 for plain stores). */
+#if BN_DISPATCH
 #define BN_NT 1
 #include <immintrin.h>
 #define BN_NT_TARGET __attribute__((target("avx2,fma")))
+#define BN_NT512_TARGET __attribute__((target("avx512f,avx2,fma")))
 static int bn_cpu_nt(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
 }
 #else
 #define BN_NT 0
@@ -38,9 +49,9 @@ static int bn_cpu_nt(void) { return 0; }
 #endif
 
 /* Hot inner loops are compiled for AVX-512 and AVX2 besides the baseline and
- * picked at load time, since a wheel cannot assume the build machine's ISA. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    defined(__linux__) && !defined(BN_NO_CLONES) && !defined(__SANITIZE_ADDRESS__)
+ * picked at load time, since a wheel cannot assume the build machine's ISA
+ * (GCC on Linux: target_clones needs ifunc). */
+#if BN_DISPATCH && !defined(__clang__) && defined(__linux__)
 #define BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define BN_CLONES_NAMES "x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA), baseline"
 #else
@@ -48,18 +59,34 @@ static int bn_cpu_nt(void) { return 0; }
 #define BN_CLONES_NAMES "baseline only"
 #endif
 
+/* Tunables; those in #ifndef may be set with -D when timing with benchmarks/c/bench.c. */
 #define BN_RUN 4096                /* NCHW: elements per work unit (L1-sized, re-read once);
                                     * shorter planes are grouped, up to this many elements */
+#ifndef BN_TILE_BYTES
 #define BN_TILE_BYTES (512 << 10)  /* row layout: bytes per rows x columns unit */
+#endif
 #define BN_MAX_COLS 2048           /* row layout: columns per unit (whole rows up to this:
                                     * short row segments defeat the hardware prefetcher) */
-#define BN_MIN_RUN 64              /* inner runs shorter than this use the row layout */
+#ifndef BN_MIN_RUN
+#define BN_MIN_RUN 1024            /* inner runs shorter than this use the row layout */
+#endif
+#ifndef BN_MIN_SEG
+#define BN_MIN_SEG 16              /* ... in segments of whole planes from this length on */
+#endif
+#ifndef BN_SEG_COLS
+#define BN_SEG_COLS 1024           /* ... and up to this many columns per unit */
+#endif
+#define BN_SEG_MAXN (BN_SEG_COLS / BN_MIN_SEG)  /* segments per unit, at most */
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
+#ifndef BN_GROUP_BYTES
 #define BN_GROUP_BYTES (2 << 20)   /* bytes per round, still in L2/L3 for the 2nd pass
                                     * (8 MB rounds: 10-25% slower at 1 thread here) */
+#endif
 #define BN_STREAM_BYTES (16 << 20)  /* outputs this large are written with non-temporal stores */
 #define BN_MIN_PARALLEL 65536      /* below this many elements one thread beats a fork/join */
 #define BN_LANES 32                /* independent double accumulators per run */
+#define BN_LANES_TAIL 8            /* ... per block of a run's rest, and per segment (one
+                                    * AVX-512 vector of doubles) */
 #define BN_SHIFT_LEN 16            /* run_moments: values averaged for the shift */
 #define BN_SHIFT_ROWS 8            /* tile_moments: rows averaged for the shift */
 #define BN_STRIP 512               /* tile kernels: columns per sweep (accumulators in L1) */
@@ -72,6 +99,8 @@ static int bn_cpu_nt(void) { return 0; }
 typedef struct {
     bn_shape s;
     int rows;            /* 1: row layout (channels-last, or short inner runs) */
+    int64_t seg;         /* row layout: values per partial column, inner (segments of
+                          * whole planes) or 1 (columns: channels-last, tiny planes) */
     int64_t kruns;       /* NCHW: runs per (n, c) plane */
     int64_t nb;          /* NCHW: planes (n) per unit, for planes shorter than BN_RUN */
     int64_t nnb;         /* NCHW: blocks of nb planes */
@@ -83,10 +112,10 @@ typedef struct {
     int64_t cols;        /* channels-last: columns per unit */
     int64_t ntiles;      /* channels-last: column tiles */
     int64_t nunits;
-    int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, channel) */
+    int64_t nslots;      /* partial slots: one per unit (NCHW), per (row block, column) */
     int64_t round;       /* channels (NCHW) or tiles (channels-last) per round */
     int64_t nrounds;
-    int stream;          /* outputs written with non-temporal stores (BN_NT) */
+    int stream;          /* outputs written with non-temporal stores: bn_cpu_nt() or 0 */
 } bn_plan;
 
 static int64_t bn_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -100,10 +129,15 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
     p.s = s;
     /* short inner runs (channels-last has inner == 1) are better read as
      * rows: row o holds C*inner values, column j belongs to channel (j / inner) % C.
+     * Runs of BN_MIN_SEG values and more are read as segments of whole planes
+     * (one partial per plane column), shorter ones column by column (one partial
+     * per column): a strided run of a few cache lines per plane defeats the
+     * prefetcher, and per-column partials cost more than short planes' tails.
      * inner == 0 stays on the run layout, whose rounds still visit every channel
      * (rows of width 0 would have no tile, so no round to write the results in) */
     p.rows = s.inner > 0 && s.inner < BN_MIN_RUN;
-    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES && bn_cpu_nt();
+    p.seg = s.inner >= BN_MIN_SEG ? s.inner : 1;
+    p.stream = s.outer * s.channels * s.inner * (int64_t)elsize >= BN_STREAM_BYTES ? bn_cpu_nt() : 0;
     if (!p.rows) {
         int64_t per_channel = s.outer * s.inner * (int64_t)elsize;
         p.kruns = bn_cdiv(s.inner, BN_RUN);
@@ -123,12 +157,13 @@ static bn_plan bn_make_plan(bn_shape s, size_t elsize)
         p.mrows = s.outer / p.fold;
         p.width = row * p.fold;
         /* tiles hold whole channels, so a round finishes the channels it reads */
-        p.cols = bn_max64(1, bn_min64(p.width, BN_MAX_COLS / bn_max64(1, s.inner) * s.inner));
+        int64_t maxc = p.seg > 1 ? BN_SEG_COLS : BN_MAX_COLS;
+        p.cols = bn_max64(1, bn_min64(p.width, bn_max64(1, maxc / s.inner) * s.inner));
         p.ntiles = bn_cdiv(p.width, p.cols);
         p.rb_rows = bn_max64(1, BN_TILE_BYTES / (p.cols * (int64_t)elsize));
         p.nrb = bn_cdiv(p.mrows, p.rb_rows);
         p.nunits = p.ntiles * p.nrb;
-        p.nslots = p.nrb * p.width;
+        p.nslots = p.nrb * (p.width / p.seg);
         p.round = bn_max64(1, BN_GROUP_BYTES / bn_max64(1, p.mrows * p.cols * (int64_t)elsize));
         p.nrounds = bn_cdiv(p.ntiles, p.round);
     }
@@ -175,12 +210,6 @@ static void bn_tile_of(const bn_plan *p, int64_t u, int64_t *r0, int64_t *nr,
     *nr = bn_min64(p->rb_rows, p->mrows - *r0);
     *c0 = t * p->cols;
     *nc = bn_min64(p->cols, p->width - *c0);
-}
-
-/* Row layout: column of (folded row i, channel c, inner index l), and back. */
-static int64_t bn_col_of(const bn_plan *p, int64_t i, int64_t c, int64_t l)
-{
-    return (i * p->s.channels + c) * p->s.inner + l;
 }
 
 /* Channels of columns [c0, c0 + nc): ch[j], counted up without a division
@@ -250,14 +279,14 @@ static void bn_merge(const bn_plan *p, const double *part, int64_t lo, int64_t h
         }
         return;
     }
-    int64_t ci = p->s.inner;
+    int64_t ci = p->s.inner / p->seg, sw = p->width / p->seg;
     double n = 0;
     for (int64_t c = lo; c < hi; c++) o0[c] = o1[c] = 0;
     for (int64_t rb = 0; rb < p->nrb; rb++) {
-        double nb = bn_slot_count(p, rb);
+        double nb = bn_slot_count(p, rb) * (double)p->seg;
         for (int64_t i = 0; i < p->fold; i++)
             for (int64_t l = 0; l < ci; l++) {
-                const double *s = part + 2 * (rb * p->width + bn_col_of(p, i, 0, l));
+                const double *s = part + 2 * (rb * sw + i * p->s.channels * ci + l);
                 if (moments) {  /* bn_chan, with the count shared by all channels */
                     double f = nb / (n + nb);
                     for (int64_t c = lo; c < hi; c++) {
@@ -436,6 +465,11 @@ const char *bn_build_info(void)
         ;
 }
 
+/* The templates' names: FN(name) is name_f32 or name_f64. */
+#define BN_CAT2(a, b) a##_##b
+#define BN_CAT(a, b) BN_CAT2(a, b)
+#define FN(name) BN_CAT(name, SFX)
+
 #define T float
 #define SFX f32
 #include "bncore_template.h"
@@ -449,5 +483,8 @@ const char *bn_build_info(void)
 #include "bncore_norms_template.h"
 #undef T
 #undef SFX
+#undef FN
+#undef BN_CAT
+#undef BN_CAT2
 
 #endif /* BNCORE_IMPL_H */

@@ -14,9 +14,7 @@
 #define BN_GN_SHORT 256            /* channel runs shorter than this: gn_short_dot */
 #endif
 
-#define LN_CAT2(a, b) a##_##b
-#define LN_CAT(a, b) LN_CAT2(a, b)
-#define LN(name) LN_CAT(name, SFX)
+#define LN(name) FN(name)  /* bncore_impl.h's name macro */
 
 /* Mean and M2 of one row: runs of BN_RUN merged with Chan's formula in order. */
 static void LN(ln_row_moments)(const T *x, int64_t cols, double *out)
@@ -528,5 +526,3 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
 
 #undef LN_SPLIT
 #undef LN
-#undef LN_CAT
-#undef LN_CAT2

@@ -1,11 +1,8 @@
 /* bncore_template.h -- the dtype-generic kernels, included by bncore_impl.h
- * once per element type with T (float or double) and SFX (f32 or f64).
+ * once per element type with T (float or double) and SFX (f32 or f64);
+ * FN(name), defined there, is name_SFX.
  * Sums are taken in double: exact enough for any float32 input, and the
  * squares of |x| ~ 1e30 (or 1e-30) neither overflow nor underflow. */
-
-#define BN_CAT2(a, b) a##_##b
-#define BN_CAT(a, b) BN_CAT2(a, b)
-#define FN(name) BN_CAT(name, SFX)
 
 /* Activation derivative taken from the output: y > 0 <=> v > 0 for slope >= 0
  * (BN_ACT_RELU runs with slope 0). This macro and BN_PRE serve the scalar
@@ -31,12 +28,17 @@
  * BN_LANES independent lanes. M2 = sum d^2 - (sum d)^2 / n loses about
  * log2((mean - k)^2 / var) bits of double; k is a mean of BN_SHIFT_LEN
  * samples, so (mean - k)^2 / var <= n / BN_SHIFT_LEN (Samuelson) even for an
- * adversarial run: ~1e-14 relative at worst. out = {mean, M2}. */
+ * adversarial run: ~1e-14 relative at worst. out = {mean, M2}.
+ * A run's rest after the BN_LANES blocks goes to the first lanes in blocks of
+ * BN_LANES_TAIL, and its last few values to lanes of their own: the rest stays
+ * vectorized and no scalar chain runs through all np runs. */
 BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, int64_t np,
                                       int64_t stride, double *out)
 {
-    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
-    int64_t h = bn_min64(n, BN_SHIFT_LEN), nv = n - n % BN_LANES, i;
+    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0}, t1[BN_LANES_TAIL] = {0},
+           t2[BN_LANES_TAIL] = {0};
+    int64_t h = bn_min64(n, BN_SHIFT_LEN), nv = n - n % BN_LANES;
+    int64_t nt = n - n % BN_LANES_TAIL, i;
     double k = 0, s1 = 0, s2 = 0, total = (double)(n * np);
     for (i = 0; i < h; i++) k += x[i];
     k /= (double)bn_max64(h, 1);
@@ -47,15 +49,25 @@ BN_CLONES static void FN(run_moments)(const T *BN_RESTRICT x, int64_t n, int64_t
                 a1[j] += d;
                 a2[j] += d * d;
             }
+        for (; i < nt; i += BN_LANES_TAIL)
+            for (int j = 0; j < BN_LANES_TAIL; j++) {
+                double d = (double)x[i + j] - k;
+                a1[j] += d;
+                a2[j] += d * d;
+            }
         for (; i < n; i++) {
             double d = (double)x[i] - k;
-            s1 += d;
-            s2 += d * d;
+            t1[i - nt] += d;
+            t2[i - nt] += d * d;
         }
     }
     for (int j = 0; j < BN_LANES; j++) {
         s1 += a1[j];
         s2 += a2[j];
+    }
+    for (int j = 0; j < BN_LANES_TAIL; j++) {
+        s1 += t1[j];
+        s2 += t2[j];
     }
     out[0] = k + s1 / total;
     out[1] = s2 - s1 * s1 / total;
@@ -101,13 +113,12 @@ BN_CLONES static void FN(tile_moments)(const T *BN_RESTRICT x, int64_t nr, int64
     }
 }
 
-/* y = act((x - m) * a + b) over a contiguous run. The mean is split as
- * m + ml (ml its rounding residue): x - m is exact for x near m, so float32
- * output keeps full precision even when |mean| >> std. */
-BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a, T b,
-                                    bn_act act, T slope)
+/* y = act((x - m) * a + b) over n values. The mean is split as m + ml (ml
+ * its rounding residue): x - m is exact for x near m, so float32 output keeps
+ * full precision even when |mean| >> std. `one` is an opaque 1 (BN_OPAQUE). */
+static inline void FN(apply1)(const T *x, T *y, int64_t n, T m, T ml, T a, T b, bn_act act,
+                              T slope, T one)
 {
-    BN_OPAQUE(T, one, 1);
     if (act == BN_ACT_NONE)
         for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - m) - ml) * a + b;
     else
@@ -115,6 +126,21 @@ BN_CLONES static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a,
             T v = ((x[i] - m) - ml) * a + b;
             y[i] = v * (v < 0 ? slope : one);
         }
+}
+
+/* apply1 over np runs of n values, stride apart. */
+BN_CLONES static void FN(runs_apply)(const T *x, T *y, int64_t n, int64_t np, int64_t stride,
+                                     T m, T ml, T a, T b, bn_act act, T slope)
+{
+    BN_OPAQUE(T, one, 1);
+    for (int64_t q = 0; q < np; q++, x += stride, y += stride)
+        FN(apply1)(x, y, n, m, ml, a, b, act, slope, one);
+}
+
+/* One contiguous run. */
+static void FN(run_apply)(const T *x, T *y, int64_t n, T m, T ml, T a, T b, bn_act act, T slope)
+{
+    FN(runs_apply)(x, y, n, 1, 0, m, ml, a, b, act, slope);
 }
 
 /* Per-column y = act((x - m[j]) * a[j] + b[j]) over an nr x nc tile. */
@@ -138,21 +164,28 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
 }
 
 /* out = {sum g, sum g * (x - m)}, g = dy * act'(y), over np runs of n
- * values, stride apart. */
+ * values, stride apart; lanes as in run_moments. */
 BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                   const T *BN_RESTRICT y, int64_t n, int64_t np,
                                   int64_t stride, double m,
                                   bn_act act, double slope, double xneg, double *out)
 {
-    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0};
+    double a1[BN_LANES] = {0}, a2[BN_LANES] = {0}, t1[BN_LANES_TAIL] = {0},
+           t2[BN_LANES_TAIL] = {0};
     BN_OPAQUE(double, one, 1);
     BN_OPAQUE(T, zero, 0);
-    int64_t nv = n - n % BN_LANES, i;
+    int64_t nv = n - n % BN_LANES, nt = n - n % BN_LANES_TAIL, i;
     double s1 = 0, s2 = 0;
     for (int64_t q = 0; q < np; q++, dy += stride, x += stride, y = y ? y + stride : NULL) {
         if (act == BN_ACT_NONE) {
             for (i = 0; i < nv; i += BN_LANES)
                 for (int j = 0; j < BN_LANES; j++) {
+                    double g = dy[i + j];
+                    a1[j] += g;
+                    a2[j] += g * ((double)x[i + j] - m);
+                }
+            for (; i < nt; i += BN_LANES_TAIL)
+                for (int j = 0; j < BN_LANES_TAIL; j++) {
                     double g = dy[i + j];
                     a1[j] += g;
                     a2[j] += g * ((double)x[i + j] - m);
@@ -165,16 +198,27 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
                     a1[j] += g;
                     a2[j] += g * (xv - m);
                 }
+            for (; i < nt; i += BN_LANES_TAIL)
+                for (int j = 0; j < BN_LANES_TAIL; j++) {
+                    double g = dy[i + j] * (y[i + j] > 0 ? one : slope);
+                    double xv = x[i + j] * (y[i + j] > zero ? one : xneg);
+                    a1[j] += g;
+                    a2[j] += g * (xv - m);
+                }
         }
         for (; i < n; i++) {
             double g = BN_GRAD((double)dy[i], y[i], act, slope);
-            s1 += g;
-            s2 += g * (BN_PRE((double)x[i], y[i], act, xneg) - m);
+            t1[i - nt] += g;
+            t2[i - nt] += g * (BN_PRE((double)x[i], y[i], act, xneg) - m);
         }
     }
     for (int j = 0; j < BN_LANES; j++) {
         s1 += a1[j];
         s2 += a2[j];
+    }
+    for (int j = 0; j < BN_LANES_TAIL; j++) {
+        s1 += t1[j];
+        s2 += t2[j];
     }
     out[0] = s1;
     out[1] = s2;
@@ -228,12 +272,11 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
     }
 }
 
-/* dx = (a*g + b*(x - m) + c) * k over a contiguous run; x == NULL: dx = a*g. */
-BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
-                                 T m, T ml, T a, T b, T c, T k, bn_act act, T slope, T xneg)
+/* dx = (a*g + b*(x - m) + c) * k over n values; x == NULL: dx = a*g. `one`
+ * and `zero` are opaque (BN_OPAQUE). */
+static inline void FN(dx1)(const T *dy, const T *x, const T *y, T *dx, int64_t n, T m, T ml,
+                           T a, T b, T c, T k, bn_act act, T slope, T xneg, T one, T zero)
 {
-    BN_OPAQUE(T, one, 1);
-    BN_OPAQUE(T, zero, 0);
     if (!x && act == BN_ACT_NONE)
         for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * a;
     else if (!x)
@@ -245,6 +288,25 @@ BN_CLONES static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int
             T g = dy[i] * (y[i] > 0 ? one : slope), xv = x[i] * (y[i] > zero ? one : xneg);
             dx[i] = (g * a + ((xv - m) - ml) * b + c) * k;
         }
+}
+
+/* dx1 over np runs of n values, stride apart. */
+BN_CLONES static void FN(runs_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n,
+                                  int64_t np, int64_t stride, T m, T ml, T a, T b, T c, T k,
+                                  bn_act act, T slope, T xneg)
+{
+    BN_OPAQUE(T, one, 1);
+    BN_OPAQUE(T, zero, 0);
+    for (int64_t q = 0; q < np; q++, dy += stride, dx += stride, x = x ? x + stride : NULL,
+                 y = y ? y + stride : NULL)
+        FN(dx1)(dy, x, y, dx, n, m, ml, a, b, c, k, act, slope, xneg, one, zero);
+}
+
+/* One contiguous run. */
+static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n, T m, T ml, T a,
+                       T b, T c, T k, bn_act act, T slope, T xneg)
+{
+    FN(runs_dx)(dy, x, y, dx, n, 1, 0, m, ml, a, b, c, k, act, slope, xneg);
 }
 
 /* Per-column dx over an nr x nc tile. */
@@ -274,32 +336,146 @@ BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, in
     }
 }
 
+/* ---- segment layout: short NCHW planes, read in memory order -------------
+ * An nr x (ns * n) tile of rows ld apart, each row ns segments of n values
+ * (one plane of one channel each). Visiting segments row by row keeps the
+ * reads sequential, which strided runs of a few cache lines are not; sums go
+ * to BN_LANES_TAIL lanes per segment column, the last n % BN_LANES_TAIL values
+ * of each segment to its first lanes. */
+
+/* Per segment column s: out[2s], out[2s+1] = mean, M2 of its nr * n values,
+ * deviations from a shift (the mean of the first few values of row 0) as in
+ * run_moments. */
+BN_CLONES static void FN(seg_moments)(const T *BN_RESTRICT x, int64_t nr, int64_t ns, int64_t n,
+                                      int64_t ld, double *BN_RESTRICT out)
+{
+    enum { L = BN_LANES_TAIL };
+    double acc[2 * L * BN_SEG_MAXN], k[BN_SEG_MAXN];
+    int64_t h = bn_min64(n, BN_SHIFT_LEN), nt = n - n % L;
+    double total = (double)(nr * n);
+    for (int64_t q = 0; q < ns; q++) {
+        double kq = 0;
+        for (int64_t i = 0; i < h; i++) kq += x[q * n + i];
+        k[q] = kq / (double)h;
+    }
+    memset(acc, 0, sizeof(double) * 2 * L * (size_t)ns);
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t q = 0; q < ns; q++) {
+            const T *xs = x + r * ld + q * n;
+            double *a = acc + 2 * L * q, kq = k[q];
+            int64_t i = 0;
+            for (; i < nt; i += L)
+                for (int j = 0; j < L; j++) {
+                    double d = (double)xs[i + j] - kq;
+                    a[j] += d;
+                    a[L + j] += d * d;
+                }
+            for (int64_t j = 0; j < n - i; j++) {
+                double d = (double)xs[i + j] - kq;
+                a[j] += d;
+                a[L + j] += d * d;
+            }
+        }
+    for (int64_t q = 0; q < ns; q++) {
+        double s1 = 0, s2 = 0, *a = acc + 2 * L * q;
+        for (int j = 0; j < L; j++) {
+            s1 += a[j];
+            s2 += a[L + j];
+        }
+        out[2 * q] = k[q] + s1 / total;
+        out[2 * q + 1] = s2 - s1 * s1 / total;
+    }
+}
+
+/* Per segment column s: {sum g, sum g * (x - m[s])}. */
+BN_CLONES static void FN(seg_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
+                                  const T *BN_RESTRICT y, int64_t nr, int64_t ns, int64_t n,
+                                  int64_t ld, const double *BN_RESTRICT m, bn_act act,
+                                  double slope, double xneg, double *BN_RESTRICT out)
+{
+    enum { L = BN_LANES_TAIL };
+    double acc[2 * L * BN_SEG_MAXN];
+    BN_OPAQUE(double, one, 1);
+    BN_OPAQUE(T, zero, 0);
+    int64_t nt = n - n % L;
+    memset(acc, 0, sizeof(double) * 2 * L * (size_t)ns);
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t q = 0; q < ns; q++) {
+            int64_t o = r * ld + q * n, i = 0;
+            const T *ds = dy + o, *xs = x + o, *ys = y ? y + o : NULL;
+            double *a = acc + 2 * L * q, mq = m[q];
+            if (act == BN_ACT_NONE) {
+                for (; i < nt; i += L)
+                    for (int j = 0; j < L; j++) {
+                        double gj = ds[i + j];
+                        a[j] += gj;
+                        a[L + j] += gj * ((double)xs[i + j] - mq);
+                    }
+            } else {
+                for (; i < nt; i += L)
+                    for (int j = 0; j < L; j++) {
+                        double gj = ds[i + j] * (ys[i + j] > 0 ? one : slope);
+                        double xv = xs[i + j] * (ys[i + j] > zero ? one : xneg);
+                        a[j] += gj;
+                        a[L + j] += gj * (xv - mq);
+                    }
+            }
+            for (int64_t j = 0; j < n - i; j++) {
+                double gj = BN_GRAD((double)ds[i + j], ys[i + j], act, slope);
+                a[j] += gj;
+                a[L + j] += gj * (BN_PRE((double)xs[i + j], ys[i + j], act, xneg) - mq);
+            }
+        }
+    for (int64_t q = 0; q < ns; q++) {
+        double s1 = 0, s2 = 0, *a = acc + 2 * L * q;
+        for (int j = 0; j < L; j++) {
+            s1 += a[j];
+            s2 += a[L + j];
+        }
+        out[2 * q] = s1;
+        out[2 * q + 1] = s2;
+    }
+}
+
+/* apply1 with the coefficients of each segment column. */
+BN_CLONES static void FN(seg_apply)(const T *x, T *y, int64_t nr, int64_t ns, int64_t n,
+                                    int64_t ld, const T *BN_RESTRICT m, const T *BN_RESTRICT ml,
+                                    const T *BN_RESTRICT a, const T *BN_RESTRICT b, bn_act act,
+                                    T slope)
+{
+    BN_OPAQUE(T, one, 1);
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t q = 0; q < ns; q++)
+            FN(apply1)(x + r * ld + q * n, y + r * ld + q * n, n, m[q], ml[q], a[q], b[q], act,
+                       slope, one);
+}
+
+/* dx1 with the coefficients of each segment column. */
+BN_CLONES static void FN(seg_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
+                                 int64_t ns, int64_t n, int64_t ld, const T *BN_RESTRICT m,
+                                 const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
+                                 const T *BN_RESTRICT b, const T *BN_RESTRICT c,
+                                 const T *BN_RESTRICT k, bn_act act, T slope, T xneg)
+{
+    BN_OPAQUE(T, one, 1);
+    BN_OPAQUE(T, zero, 0);
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t q = 0; q < ns; q++) {
+            int64_t o = r * ld + q * n;
+            FN(dx1)(dy + o, x ? x + o : NULL, y ? y + o : NULL, dx + o, n, m[q], ml[q], a[q],
+                    b[q], c[q], k[q], act, slope, xneg, one, zero);
+        }
+}
+
 #if BN_NT
 /* The elementwise passes without an activation, for outputs of BN_STREAM_BYTES
  * and more: the same arithmetic as run_apply/run_dx and tile_apply/tile_dx,
- * 32-byte vectors written with non-temporal stores. dy == NULL: forward,
+ * vectors written with non-temporal stores. dy == NULL: forward,
  * o = ((x - m) - ml) * a + b; else dx = (dy*a + ((x - m) - ml)*b + c) * k. */
-typedef T FN(vec) __attribute__((vector_size(32)));
-#define BN_VW ((int64_t)(32 / sizeof(T)))
-
-BN_NT_TARGET static inline FN(vec) FN(vload)(const T *p)
-{
-    FN(vec) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-BN_NT_TARGET static inline void FN(vstream)(T *p, FN(vec) v)
-{
-    if (sizeof(T) == 4)
-        _mm256_stream_ps((float *)p, (__m256)v);
-    else
-        _mm256_stream_pd((double *)p, (__m256d)v);
-}
 
 /* a scalar head or tail also bypasses the cache: a line written partly with
  * plain stores and partly with non-temporal ones costs more than either */
-BN_NT_TARGET static inline void FN(sstream)(T *p, T v)
+static inline void FN(sstream)(T *p, T v)
 {
     if (sizeof(T) == 4) {
         int32_t b;
@@ -315,45 +491,90 @@ BN_NT_TARGET static inline void FN(sstream)(T *p, T v)
 #define BN_NT_ELEM(i, M, L, A, B, C, K) \
     (dy ? (dy[i] * (A) + ((x[i] - (M)) - (L)) * (B) + (C)) * (K) : ((x[i] - (M)) - (L)) * (A) + (B))
 
-BN_NT_TARGET static void FN(run_nt)(const T *dy, const T *x, T *o, int64_t n, T m, T ml, T a,
-                                    T b, T c, T k)
-{
-    int64_t i = 0;
-    for (; i < n && ((uintptr_t)(o + i) & 31); i++)
-        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
-    if (dy)
-        for (; i + BN_VW <= n; i += BN_VW)
-            FN(vstream)(o + i, (FN(vload)(dy + i) * a + ((FN(vload)(x + i) - m) - ml) * b + c) * k);
-    else
-        for (; i + BN_VW <= n; i += BN_VW)
-            FN(vstream)(o + i, ((FN(vload)(x + i) - m) - ml) * a + b);
-    for (; i < n; i++)
-        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));
+/* The kernels for vectors of W bytes under TARGET, stored with STREAM(p, v):
+ * defined once per instruction set (bn_cpu_nt picks one at run time). */
+#define BN_NT_KERNELS(W, TARGET, STREAM)                                                       \
+typedef T FN(vec##W) __attribute__((vector_size(W)));                                          \
+                                                                                               \
+TARGET static inline FN(vec##W) FN(vload##W)(const T *p)                                       \
+{                                                                                              \
+    FN(vec##W) v;                                                                              \
+    memcpy(&v, p, sizeof v);                                                                   \
+    return v;                                                                                  \
+}                                                                                              \
+                                                                                               \
+TARGET static inline void FN(run_nt##W)(const T *dy, const T *x, T *o, int64_t n, T m, T ml,   \
+                                        T a, T b, T c, T k)                                    \
+{                                                                                              \
+    const int64_t vw = W / (int64_t)sizeof(T);                                                 \
+    int64_t i = 0;                                                                             \
+    for (; i < n && ((uintptr_t)(o + i) & (W - 1)); i++)                                       \
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));                                  \
+    if (dy)                                                                                    \
+        for (; i + vw <= n; i += vw)                                                           \
+            STREAM(o + i, (FN(vload##W)(dy + i) * a + ((FN(vload##W)(x + i) - m) - ml) * b +  \
+                           c) * k);                                                            \
+    else                                                                                       \
+        for (; i + vw <= n; i += vw)                                                           \
+            STREAM(o + i, ((FN(vload##W)(x + i) - m) - ml) * a + b);                           \
+    for (; i < n; i++)                                                                         \
+        FN(sstream)(o + i, BN_NT_ELEM(i, m, ml, a, b, c, k));                                  \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(seg_nt##W)(const T *dy, const T *x, T *o, int64_t nr, int64_t ns,        \
+                                 int64_t n, int64_t ld, const T *m, const T *ml, const T *a,   \
+                                 const T *b, const T *c, const T *k)                           \
+{                                                                                              \
+    for (int64_t r = 0; r < nr; r++)                                                           \
+        for (int64_t q = 0; q < ns; q++) {                                                     \
+            int64_t off = r * ld + q * n;                                                      \
+            FN(run_nt##W)(dy ? dy + off : NULL, x + off, o + off, n, m[q], ml[q], a[q], b[q],  \
+                          c[q], k[q]);                                                         \
+        }                                                                                      \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(runs_nt##W)(const T *dy, const T *x, T *o, int64_t n, int64_t np,        \
+                                  int64_t stride, T m, T ml, T a, T b, T c, T k)               \
+{                                                                                              \
+    for (int64_t q = 0; q < np; q++, x += stride, o += stride, dy = dy ? dy + stride : NULL)   \
+        FN(run_nt##W)(dy, x, o, n, m, ml, a, b, c, k);                                         \
+}                                                                                              \
+                                                                                               \
+TARGET static void FN(tile_nt##W)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,       \
+                                  int64_t ld, const T *m, const T *ml, const T *a,             \
+                                  const T *b, const T *c, const T *k)                          \
+{                                                                                              \
+    const int64_t vw = W / (int64_t)sizeof(T);                                                 \
+    for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {             \
+        int64_t j = 0;                                                                         \
+        for (; j < nc && ((uintptr_t)(o + j) & (W - 1)); j++)                                  \
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));            \
+        if (dy)                                                                                \
+            for (; j + vw <= nc; j += vw)                                                      \
+                STREAM(o + j, (FN(vload##W)(dy + j) * FN(vload##W)(a + j) +                    \
+                               ((FN(vload##W)(x + j) - FN(vload##W)(m + j)) -                  \
+                                FN(vload##W)(ml + j)) * FN(vload##W)(b + j) +                  \
+                               FN(vload##W)(c + j)) * FN(vload##W)(k + j));                    \
+        else                                                                                   \
+            for (; j + vw <= nc; j += vw)                                                      \
+                STREAM(o + j, ((FN(vload##W)(x + j) - FN(vload##W)(m + j)) -                   \
+                               FN(vload##W)(ml + j)) * FN(vload##W)(a + j) +                   \
+                              FN(vload##W)(b + j));                                            \
+        for (; j < nc; j++)                                                                    \
+            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));            \
+    }                                                                                          \
 }
 
-BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, int64_t nc,
-                                     int64_t ld, const T *m, const T *ml, const T *a,
-                                     const T *b, const T *c, const T *k)
-{
-    for (int64_t r = 0; r < nr; r++, x += ld, o += ld, dy = dy ? dy + ld : NULL) {
-        int64_t j = 0;
-        for (; j < nc && ((uintptr_t)(o + j) & 31); j++)
-            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
-        if (dy)
-            for (; j + BN_VW <= nc; j += BN_VW)
-                FN(vstream)(o + j, (FN(vload)(dy + j) * FN(vload)(a + j) +
-                                    ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
-                                    FN(vload)(b + j) + FN(vload)(c + j)) * FN(vload)(k + j));
-        else
-            for (; j + BN_VW <= nc; j += BN_VW)
-                FN(vstream)(o + j, ((FN(vload)(x + j) - FN(vload)(m + j)) - FN(vload)(ml + j)) *
-                                   FN(vload)(a + j) + FN(vload)(b + j));
-        for (; j < nc; j++)
-            FN(sstream)(o + j, BN_NT_ELEM(j, m[j], ml[j], a[j], b[j], c[j], k[j]));
-    }
-}
+#define BN_STREAM32(p, v) (sizeof(T) == 4 ? _mm256_stream_ps((float *)(p), (__m256)(v)) \
+                                          : _mm256_stream_pd((double *)(p), (__m256d)(v)))
+#define BN_STREAM64(p, v) (sizeof(T) == 4 ? _mm512_stream_ps((float *)(p), (__m512)(v)) \
+                                          : _mm512_stream_pd((double *)(p), (__m512d)(v)))
+BN_NT_KERNELS(32, BN_NT_TARGET, BN_STREAM32)
+BN_NT_KERNELS(64, BN_NT512_TARGET, BN_STREAM64)
+#undef BN_STREAM32
+#undef BN_STREAM64
+#undef BN_NT_KERNELS
 #undef BN_NT_ELEM
-#undef BN_VW
 #endif
 
 /* The backward coefficients a, b, c (double) as T: (a*g + b*(x-m) + c) is
@@ -410,8 +631,11 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
     } else {
         int64_t r0, nr, c0, nc;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
-        FN(tile_moments)(x + r0 * p->width + c0, nr, nc, p->width,
-                         part + 2 * ((u % p->nrb) * p->width + c0));
+        double *out = part + 2 * ((u % p->nrb) * (p->width / p->seg) + c0 / p->seg);
+        if (p->seg > 1)
+            FN(seg_moments)(x + r0 * p->width + c0, nr, nc / p->seg, p->seg, p->width, out);
+        else
+            FN(tile_moments)(x + r0 * p->width + c0, nr, nc, p->width, out);
     }
 }
 
@@ -426,13 +650,22 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
                     mean[c], act, slope, xneg, part + 2 * u);
     } else {
         double mc[BN_MAX_COLS];
-        int64_t ch[BN_MAX_COLS], r0, nr, c0, nc, o;
+        int64_t ch[BN_MAX_COLS], r0, nr, c0, nc, o, ns;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
-        bn_channels_of(p, c0, nc, ch);
-        for (int64_t j = 0; j < nc; j++) mc[j] = mean[ch[j]];
-        FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope, xneg,
-                     part + 2 * ((u % p->nrb) * p->width + c0));
+        ns = nc / p->seg;  /* partial columns: segments or columns */
+        if (p->seg > 1)
+            for (int64_t q = 0; q < ns; q++) ch[q] = (c0 / p->seg + q) % p->s.channels;
+        else
+            bn_channels_of(p, c0, nc, ch);
+        for (int64_t j = 0; j < ns; j++) mc[j] = mean[ch[j]];
+        double *out = part + 2 * ((u % p->nrb) * (p->width / p->seg) + c0 / p->seg);
+        if (p->seg > 1)
+            FN(seg_dot)(dy + o, x + o, y ? y + o : NULL, nr, ns, p->seg, p->width, mc, act,
+                        slope, xneg, out);
+        else
+            FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope,
+                         xneg, out);
     }
 }
 
@@ -466,28 +699,31 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
                     FN(wide_one)(dy, x, y, out, i, ch, m, a, b, c, act, slope, xneg);
             return;
         }
-        for (int64_t q = 0; q < np; q++, off += p->s.channels * p->s.inner) {
+        int64_t st = p->s.channels * p->s.inner;
 #if BN_NT
-            if (nt)
-                FN(run_nt)(dy ? dy + off : NULL, x + off, out + off, len, mh, ml, ta, tb, tc, tk);
-            else
+        if (nt)
+            (p->stream > 1 ? FN(runs_nt64) : FN(runs_nt32))(dy ? dy + off : NULL, x + off,
+                                                             out + off, len, np, st, mh, ml, ta,
+                                                             tb, tc, tk);
+        else
 #endif
-            if (!dy)
-                FN(run_apply)(x + off, out + off, len, mh, ml, ta, tb, act, (T)slope);
-            else
-                FN(run_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off,
-                           len, mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
-        }
+        if (!dy)
+            FN(runs_apply)(x + off, out + off, len, np, st, mh, ml, ta, tb, act, (T)slope);
+        else
+            FN(runs_dx)(dy + off, x && b ? x + off : NULL, y ? y + off : NULL, out + off, len,
+                       np, st, mh, ml, ta, tb, tc, tk, act, (T)slope, (T)xneg);
     } else {
         T tm[BN_MAX_COLS], tl[BN_MAX_COLS], ta[BN_MAX_COLS], tb[BN_MAX_COLS], tc[BN_MAX_COLS],
             tk[BN_MAX_COLS];
         int64_t r0, nr, c0, nc, o;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
-        /* per channel once, then copied to its run of inner columns */
+        /* per channel once, then copied to its run of inner columns (one per
+         * segment in the segment layout) */
         int64_t ch = (c0 / p->s.inner) % p->s.channels, l = c0 % p->s.inner;
         int wide = 0;
-        for (int64_t j = 0; j < nc; l = 0, ch = ch + 1 == p->s.channels ? 0 : ch + 1) {
+        int64_t rep = p->seg > 1 ? 1 : p->s.inner, ns = nc / p->seg;
+        for (int64_t j = 0; j < ns; l = 0, ch = ch + 1 == p->s.channels ? 0 : ch + 1) {
             T vm = m ? (T)m[ch] : 0, vl = m ? (T)(m[ch] - (double)vm) : 0, va, vb, vc = 0, vk = 0;
             if (dy) {
                 wide |= FN(dx_coefs)(a, b, c, ch, &va, &vb, &vc, &vk);
@@ -496,7 +732,7 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
                 vb = b ? (T)b[ch] : 0;
                 wide |= FN(overflows)(a[ch]);
             }
-            for (int64_t e = j + bn_min64(p->s.inner - l, nc - j); j < e; j++)
+            for (int64_t e = j + bn_min64(rep - l, ns - j); j < e; j++)
                 tm[j] = vm, tl[j] = vl, ta[j] = va, tb[j] = vb, tc[j] = vc, tk[j] = vk;
         }
         if (wide) {  /* a channel out of T's range: the whole tile in double */
@@ -510,20 +746,39 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
             }
             return;
         }
+        const T *dyo = dy ? dy + o : NULL, *xo = x && (!dy || b) ? x + o : NULL;
+        const T *yo = y ? y + o : NULL;
+        if (p->seg > 1) {
 #if BN_NT
-        if (nt && nc * (int64_t)sizeof(T) >= 1024)  /* short rows: no gain measured */
-            FN(tile_nt)(dy ? dy + o : NULL, x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, tc,
-                        tk);
-        else
+            if (nt)
+                (p->stream > 1 ? FN(seg_nt64) : FN(seg_nt32))(dyo, x + o, out + o, nr, ns, p->seg,
+                                                              p->width, tm, tl, ta, tb, tc, tk);
+            else
 #endif
-        if (!dy)
-            FN(tile_apply)(x + o, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope);
-        else
-            FN(tile_dx)(dy + o, x && b ? x + o : NULL, y ? y + o : NULL, out + o, nr, nc,
-                        p->width, tm, tl, ta, tb, tc, tk, act, (T)slope, (T)xneg);
+            if (!dy)
+                FN(seg_apply)(xo, out + o, nr, ns, p->seg, p->width, tm, tl, ta, tb, act,
+                              (T)slope);
+            else
+                FN(seg_dx)(dyo, xo, yo, out + o, nr, ns, p->seg, p->width, tm, tl, ta, tb, tc,
+                           tk, act, (T)slope, (T)xneg);
+        } else {
+#if BN_NT
+            if (nt && nc * (int64_t)sizeof(T) >= 1024)  /* short rows: no gain measured */
+                (p->stream > 1 ? FN(tile_nt64) : FN(tile_nt32))(dyo, x + o, out + o, nr, nc,
+                                                                p->width, tm, tl, ta, tb, tc, tk);
+            else
+#endif
+            if (!dy)
+                FN(tile_apply)(xo, out + o, nr, nc, p->width, tm, tl, ta, tb, act, (T)slope);
+            else
+                FN(tile_dx)(dyo, xo, yo, out + o, nr, nc, p->width, tm, tl, ta, tb, tc, tk, act,
+                            (T)slope, (T)xneg);
+        }
     }
 #if BN_NT
     if (nt) _mm_sfence();  /* the unit's stores are visible before the barrier */
+#else
+    (void)nt;
 #endif
 }
 
@@ -678,6 +933,33 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
     double count = (double)(s.outer * s.inner);
     double xneg = from_y && act == BN_ACT_LEAKY_RELU ? 1.0 / slope : 1.0;
     int nt = bn_threads(n_threads, &p);
+    if (!training) {
+        /* eval mode: dx = k*g needs no sum, so each unit's sums and its dx are
+         * taken in one visit (dy read once from memory); the same partials
+         * and merge as below. Units are disjoint, so dx may alias dy or x. */
+        for (int64_t c = 0; c < s.channels; c++) {
+            ca[c] = (weight ? weight[c] : 1.0) * invstd[c];
+            cc[c] = 0.0;
+        }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < p.nunits; u++) {
+                FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
+                FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, NULL, cc, act, slope, xneg, u);
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < nt; t++) {
+                int64_t a, b;
+                bn_chunk(0, s.channels, t, nt, &a, &b);
+                bn_merge(&p, part, a, b, 0, dbias, dweight);
+                for (int64_t c = a; c < b; c++)
+                    dweight[c] = dweight[c] * (from_y ? 1.0 / ca[c] : 1.0) * invstd[c];
+            }
+        }
+        free(part);
+        return 0;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < p.nrounds; r++) {
         int64_t u0, u1, c0, c1;
@@ -698,14 +980,13 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
                 dweight[c] = sgx * invstd[c];
                 /* dx = k*(g - mean(g) - xhat*mean(g*xhat)), xhat = (x-mean)*invstd */
                 ca[c] = k;
-                cb[c] = training ? -k * invstd[c] * invstd[c] * sgx / count * rs : 0.0;
-                cc[c] = training ? -k * sg / count : 0.0;
+                cb[c] = -k * invstd[c] * invstd[c] * sgx / count * rs;
+                cc[c] = -k * sg / count;
             }
         }
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
-            FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, training ? cb : NULL, cc, act,
-                                 slope, xneg, u);
+            FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, cb, cc, act, slope, xneg, u);
     }
     free(part);
     return 0;
@@ -781,9 +1062,6 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
     return err;
 }
 
-#undef FN
-#undef BN_CAT
-#undef BN_CAT2
 #undef BN_GRAD
 #undef BN_PRE
 #undef BN_OPAQUE
