@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import time
 
 import numpy as np
@@ -220,6 +221,18 @@ def parse_args(parser, argv):
     if os.path.isdir(args.out):
         args.out = os.path.join(args.out, os.path.basename(args.default_out))
     return args
+
+
+def run_and_report(args, timer, run, report, plot):
+    """The end every experiment shares: run(progress) -> result, print
+    report(result) (the table, and the verdict where there is one), save the
+    figure unless --no-plot, print the wall time; exit status 0."""
+    result = run(sys.stderr.isatty())
+    print(report(result))
+    if not args.no_plot:
+        print(f"figure saved to {plot(result, args.out)}")
+    print(timer)
+    return 0
 
 
 class Timer:

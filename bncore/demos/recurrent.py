@@ -18,14 +18,29 @@ NumPy. Every ``BN(.; t)`` is ``bncore.RecurrentBatchNorm``.
 ``LSTM`` takes the three normalizations as arguments, so the layer-norm demo
 reuses it with layer normalization in their place.
 """
-import sys
 
 import numpy as np
 
 from ..layers import RecurrentBatchNorm
-from .common import (Adam, Linear, Timer, eval_points, format_table, load_digits, make_parser,
-                     new_figure, parse_args, progress_bar, save_figure, shuffled_batches, sigmoid,
-                     single_threaded, softmax_cross_entropy, style_axes)
+from .common import (
+    Adam,
+    Linear,
+    Timer,
+    eval_points,
+    format_table,
+    load_digits,
+    make_parser,
+    new_figure,
+    parse_args,
+    progress_bar,
+    run_and_report,
+    save_figure,
+    shuffled_batches,
+    sigmoid,
+    single_threaded,
+    softmax_cross_entropy,
+    style_axes,
+)
 
 ROWS = 28  # an MNIST image read as 28 steps of 28 pixels
 BLANK = -1.0  # a blank pixel once pixels are mapped from [0, 1] to [-1, 1]
@@ -359,11 +374,7 @@ def main(argv=None):
     print(f"{digits[4]} read row by row: {len(digits[1])} training / {len(digits[3])} test "
           f"sequences of 28 steps; LSTM of {HIDDEN} units, Adam lr {args.lr:g}, batch {BATCH}, "
           f"{args.steps} steps, seed {args.seed}", flush=True)
-    result = run_experiment(digits, steps=args.steps, lr=args.lr, seed=args.seed,
-                            progress=sys.stderr.isatty())
-    print(table(result))
-    print(verdict(result))
-    if not args.no_plot:
-        print(f"figure saved to {plot(result, args.out)}")
-    print(timer)
-    return 0
+    return run_and_report(
+        args, timer, lambda progress: run_experiment(digits, steps=args.steps, lr=args.lr,
+                                                     seed=args.seed, progress=progress),
+        lambda r: table(r) + "\n" + verdict(r), plot)

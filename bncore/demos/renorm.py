@@ -25,14 +25,27 @@ norm's dependence on the batch shows. Renorm follows the paper's schedule
 (rmax = 1 and dmax = 0, plain batch norm, for a warm-up, then linear ramps to
 rmax = 3 and dmax = 5), compressed so rmax reaches 3 halfway through the run.
 """
-import sys
 
 import numpy as np
 
 from ..layers import BatchNorm, BatchRenorm
-from .common import (Timer, eval_points, format_table, init_weights, load_digits, make_parser,
-                     new_figure, parse_args, progress_bar, save_figure, shuffled_batches,
-                     single_threaded, softmax_cross_entropy, style_axes)
+from .common import (
+    Timer,
+    eval_points,
+    format_table,
+    init_weights,
+    load_digits,
+    make_parser,
+    new_figure,
+    parse_args,
+    progress_bar,
+    run_and_report,
+    save_figure,
+    shuffled_batches,
+    single_threaded,
+    softmax_cross_entropy,
+    style_axes,
+)
 from .mnist import HIDDEN, MLP, accuracy
 
 SETTINGS = {  # name: (normalization group size, classes per batch; None: i.i.d.)
@@ -263,11 +276,7 @@ def main(argv=None):
           f"lr {args.lr:g}, {args.steps} steps, seed {args.seed}; renorm: rmax 1 -> {RMAX:g} "
           f"over steps {warmup}-{warmup + rmax_ramp}, dmax 0 -> {DMAX:g} over steps "
           f"{warmup}-{warmup + dmax_ramp}", flush=True)
-    result = run_experiment(digits, steps=args.steps, lr=args.lr, seed=args.seed,
-                            progress=sys.stderr.isatty())
-    print(table(result))
-    print(verdict(result))
-    if not args.no_plot:
-        print(f"figure saved to {plot(result, args.out)}")
-    print(timer)
-    return 0
+    return run_and_report(
+        args, timer, lambda progress: run_experiment(digits, steps=args.steps, lr=args.lr,
+                                                     seed=args.seed, progress=progress),
+        lambda r: table(r) + "\n" + verdict(r), plot)
