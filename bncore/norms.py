@@ -663,7 +663,7 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
     >>> x = np.array([[[1.0, 3.0], [2.0, 6.0]]])
     >>> y, mean, invstd = bncore.instance_norm_train(x)
     >>> dx, dweight, dbias = bncore.instance_norm_backward(y, x, mean, invstd)
-    >>> np.allclose(dx, 0), np.round(dweight, 4), dbias
+    >>> np.allclose(dx, 0, atol=1e-4), np.round(dweight, 4), dbias
     (True, array([2., 2.]), array([0., 0.]))
     """
     L = _instances(x)
