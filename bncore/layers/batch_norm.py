@@ -1,8 +1,14 @@
 """Batch normalization layers: BatchNorm (PyTorch's behaviour and state_dict
 keys), BatchRenorm, RecurrentBatchNorm, InPlaceABN and FrozenBatchNorm."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from .. import _checks as chk
+from .._typing import Activation, Array, FloatArray
 from .. import _kernels as _k
 from ..folding import eval_coefficients
 from ..functional import (batch_norm_backward, batch_norm_backward_from_output,
@@ -17,34 +23,93 @@ class _Record:
     """What backward needs of one forward call."""
     __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
 
-    def __init__(self, x, mean, invstd, training, ghost=None, y=None, extra=None):
+    def __init__(self, x: Any, mean: Any, invstd: Any, training: bool, ghost: int | None = None,
+                 y: Any = None, extra: tuple[Any, Any] | None = None):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
         self.ghost, self.y, self.extra = ghost, y, extra
 
 
 class BatchNorm(Module):
-    """Batch normalization over channel axis `axis`, like torch.nn.BatchNorm{1,2,3}d.
+    """Batch normalization over channel axis ``axis``, like ``torch.nn.BatchNorm{1,2,3}d``.
 
-    forward(x) normalizes with the batch statistics in training mode (and
+    ``forward(x)`` normalizes with the batch statistics in training mode (and
     updates the running statistics) and with the running statistics in eval
-    mode; backward(dy) returns dx for the most recent forward call and sets
-    grad_weight / grad_bias. momentum=None is the cumulative moving average;
-    track_running_stats=False uses batch statistics in eval mode too.
-    virtual_batch_size (ghost batch norm): in training mode each slice of that
-    many samples along axis 0 is normalized with its own statistics.
-    activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
-    backward; running_var_unbiased=False keeps the biased running variance
-    (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
+    mode; ``backward(dy)`` returns dx for the most recent forward call and
+    sets ``grad_weight`` / ``grad_bias``. ``freeze()`` returns the eval-mode
+    layer as a `FrozenBatchNorm`. Parameters and buffers are NumPy arrays of
+    the layer's dtype under PyTorch's names (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``).
 
-    skip_nonfinite_update=True leaves running_mean, running_var and
-    num_batches_tracked untouched on a training step whose batch mean or
-    variance is NaN or inf in any channel (see batch_norm_train); the step's
-    output is still returned. Off by default, as in PyTorch.
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    momentum : float or None, default 0.1
+        In ``[0, 1]``: the running statistics' update rate. None is the
+        cumulative moving average (rate ``1 / num_batches_tracked``).
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Whether the layer keeps running statistics; False uses batch
+        statistics in eval mode too.
+    axis : int, default 1
+        The channel axis of the input (-1 for channels last).
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+    virtual_batch_size : int, optional
+        Ghost batch norm: in training mode each slice of that many samples
+        along axis 0 is normalized with its own statistics.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Fused into forward and backward.
+    running_var_unbiased : bool, default True
+        False keeps the biased running variance (Keras, ONNX).
+    skip_nonfinite_update : bool, default False
+        True leaves ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` untouched on a training step whose batch mean
+        or variance is NaN or inf in any channel (see `batch_norm_train`);
+        the step's output is still returned. Off by default, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not float16, float32 or float64.
+    ValueError
+        If ``num_features``, ``eps``, ``momentum``, ``activation`` or
+        ``virtual_batch_size`` is out of range.
+
+    See Also
+    --------
+    batch_norm_train, batch_norm_eval, batch_norm_backward : the operations.
+
+    Examples
+    --------
+    >>> bn = bncore.BatchNorm(2, dtype=np.float64)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> np.round(bn(x), 4)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> bn.running_mean, bn.running_var, int(bn.num_batches_tracked)
+    (array([0.2, 0.4]), array([1.1, 1.7]), 1)
+    >>> dx = bn.backward(np.ones_like(x))
+    >>> bn.grad_bias
+    array([2., 2.])
+    >>> np.round(bn.eval()(x), 4)
+    array([[0.7628, 1.2271],
+           [2.6697, 4.295 ]])
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
-                 activation=None, running_var_unbiased=True, skip_nonfinite_update=False):
+    # arrays, or None when track_running_stats is False (checked where used)
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, axis: int = 1,
+                 dtype: Any = np.float32, virtual_batch_size: int | None = None,
+                 activation: Activation = None, running_var_unbiased: bool = True,
+                 skip_nonfinite_update: bool = False):
         self._setup(dtype, eps)
         self.num_features = C = chk.positive_int(num_features, "num_features")
         self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
@@ -66,25 +131,42 @@ class BatchNorm(Module):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}{act})")
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
+        """Reset the running statistics: mean 0, variance 1, count 0.
+
+        Nothing happens without running statistics
+        (``track_running_stats=False``).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2)
+        >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
+        >>> bn.reset_running_stats()
+        >>> bn.running_mean, int(bn.num_batches_tracked)
+        (array([0., 0.], dtype=float32), 0)
+        """
         if self.track_running_stats:
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
 
-    def _input(self, x, out):
+    def _input(self, x: Any, out: Any) -> Any:
         """x checked to have this layer's channels, and out separate from it."""
         L = chk.Layout(x, self.axis).channels(self.num_features)
         chk.separate_from_input(out, L.x)
         return L.x
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         x = self._input(x, out)
         if self.training or not self.track_running_stats:
             ghost = self.virtual_batch_size if self.training else None
@@ -112,13 +194,34 @@ class BatchNorm(Module):
         record.y = y if self.activation is not None else None
         return y, record
 
-    def _backward(self, dy, r, out, n_threads):
+    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward(dy, r.x, r.mean, r.invstd, self.weight, axis=self.axis,
                                    training=r.training, out=out, activation=self.activation,
                                    y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost)
 
-    def freeze(self):
-        """A FrozenBatchNorm with copies of this layer's eval-mode parameters."""
+    def freeze(self) -> FrozenBatchNorm:
+        """A FrozenBatchNorm with copies of this layer's eval-mode parameters.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            With this layer's weight, bias, running statistics, eps, axis,
+            activation and dtype.
+
+        Raises
+        ------
+        ValueError
+            If the layer has no running statistics
+            (``track_running_stats=False``).
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2, dtype=np.float64)
+        >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+        >>> _ = bn(x)
+        >>> np.array_equal(bn.freeze()(x), bn.eval()(x))
+        True
+        """
         if not self.track_running_stats:
             raise ValueError("freeze: the layer has no running statistics to freeze "
                              "(track_running_stats=False)")
@@ -126,7 +229,7 @@ class BatchNorm(Module):
             self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
             dtype=self.dtype)
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         names = ["weight", "bias"] if self.affine else []
         if self.track_running_stats:
             names += ["running_mean", "running_var", "num_batches_tracked"]
@@ -144,11 +247,57 @@ class BatchRenorm(BatchNorm):
     warmup_steps=0, rmax_ramp_steps=0, dmax_ramp_steps=0 for fixed limits.
     momentum (default 0.01) is the moving statistics' update rate; None is the
     cumulative average as in BatchNorm.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variances inside the square roots.
+    momentum : float or None, default 0.01
+        In ``[0, 1]``, or None for the cumulative average.
+    affine : bool, default True
+        Whether the layer has ``weight`` and ``bias``.
+    axis : int, default 1
+        The channel axis of the input.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+    rmax : float, default 3.0
+        ``>= 1``: the final bound on r.
+    dmax : float, default 5.0
+        ``>= 0``: the final bound on d.
+    warmup_steps : int, default 5000
+        Training steps of plain batch norm (rmax=1, dmax=0), ``>= 0``.
+    rmax_ramp_steps, dmax_ramp_steps : int, default 35000 and 20000
+        Steps of linear relaxation after the warm-up, ``>= 0``.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If a number is out of range.
+
+    See Also
+    --------
+    batch_renorm_train, batch_renorm_backward : the operations.
+
+    Examples
+    --------
+    >>> brn = bncore.BatchRenorm(2, dtype=np.float64, warmup_steps=0, rmax_ramp_steps=0,
+    ...                          dmax_ramp_steps=0, momentum=0.1)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> np.round(brn(x), 4)  # running mean 0, variance 1: r and d undo the normalization
+    array([[1., 2.],
+           [3., 6.]])
+    >>> brn.running_mean
+    array([0.2, 0.4])
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.01, affine=True, axis=1,
-                 dtype=np.float32, rmax=3.0, dmax=5.0, warmup_steps=5000,
-                 rmax_ramp_steps=35000, dmax_ramp_steps=20000):
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.01,
+                 affine: bool = True, axis: int = 1, dtype: Any = np.float32,
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 5000,
+                 rmax_ramp_steps: int = 35000, dmax_ramp_steps: int = 20000):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, axis=axis, dtype=dtype)
         self.rmax = chk.real(rmax, "rmax", 1.0)
@@ -157,25 +306,44 @@ class BatchRenorm(BatchNorm):
         self.rmax_ramp_steps = chk.integer(rmax_ramp_steps, "rmax_ramp_steps")
         self.dmax_ramp_steps = chk.integer(dmax_ramp_steps, "dmax_ramp_steps")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
                 f"axis={self.axis})")
 
-    def limits(self, step=None):
-        """(rmax, dmax) in force at training step `step` (default: the next one)."""
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """(rmax, dmax) in force at training step ``step`` (default: the next one).
+
+        Parameters
+        ----------
+        step : int, optional
+            A training step (0 is the first); default ``num_batches_tracked``.
+
+        Returns
+        -------
+        rmax, dmax : float
+            1 and 0 during the warm-up, then relaxed linearly to the
+            layer's ``rmax`` and ``dmax``.
+
+        Examples
+        --------
+        >>> brn = bncore.BatchRenorm(2, warmup_steps=10, rmax_ramp_steps=20,
+        ...                          dmax_ramp_steps=10)
+        >>> brn.limits(0), brn.limits(20), brn.limits(100)
+        ((1.0, 0.0), (2.0, 5.0), (3.0, 5.0))
+        """
         step = int(self.num_batches_tracked) if step is None else step
         if step < self.warmup_steps:
             return 1.0, 0.0
 
-        def ramp(target, start, length):
+        def ramp(target: float, start: float, length: int) -> float:
             frac = 1.0 if length == 0 else min(1.0, (step - self.warmup_steps) / length)
             return start + (target - start) * frac
 
         return (ramp(self.rmax, 1.0, self.rmax_ramp_steps),
                 ramp(self.dmax, 0.0, self.dmax_ramp_steps))
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         if not self.training:
             return super()._forward(x, out, n_threads)
         x = self._input(x, out)
@@ -189,7 +357,7 @@ class BatchRenorm(BatchNorm):
         self.num_batches_tracked[...] = n
         return y, _Record(x, mean, invstd, True, extra=(r, d))
 
-    def _backward(self, dy, rec, out, n_threads):
+    def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         if rec.extra is None:
             return super()._backward(dy, rec, out, n_threads)
         return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, *rec.extra, self.weight,
@@ -205,10 +373,44 @@ class InPlaceABN(BatchNorm):
     activation is None or ('leaky_relu', slope > 0) (default slope 0.01);
     other arguments as BatchNorm. x must be a writable ndarray; forward
     returns x (filled with y) and the caller must not need x afterwards.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    activation : None or ('leaky_relu', slope), default ('leaky_relu', 0.01)
+        An invertible activation (slope > 0).
+    min_abs_weight : float, optional
+        The backward's bound on ``abs(weight)`` (see
+        `batch_norm_backward_from_output`).
+    **kwargs
+        `BatchNorm`'s other arguments, except ``virtual_batch_size``.
+
+    Raises
+    ------
+    ValueError
+        If ``activation`` is not invertible (e.g. 'relu'),
+        ``virtual_batch_size`` is given, or as `BatchNorm`.
+    TypeError
+        As `BatchNorm`.
+
+    Examples
+    --------
+    >>> abn = bncore.InPlaceABN(2, dtype=np.float64)
+    >>> bn = bncore.BatchNorm(2, dtype=np.float64, activation=("leaky_relu", 0.01))
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y_bn = bn(x)
+    >>> y = abn(x)
+    >>> y is x, np.round(x, 4)
+    (True, array([[-0.01, -0.01],
+           [ 1.  ,  1.  ]]))
+    >>> dy = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> np.allclose(abn.backward(dy), bn.backward(dy))
+    True
     """
 
-    def __init__(self, num_features, *, activation=("leaky_relu", 0.01), min_abs_weight=None,
-                 **kwargs):
+    def __init__(self, num_features: int, *, activation: Activation = ("leaky_relu", 0.01),
+                 min_abs_weight: float | None = None, **kwargs: Any):
         invertible(activation)
         if kwargs.get("virtual_batch_size") is not None:
             raise ValueError("virtual_batch_size: not supported by InPlaceABN (its backward "
@@ -217,24 +419,58 @@ class InPlaceABN(BatchNorm):
         self.min_abs_weight = (None if min_abs_weight is None else
                                chk.real(min_abs_weight, "min_abs_weight", 0.0))
 
-    def _input(self, x, out):
+    def _input(self, x: Any, out: Any) -> Any:
         if not isinstance(x, np.ndarray) or not x.flags.writeable:
             raise ValueError("x: InPlaceABN overwrites its input: expected a writable "
                              f"numpy.ndarray, got {type(x).__name__}"
                              + ("" if not isinstance(x, np.ndarray) else " (read-only)"))
         return chk.Layout(x, self.axis).channels(self.num_features).x
 
-    def forward(self, x, *, n_threads=None):
+    # forward writes into x: it takes no out=
+    def forward(self, x: Array, *, n_threads: int | None = None  # type: ignore[override]
+                ) -> Array:
+        """Normalize ``x`` in place: x is overwritten with the output.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Writable input of the layer's layout, dtype float16, float32 or
+            float64; it receives the output.
+        n_threads : int, optional
+            The most threads to use. None uses OpenMP's current maximum at
+            the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``x``, holding the output.
+
+        Raises
+        ------
+        ValueError
+            If x is not a writable ndarray, its shape does not fit the layer,
+            or ``n_threads`` is invalid.
+        TypeError
+            If x has an unsupported dtype.
+
+        Examples
+        --------
+        >>> abn = bncore.InPlaceABN(1, activation=None, dtype=np.float64)
+        >>> x = np.array([[1.0], [3.0]])
+        >>> abn.forward(x) is x, np.round(x, 4)
+        (True, array([[-1.],
+               [ 1.]]))
+        """
         y, record = self._forward(x, x, n_threads)
         self._saved = record
         return y
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         y, record = super()._forward(x, out, n_threads)
         record.x, record.y = None, y  # x is gone: y is all backward has
         return y, record
 
-    def _backward(self, dy, r, out, n_threads):
+    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward_from_output(
             dy, r.y, r.invstd, self.weight, self.bias, axis=self.axis, training=r.training,
             activation=self.activation, out=out, min_abs_weight=self.min_abs_weight,
