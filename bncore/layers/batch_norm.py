@@ -496,10 +496,54 @@ class RecurrentBatchNorm(Module):
     zero_grad() zeroes them explicitly. Only what a pending backward needs is
     kept: training steps until their backward, and in eval mode the steps of
     the most recent call.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of features (positive).
+    max_steps : int
+        The number of per-step running-statistics slots (positive); steps
+        past it share the last slot.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    momentum : float, default 0.1
+        In ``[0, 1]``: the running statistics' update rate.
+    affine : bool, default True
+        Whether the layer has ``weight`` (gamma) and ``bias`` (beta).
+    gamma_init : float, default 0.1
+        The initial value of every gamma (finite).
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If a number is out of range.
+
+    Examples
+    --------
+    >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=3, dtype=np.float64)
+    >>> seq = np.array([[[1.0, 2.0], [3.0, 6.0]],
+    ...                 [[0.0, 0.0], [2.0, 4.0]]])  # (T=2, N=2, C=2)
+    >>> np.round(rbn(seq), 4)  # gamma 0.1
+    array([[[-0.1, -0.1],
+            [ 0.1,  0.1]],
+    <BLANKLINE>
+           [[-0.1, -0.1],
+            [ 0.1,  0.1]]])
+    >>> rbn.running_mean[:2], int(rbn.trained_steps)
+    (array([[0.2, 0.4],
+           [0.1, 0.2]]), 2)
+    >>> dx = rbn.backward(np.ones_like(seq))
+    >>> rbn.grad_bias
+    array([4., 4.])
     """
 
-    def __init__(self, num_features, max_steps, *, eps=1e-5, momentum=0.1, affine=True,
-                 gamma_init=0.1, dtype=np.float32):
+    def __init__(self, num_features: int, max_steps: int, *, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, gamma_init: float = 0.1,
+                 dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.num_features = C = chk.positive_int(num_features, "num_features")
         self.max_steps = S = chk.positive_int(max_steps, "max_steps")
@@ -511,39 +555,87 @@ class RecurrentBatchNorm(Module):
         self.running_mean = np.zeros((S, C), self.dtype)
         self.running_var = np.ones((S, C), self.dtype)
         self.trained_steps = np.array(0, dtype=np.int64)
-        self._steps = {}
+        self._steps: dict[int, _Record] = {}
         self.zero_grad()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"RecurrentBatchNorm({self.num_features}, max_steps={self.max_steps}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine})")
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return super()._state_names() + ["running_mean", "running_var", "trained_steps"]
 
-    def _assign(self, staged):
+    def _assign(self, staged: dict[str, Any]) -> None:
         if "trained_steps" in staged and not 0 <= int(staged["trained_steps"]) <= self.max_steps:
             raise ValueError(f"state['trained_steps']: expected a count in [0, "
                              f"{self.max_steps}], got {int(staged['trained_steps'])}")
         super()._assign(staged)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
+        """Set grad_weight and grad_bias to zeros (backward adds to them).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=1)
+        >>> rbn.zero_grad()
+        >>> rbn.grad_weight
+        array([0., 0.], dtype=float32)
+        """
         if self.affine:
             self.grad_weight = np.zeros(self.num_features, self.dtype)
             self.grad_bias = np.zeros(self.num_features, self.dtype)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
+        """Reset every slot's running statistics (mean 0, variance 1) and
+        ``trained_steps`` (0).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=2)
+        >>> _ = rbn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), 0)
+        >>> rbn.reset_running_stats()
+        >>> int(rbn.trained_steps), rbn.running_mean[0]
+        (0, array([0., 0.], dtype=float32))
+        """
         self.running_mean[...] = 0
         self.running_var[...] = 1
         self.trained_steps[...] = 0
 
-    def slot(self, t):
-        """Index of the running statistics used at step t (in eval mode, steps
-        past the trained ones use the last trained slot)."""
+    def slot(self, t: int) -> int:
+        """Index of the running statistics used at step t.
+
+        In training mode ``min(t, max_steps - 1)``; in eval mode, steps past
+        the trained ones use the last trained slot.
+
+        Parameters
+        ----------
+        t : int
+            A time step (``>= 0``).
+
+        Returns
+        -------
+        int
+            The slot: a row of ``running_mean`` and ``running_var``.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=5)
+        >>> _ = rbn(np.ones((2, 4, 2), np.float32) * np.arange(4.0)[:, None])  # steps 0, 1
+        >>> rbn.slot(3), rbn.eval().slot(3)
+        (3, 1)
+        """
         last = self.max_steps if self.training else max(int(self.trained_steps), 1)
         return min(t, last - 1)
 
-    def _check(self, x, name, t):
+    def _check(self, x: Any, name: str, t: Any) -> tuple[Any, int]:
         x = chk.tensor(x, name)
         if x.ndim not in (2, 3) or x.shape[-1] != self.num_features:
             raise ValueError(f"{name}: expected shape (N, {self.num_features}) for one step or "
@@ -555,10 +647,80 @@ class RecurrentBatchNorm(Module):
             t = 0
         return x, chk.integer(t, "t")
 
-    def __call__(self, x, t=None, **kwargs):
+    def __call__(self, x: Any, t: int | None = None, **kwargs: Any) -> Array:
+        """Call `forward`: ``layer(x, t)`` is ``layer.forward(x, t)``.
+
+        Parameters
+        ----------
+        x : array_like
+            One step (N, C) or a sequence (T, N, C).
+        t : int, optional
+            The (first) time step; required for a single step.
+        **kwargs
+            `forward`'s keyword arguments (``out``, ``n_threads``).
+
+        Returns
+        -------
+        numpy.ndarray
+            `forward`'s output.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As `forward`.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=2)
+        >>> rbn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), 0).shape
+        (2, 2)
+        """
         return self.forward(x, t, **kwargs)
 
-    def forward(self, x, t=None, *, out=None, n_threads=None):
+    def forward(self, x: Any, t: int | None = None, *, out: Array | None = None,
+                n_threads: int | None = None) -> Array:
+        """Normalize one step (N, C) at step t, or a sequence (T, N, C) from step t.
+
+        In training mode each step uses its batch statistics and updates its
+        slot's running statistics; a forward at step 0 starts a new sequence
+        (the saved steps are forgotten and the gradients zeroed).
+
+        Parameters
+        ----------
+        x : array_like
+            One step (N, C) or a sequence (T, N, C), dtype float16, float32
+            or float64; N > 1 in training mode.
+        t : int, optional
+            The (first) time step, ``>= 0``; required for a single step,
+            default 0 for a sequence.
+        out : numpy.ndarray, optional
+            Writable array of x's shape and dtype that receives the output;
+            it must not overlap x.
+        n_threads : int, optional
+            The most threads to use. None uses OpenMP's current maximum at
+            the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If x or ``out`` has an unsupported type or dtype.
+        ValueError
+            If x's shape does not fit, ``t`` is missing for a single step or
+            negative, a training step has one sample, ``out`` overlaps x, or
+            ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(1, max_steps=4, gamma_init=1.0, dtype=np.float64)
+        >>> rbn.forward(np.array([[1.0], [3.0]]), 0)
+        array([[-0.999995],
+               [ 0.999995]])
+        """
         x, t = self._check(x, "x", t)
         chk.separate_from_input(out, x)
         chk.n_threads(n_threads)
@@ -583,7 +745,7 @@ class RecurrentBatchNorm(Module):
             self.trained_steps[...] = max(int(self.trained_steps), reached)
         return y if x.ndim == 3 else y[0]
 
-    def _step(self, x, t, out, n_threads):
+    def _step(self, x: Any, t: int, out: Any, n_threads: Any) -> _Record:
         s = self.slot(t)
         rm, rv = self.running_mean[s], self.running_var[s]
         if self.training:
@@ -596,9 +758,52 @@ class RecurrentBatchNorm(Module):
             mean, invstd = rm.astype(np.float64), _k.invstd(rv, self.eps)
         return _Record(x, mean, invstd, self.training)
 
-    def backward(self, dy, t=None, *, out=None, n_threads=None):
-        """dx of step t (dy (N, C)) or of the sequence starting at t (dy (T, N, C));
-        adds the parameter gradients to grad_weight and grad_bias."""
+    def backward(self, dy: Any, t: int | None = None, *, out: Array | None = None,
+                 n_threads: int | None = None) -> Array:
+        """dx of step t (dy (N, C)) or of the sequence starting at t (dy (T, N, C)).
+
+        Adds the parameter gradients to grad_weight and grad_bias
+        (backpropagation through time); a training step's record is consumed.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the output of step t (N, C), or of steps t, t+1, ...
+            (T, N, C); the shape and dtype of those steps' inputs.
+        t : int, optional
+            The (first) time step; required for a single step, default 0 for
+            a sequence.
+        out : numpy.ndarray, optional
+            Writable array of dy's shape and dtype that receives ``dx``.
+        n_threads : int, optional
+            The most threads to use. None uses OpenMP's current maximum at
+            the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, dy's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        RuntimeError
+            If a step has no saved forward (or its backward already ran).
+        TypeError
+            If dy has an unsupported dtype.
+        ValueError
+            If dy's shape or dtype differs from the steps' inputs, or ``t``
+            is missing for a single step.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(1, max_steps=4, dtype=np.float64)
+        >>> y0 = rbn(np.array([[1.0], [3.0]]), 0)
+        >>> y1 = rbn(np.array([[2.0], [2.5]]), 1)
+        >>> dx1 = rbn.backward(np.array([[1.0], [0.0]]), 1)
+        >>> dx0 = rbn.backward(np.array([[0.0], [1.0]]), 0)
+        >>> rbn.grad_bias  # summed over both steps
+        array([2.])
+        """
         dy, t = self._check(dy, "dy", t)
         steps = range(t, t + (dy.shape[0] if dy.ndim == 3 else 1))
         missing = [s for s in steps if s not in self._steps]
@@ -642,11 +847,42 @@ class FrozenBatchNorm(Module):
     any number of threads at once. backward(dy, y=...) is dx = dy * scale
     (times the activation's derivative, taken from the output y); nothing is
     trained.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to ``running_var`` inside the square root.
+    axis : int, default 1
+        The channel axis of the input.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Fused into the call.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If ``num_features``, ``eps`` or ``activation`` is out of range.
+
+    Examples
+    --------
+    >>> state = {"weight": np.array([1.0, 2.0]), "bias": np.array([0.0, 1.0]),
+    ...          "running_mean": np.array([1.0, 2.0]), "running_var": np.array([4.0, 16.0])}
+    >>> frozen = bncore.FrozenBatchNorm.from_state_dict(state, eps=0.0)
+    >>> frozen(np.array([[3.0, 6.0]]))
+    array([[1., 3.]])
+    >>> frozen.scale, frozen.shift
+    (array([0.5, 0.5]), array([-0.5,  0. ]))
     """
 
     training = False
 
-    def __init__(self, num_features, *, eps=1e-5, axis=1, activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, *, eps: float = 1e-5, axis: int = 1,
+                 activation: Activation = None, dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.training = False
         self.num_features = C = chk.positive_int(num_features, "num_features")
@@ -656,9 +892,47 @@ class FrozenBatchNorm(Module):
         self._set(np.ones(C, d), np.zeros(C, d), np.zeros(C, d), np.ones(C, d))
 
     @classmethod
-    def from_state_dict(cls, state, *, eps=1e-5, axis=1, activation=None, dtype=None):
-        """From PyTorch-style keys (weight, bias, running_mean, running_var;
-        num_batches_tracked is ignored; weight/bias may be absent: affine=False)."""
+    def from_state_dict(cls, state: Mapping[str, Any], *, eps: float = 1e-5, axis: int = 1,
+                        activation: Activation = None, dtype: Any = None) -> FrozenBatchNorm:
+        """From PyTorch-style keys (weight, bias, running_mean, running_var).
+
+        ``num_batches_tracked`` is ignored; weight and bias may be absent (a
+        layer with ``affine=False``: 1 and 0), running_var too (1).
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            A ``BatchNorm`` state dict (bncore's or a CPU PyTorch one).
+        eps : float, default 1e-5
+            Finite, ``>= 0``.
+        axis : int, default 1
+            The channel axis of the input.
+        activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+            Fused into the call.
+        dtype : float16, float32 or float64, optional
+            Default: running_mean's floating dtype, else float32.
+
+        Returns
+        -------
+        FrozenBatchNorm
+
+        Raises
+        ------
+        KeyError
+            If ``running_mean`` is missing or a key is unexpected.
+        TypeError
+            If ``state`` is not a mapping, or an array or ``dtype`` is not
+            supported.
+        ValueError
+            If a shape does not match or ``running_var + eps`` is negative.
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2)
+        >>> frozen = bncore.FrozenBatchNorm.from_state_dict(bn.state_dict())
+        >>> frozen
+        FrozenBatchNorm(2, eps=1e-05, axis=1)
+        """
         chk.state_keys(state, ("running_mean",), False, optional=(
             "weight", "bias", "running_var", "num_batches_tracked"))
         if "running_mean" not in state:
@@ -671,10 +945,10 @@ class FrozenBatchNorm(Module):
         layer.load_state_dict(state, strict=False)
         return layer
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return ["weight", "bias", "running_mean", "running_var"]
 
-    def _set(self, w, b, rm, rv):
+    def _set(self, w: Any, b: Any, rm: Any, rv: Any) -> None:
         params = []
         for a, name in zip((w, b, rm, rv), self._state_names()):
             a = chk.vector(a, self.num_features, name, required=True).astype(self.dtype)
@@ -688,33 +962,120 @@ class FrozenBatchNorm(Module):
         self._invstd, self._w64 = _k.invstd(rv, self.eps), w
         self._center, self._scale, self._shift = center, scale, shift
 
-    def load_state_dict(self, state, strict=True):
-        """Sets any of weight, bias, running_mean, running_var (missing keys keep
-        their values unless strict); checked fully before anything changes."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Sets any of weight, bias, running_mean, running_var; recomputes the
+        coefficients.
+
+        Checked fully before anything changes.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Entries under those keys (``num_batches_tracked`` is accepted and
+            ignored).
+        strict : bool, default True
+            Whether all four keys are required; otherwise missing keys keep
+            their values.
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        KeyError
+            If keys are missing (strict) or unexpected.
+        TypeError
+            If ``state`` is not a mapping or an entry is not floating point.
+        ValueError
+            If a shape does not match or ``running_var + eps`` is negative.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm(2, dtype=np.float64)
+        >>> frozen.load_state_dict({"running_var": np.array([4.0, 4.0])}, strict=False)
+        >>> np.round(frozen.scale, 4)
+        array([0.5, 0.5])
+        """
         names = self._state_names()
         chk.state_keys(state, names, strict, optional=("num_batches_tracked",))
         self._set(*(state.get(k, getattr(self, k)) for k in names))
 
     @property
-    def scale(self):
+    def scale(self) -> FloatArray:
         """Folded per-channel scale (float64): weight / sqrt(running_var + eps)."""
         return self._scale.copy()
 
     @property
-    def shift(self):
+    def shift(self) -> FloatArray:
         """Folded per-channel shift (float64): bias - running_mean * scale."""
         return self._shift - self._center * self._scale
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         act = "" if self.activation is None else f", activation={self.activation!r}"
         return f"FrozenBatchNorm({self.num_features}, eps={self.eps}, axis={self.axis}{act})"
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
+        """Refuse training mode: ``train(False)`` (and `eval`) return the layer.
+
+        Parameters
+        ----------
+        mode : bool, default True
+            Must be False.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            The layer itself.
+
+        Raises
+        ------
+        ValueError
+            If ``mode`` is true.
+
+        Examples
+        --------
+        >>> bncore.FrozenBatchNorm(2).train(False).training
+        False
+        """
         if mode:
             raise ValueError("mode: a FrozenBatchNorm has no training mode (use BatchNorm)")
         return self
 
-    def forward(self, x, *, out=None, n_threads=None):
+    def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
+                ) -> Array:
+        """``act((x - running_mean) * scale + bias)`` in one pass; keeps no state.
+
+        Parameters
+        ----------
+        x : array_like
+            Input with C channels on ``axis``, dtype float16, float32 or
+            float64.
+        out : numpy.ndarray, optional
+            Writable array of x's shape and dtype that receives the output
+            (``out=x`` works in place).
+        n_threads : int, optional
+            The most threads to use. None uses OpenMP's current maximum at
+            the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If x or ``out`` has an unsupported type or dtype.
+        ValueError
+            If x's channels do not match, or ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm(2, dtype=np.float64)
+        >>> np.round(frozen.forward(np.array([[3.0, -6.0]])), 4)
+        array([[ 3., -6.]])
+        """
         # stateless: nothing is recorded, so calls may run in parallel
         y = _k.elemt(x, self._center, self._invstd, self._w64, self._shift, self.axis, out,
                      self.activation, n_threads)
@@ -725,9 +1086,42 @@ class FrozenBatchNorm(Module):
                                  n_threads=n_threads)
         return y
 
-    def backward(self, dy, *, y=None, out=None, n_threads=None):
-        """dx = act'(y) * dy * scale; y (the forward output) is needed only with
-        an activation, as its mask."""
+    def backward(self, dy: Any, *, y: Any = None, out: Array | None = None,  # type: ignore[override]
+                 n_threads: int | None = None) -> Array:
+        """``dx = act'(y) * dy * scale``.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the output, dtype float16, float32 or float64.
+        y : array_like, optional
+            The forward's output, needed only with an activation (its mask).
+        out : numpy.ndarray, optional
+            Writable array of dy's shape and dtype that receives ``dx``.
+        n_threads : int, optional
+            The most threads to use. None uses OpenMP's current maximum at
+            the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, dy's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If an array has an unsupported type or dtype.
+        ValueError
+            If dy's channels do not match, ``y`` is missing with an
+            activation, or ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm.from_state_dict(
+        ...     {"running_mean": np.zeros(2), "running_var": np.array([4.0, 16.0])}, eps=0.0)
+        >>> frozen.backward(np.ones((1, 2)))
+        array([[0.5 , 0.25]])
+        """
         L = chk.Layout(dy, self.axis, "dy").channels(self.num_features, "dy")
         code, slope = chk.activation_code(self.activation)
         if code and y is None:
