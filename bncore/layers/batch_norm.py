@@ -399,7 +399,7 @@ class InPlaceABN(BatchNorm):
     >>> abn = bncore.InPlaceABN(2, dtype=np.float64)
     >>> bn = bncore.BatchNorm(2, dtype=np.float64, activation=("leaky_relu", 0.01))
     >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
-    >>> y_bn = bn(x)
+    >>> y_bn = bn(x.copy())  # bn keeps its input for backward; abn overwrites x
     >>> y = abn(x)
     >>> y is x, np.round(x, 4)
     (True, array([[-0.01, -0.01],
