@@ -24,7 +24,7 @@ class _Record:
     __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
 
     def __init__(self, x: Any, mean: Any, invstd: Any, training: bool, ghost: int | None = None,
-                 y: Any = None, extra: tuple[Any, Any] | None = None):
+                 y: Any = None, extra: Any = None):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
         self.ghost, self.y, self.extra = ghost, y, extra
 
