@@ -119,7 +119,7 @@ def dtype(d, name="dtype"):
     return dt
 
 
-def tensor(x, name="x", min_ndim=2):
+def tensor(x, name="x", min_ndim=2) -> np.ndarray:
     """x as an ndarray of a supported dtype with ndim >= min_ndim."""
     x = _array(x, name)
     if x.dtype not in FLOAT_DTYPES:
@@ -130,7 +130,7 @@ def tensor(x, name="x", min_ndim=2):
     return x
 
 
-def like(a, x, name):
+def like(a, x, name) -> np.ndarray:
     """a checked to match x in shape and dtype (dy, y)."""
     a = tensor(a, name, min(x.ndim, 1))
     if a.shape != x.shape:

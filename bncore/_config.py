@@ -70,3 +70,4 @@ def show_config(mode: str = "stdout") -> dict[str, Any] | None:
     width = max(map(len, info))
     for k, v in info.items():
         print(f"{k:>{width}}: {v}")
+    return None

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def interleaved(impls, rounds, min_time=0.005):
     for n in names:
         dt = min(_time_sample(impls[n], 1) for _ in range(2))
         k[n] = max(1, min(10000, math.ceil(min_time / max(dt, 1e-7))))
-    samples = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
@@ -154,7 +155,7 @@ def rps_impls(torch, ort, onnx):
     frozen = bncore.FrozenBatchNorm.from_state_dict(
         {"weight": w, "bias": b, "running_mean": rm, "running_var": rv})
     none = (None, None)
-    impls = {
+    impls: dict[str, tuple[Any, ...]] = {
         "bncore eval (default threads)": (lambda: bncore.batch_norm_eval(x, rm, rv, w, b),) + none,
         "bncore eval n_threads=1": (lambda: bncore.batch_norm_eval(x, rm, rv, w, b, n_threads=1),)
         + none,
@@ -215,7 +216,7 @@ def bench_rps(callers_list, duration, rounds, torch, ort, onnx):
         teardown and teardown()
     result = {}
     for callers in callers_list:
-        samples = {n: [] for n in names}
+        samples: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
             for i in range(len(names)):
                 n = names[(i + r) % len(names)]

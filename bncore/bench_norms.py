@@ -155,7 +155,7 @@ def run_cell(case, n_threads, rounds, torch, min_time=0.02):
         f()  # warm-up
     k = {n: max(1, min(1000, math.ceil(min_time / max(min(_sample(fs[n], 1) for _ in range(3)),
                                                        1e-7)))) for n in names}
-    samples = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
@@ -212,7 +212,7 @@ def main(argv=None):
     try:
         import torch
     except ImportError:
-        torch = None
+        torch = None  # type: ignore[assignment]  # run() compares without torch
     results = run(threads, args.rounds, args.quick, torch)
     print(table(results))
     print("\nmedian ms per call over interleaved rounds; x peer = peer time / best bncore time")

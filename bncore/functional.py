@@ -549,7 +549,7 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
             raise ValueError(f"{name}: expected shape {shape} (the shape of means), got {a.shape}")
         shape = a.shape
         arrays.append(np.ascontiguousarray(a, dtype=np.float64))
-    C = shape[1]
+    C = shape[1]  # type: ignore[index]  # set by the loop, which ran for means and m2s
     mean, m2 = np.zeros(C), np.zeros(C)
     total = _k.merge_stats(np.ascontiguousarray(counts), arrays[0], arrays[1], mean, m2) \
         if counts.shape[0] else 0.0

@@ -96,7 +96,8 @@ def batch_norm_from_keras(weights: Sequence[ArrayLike] | Mapping[str, ArrayLike]
         missing = [k for k in names if k not in weights]
         if missing:
             raise KeyError(f"weights: missing keys {missing} (expected {names})")
-        vals = dict(zip(names, (weights[k] for k in names)))
+        # a mapping (it has keys): mypy does not narrow the union on hasattr
+        vals = dict(zip(names, (weights[k] for k in names)))  # type: ignore[call-overload]
     else:
         weights = list(weights)
         if len(weights) != len(names):

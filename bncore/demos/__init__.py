@@ -1,2 +1,4 @@
 """The papers' experiments (bncore.demos.mnist for now)."""
 from .mnist import main
+
+__all__ = ["main"]

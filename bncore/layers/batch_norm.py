@@ -360,7 +360,8 @@ class BatchRenorm(BatchNorm):
     def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         if rec.extra is None:
             return super()._backward(dy, rec, out, n_threads)
-        return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, *rec.extra, self.weight,
+        r, d = rec.extra
+        return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, r, d, self.weight,
                                      axis=self.axis, out=out, n_threads=n_threads)
 
 
@@ -1086,7 +1087,7 @@ class FrozenBatchNorm(Module):
                                  n_threads=n_threads)
         return y
 
-    def backward(self, dy: Any, *, y: Any = None, out: Array | None = None,  # type: ignore[override]
+    def backward(self, dy: Any, *, y: Any = None, out: Array | None = None,
                  n_threads: int | None = None) -> Array:
         """``dx = act'(y) * dy * scale``.
 
