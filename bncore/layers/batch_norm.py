@@ -841,7 +841,7 @@ class FrozenBatchNorm(Module):
     set, and a call is one fused pass over x, bitwise the same as
     batch_norm_eval. Keeping running_mean as the center (instead of the folded
     x * scale + shift) costs nothing in a memory-bound pass and keeps float32
-    exact when |mean| >> std; `scale` and `shift` give the folded form.
+    exact when ``|mean| >> std``; `scale` and `shift` give the folded form.
 
     Parameters are read-only arrays: change them with load_state_dict, which
     recomputes the coefficients. Calls keep no state, so one instance serves
