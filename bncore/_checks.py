@@ -300,7 +300,7 @@ def output(out, x, cd, inputs):
     the right answer.
     """
     if out is None:
-        return np.empty(x.shape, cd), None
+        return _k.empty_output(x.shape, cd), None
     if not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray):
         raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape:
@@ -314,7 +314,7 @@ def output(out, x, cd, inputs):
                          f"{out.strides} for shape {out.shape}")
     direct = out.dtype == cd and _k.is_canonical(out) and all(
         a is None or not np.may_share_memory(out, a) or _same_view(out, a) for a in inputs)
-    return (out, out) if direct else (np.empty(x.shape, cd), out)
+    return (out, out) if direct else (_k.empty_output(x.shape, cd), out)
 
 
 def finish(buf, final, dt):
@@ -432,3 +432,154 @@ def state_keys(state, names, strict, optional=()):
     unexpected = [k for k in state if k not in names and k not in optional]
     if unexpected or (strict and missing):
         raise KeyError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+
+
+# ---- operation-specific rules --------------------------------------------------------------
+
+def mask_source(y, x, act):
+    """The forward output y (the activation's mask) when act is set, else None."""
+    if act is None:
+        return None
+    if y is None:
+        raise ValueError(f"y: expected the forward output (shape {x.shape}; its sign is the "
+                         f"activation's mask) since activation is set, got None")
+    return like(y, x, "y")
+
+
+def counts(v):
+    """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
+    try:
+        c = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"counts: expected real numbers, got {v!r:.80}") from None
+    if c.ndim != 1:
+        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {c.shape}")
+    bad = (c < 0) | ~np.isfinite(c)
+    if bad.any():
+        raise ValueError(f"counts: expected finite non-negative counts, got {c[bad][0]} "
+                         f"at index {np.flatnonzero(bad)[0]}")
+    return c
+
+
+def part_rows(arrays, K):
+    """(K, C) float64 arrays of per-part statistics, all of one shape."""
+    shape, out = None, []
+    for a, name in arrays:
+        a = _array(a, name)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name}: expected a real array, got dtype {a.dtype}")
+        if a.ndim != 2 or a.shape[0] != K:
+            raise ValueError(f"{name}: expected shape ({K}, C), got {a.shape}")
+        if shape is not None and a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} (the shape of "
+                             f"{arrays[0][1]}), got {a.shape}")
+        shape = a.shape
+        out.append(np.ascontiguousarray(a, dtype=np.float64))
+    return out
+
+
+def invertible(activation_arg):
+    """(code, slope) of an activation the in-place backward can invert."""
+    code, slope = activation_code(activation_arg)
+    if code == 1 or (code == 2 and slope <= 0):
+        raise ValueError(f"activation: the in-place backward rebuilds x from y, which needs an "
+                         f"invertible activation: None or ('leaky_relu', slope > 0), got "
+                         f"{activation_arg!r}")
+    return code, slope
+
+
+def rebuildable(w, inv, tol, C):
+    """Every |weight| >= tol and weight * save_invstd finite and non-zero: the
+    in-place backward divides by them."""
+    wabs = np.ones(C) if w is None else np.abs(w)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        bad = np.flatnonzero(~(wabs >= tol) | ~np.isfinite(1.0 / (wabs * np.abs(inv))))[:5]
+    if bad.size:
+        shown = (np.ones(C) if w is None else w)[bad]
+        raise ValueError(f"weight: the in-place backward divides by weight * save_invstd, so "
+                         f"|weight| must be >= {tol:.3g} (min_abs_weight) and save_invstd finite "
+                         f"and non-zero; channels {bad.tolist()} have weight {shown.tolist()}, "
+                         f"save_invstd {inv[bad].tolist()}")
+
+
+def groups(num_groups, x):
+    """num_groups dividing the channel count of x (N, C, ...)."""
+    G = positive_int(num_groups, "num_groups")
+    if x.shape[1] % G:
+        raise ValueError(f"num_groups: expected a divisor of the channel count "
+                         f"{x.shape[1]} (axis 1 of x, shape {x.shape}), got {G}")
+    return G
+
+
+def spatial(x, n, what):
+    """x (N, C, *) with at least n spatial elements per channel."""
+    if math.prod(x.shape[2:]) < n:
+        raise ValueError(f"x: expected more than {n - 1} spatial element per channel {what}, "
+                         f"got shape {x.shape}")
+
+
+def nonempty(x, what):
+    if x.shape[0] == 0 and x.shape[1]:
+        raise ValueError(f"x: expected at least one instance {what}, got shape {x.shape}")
+
+
+def required(v, name, why):
+    if v is None:
+        raise ValueError(f"{name}: expected an array, got None ({why})")
+    return v
+
+
+def named_weights(weights, names):
+    """A list or mapping of arrays in the order of names."""
+    if hasattr(weights, "keys"):
+        missing = [k for k in names if k not in weights]
+        if missing:
+            raise KeyError(f"weights: missing keys {missing} (expected {names})")
+        return dict(zip(names, (weights[k] for k in names)))
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"weights: expected {len(names)} arrays ({', '.join(names)}), got "
+                         f"{len(weights)}")
+    return dict(zip(names, weights))
+
+
+def writable_input(x, what):
+    """x for a layer that overwrites it: a writable ndarray."""
+    if not isinstance(x, np.ndarray) or not x.flags.writeable:
+        raise ValueError(f"x: {what} overwrites its input: expected a writable "
+                         f"numpy.ndarray, got {type(x).__name__}"
+                         + ("" if not isinstance(x, np.ndarray) else " (read-only)"))
+    return x
+
+
+def refuse(name, message, error=ValueError):
+    """A setting a layer or function does not support."""
+    raise error(f"{name}: {message}")
+
+
+def steps(x, name, C, t):
+    """A recurrent step (N, C) or sequence (T, N, C) and its start step t."""
+    x = tensor(x, name)
+    if x.ndim not in (2, 3) or x.shape[-1] != C:
+        raise ValueError(f"{name}: expected shape (N, {C}) for one step or (T, N, {C}) for a "
+                         f"sequence, got {x.shape}")
+    if t is None:
+        if x.ndim == 2:
+            raise ValueError(f"t: the time step is required with a single step {name} "
+                             f"of shape {x.shape}")
+        t = 0
+    return x, integer(t, "t")
+
+
+def step_grads(dy, saved, first):
+    """dy (T, N, C) or (N, C) matching the saved inputs of its steps."""
+    for s in range(first, first + (dy.shape[0] if dy.ndim == 3 else 1)):
+        x = saved[s].x
+        if x.shape != dy.shape[-2:] or x.dtype != dy.dtype:
+            raise ValueError(f"dy: expected steps of shape {x.shape} and dtype {x.dtype} "
+                             f"(the input of step {s}), got {dy.shape} {dy.dtype}")
+
+
+def count_in(v, key, hi):
+    if not 0 <= int(v) <= hi:
+        raise ValueError(f"state[{key!r}]: expected a count in [0, {hi}], got {int(v)}")

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks as chk
 from . import _kernels
 from ._version import __version__
 
@@ -66,7 +67,7 @@ def show_config(mode: str = "stdout") -> dict[str, Any] | None:
     if mode == "dicts":
         return info
     if mode != "stdout":
-        raise ValueError(f"mode: expected 'stdout' or 'dicts', got {mode!r}")
+        chk.choice(mode, "mode", {"stdout": "print", "dicts": "return a dict"})
     width = max(map(len, info))
     for k, v in info.items():
         print(f"{k:>{width}}: {v}")

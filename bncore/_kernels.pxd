@@ -28,21 +28,21 @@ cdef extern from *:
     const char *bn_build_info()
     int bn_default_threads()
     double bn_invstd(double var, double eps) nogil
-    void bn_merge_stats(int64_t k, int64_t channels, const double *count, const double *mean,
+    int bn_merge_stats(int64_t k, int64_t channels, const double *count, const double *mean,
                         const double *m2, double *out_count, double *out_mean,
                         double *out_m2) nogil
-    void bn_update_running(int64_t channels, const double *mean, const double *var,
+    int bn_update_running(int64_t channels, const double *mean, const double *var,
                            double count, double momentum, double *running_mean,
                            double *running_var) nogil
 
     int bn_stats_f32(const float *x, bn_shape s, double *mean, double *m2, int nt) nogil
     int bn_stats_f64(const double *x, bn_shape s, double *mean, double *m2, int nt) nogil
-    void bn_apply_f32(const float *x, float *y, bn_shape s, const double *center,
-                      const double *scale, const double *shift, bn_act act, double slope,
-                      int nt) nogil
-    void bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
-                      const double *scale, const double *shift, bn_act act, double slope,
-                      int nt) nogil
+    int bn_apply_f32(const float *x, float *y, bn_shape s, const double *center,
+                     const double *scale, const double *shift, bn_act act, double slope,
+                     int nt) nogil
+    int bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
+                     const double *scale, const double *shift, bn_act act, double slope,
+                     int nt) nogil
     int bn_train_f32(const float *x, float *y, bn_shape s, const double *weight,
                      const double *bias, double eps, double *save_mean, double *save_invstd,
                      double *batch_var, bn_act act, double slope, int nt) nogil
@@ -61,11 +61,11 @@ cdef extern from *:
     int bn_backward_reduce_f64(const double *dy, const double *x, const double *y, bn_shape s,
                                const double *mean, bn_act act, double slope, double *sum_dy,
                                double *sum_dy_xmu, int nt) nogil
-    void bn_backward_apply_f32(const float *dy, const float *x, const float *y, float *dx,
+    int bn_backward_apply_f32(const float *dy, const float *x, const float *y, float *dx,
                                bn_shape s, const double *mean, const double *a,
                                const double *b, const double *c0, bn_act act, double slope,
                                int nt) nogil
-    void bn_backward_apply_f64(const double *dy, const double *x, const double *y, double *dx,
+    int bn_backward_apply_f64(const double *dy, const double *x, const double *y, double *dx,
                                bn_shape s, const double *mean, const double *a,
                                const double *b, const double *c0, bn_act act, double slope,
                                int nt) nogil
@@ -114,3 +114,9 @@ cdef extern from *:
                                    int64_t C, int64_t HW, int64_t G, const double *mean,
                                    const double *invstd, const double *weight,
                                    double *dweight, double *dbias, int nt) nogil
+
+cdef extern from "bncore_alloc.h":
+    # fresh outputs through a bounded cache of freed buffers (not part of the C API)
+    enum: BN_CACHE_MIN
+    object bn_out_empty(object shape, object dtype)
+    object bn_out_cache(object enabled, object max_bytes)

@@ -46,6 +46,8 @@ def cpu_level():
 cdef inline int _check(int err) except -1:
     if err == BN_ENOMEM:
         raise MemoryError("bncore: could not allocate kernel scratch space")
+    if err:  # bncore._checks checks first: this is the C-level safety net
+        raise ValueError(f"bncore: a kernel refused its arguments (error {err})")
     return 0
 
 
@@ -211,6 +213,8 @@ cdef object _output(object out, object x, int k, tuple inputs):
     None otherwise."""
     cdef cnp.ndarray a = <cnp.ndarray>x
     if out is None:
+        if cnp.PyArray_NBYTES(a) >= BN_CACHE_MIN:
+            return bn_out_empty(x.shape, x.dtype)
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), k, 0)
     if not _like(out, x, k) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         return None
@@ -415,6 +419,8 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
                                         inv + g * C, var + g * C, act, slope, nt)
                     if err:
                         break
+        if err == BN_EINVAL:
+            return None
         _check(err)
         if update and skip_nonfinite:
             for i in range(K * C):
@@ -475,6 +481,8 @@ def evaluate(x, running_mean, running_var, weight, bias, axis, eps, out, activat
             else:
                 err = bn_eval_f64(<double *>px, <double *>py, s, rm, rv, w if hw else NULL,
                                   b if hb else NULL, e, <bn_act>act, slope, nt)
+        if err == BN_EINVAL:
+            return None
         _check(err)
         return y
     finally:
@@ -497,7 +505,7 @@ def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
     cdef double *inv = buf + C
     cdef double *w = buf + 2 * C
     cdef double *b = buf + 3 * C
-    cdef int hw, hb
+    cdef int hw, hb, err = 0
     cdef void *px
     cdef void *py
     try:
@@ -515,9 +523,13 @@ def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
         px, py = cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
             if k == F32:
-                bn_apply_f32(<float *>px, <float *>py, s, m, w, b, <bn_act>act, slope, nt)
+                err = bn_apply_f32(<float *>px, <float *>py, s, m, w, b, <bn_act>act, slope, nt)
             else:
-                bn_apply_f64(<double *>px, <double *>py, s, m, w, b, <bn_act>act, slope, nt)
+                err = bn_apply_f64(<double *>px, <double *>py, s, m, w, b, <bn_act>act, slope,
+                                   nt)
+        if err == BN_EINVAL:
+            return None
+        _check(err)
         return y
     finally:
         free(buf)
@@ -615,6 +627,8 @@ def backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activat
                     for n0 in range(C):
                         dw[n0] += dwk[n0]
                         db[n0] += dbk[n0]
+        if err == BN_EINVAL:
+            return None
         _check(err)
         return dx, _stat_array(dw, 1, C, k, False), _stat_array(db, 1, C, k, False)
     finally:
@@ -653,18 +667,6 @@ def merge_stats(const double[::1] count, const double[:, ::1] mean, const double
     return total
 
 
-def apply(const floating[::1] x, floating[::1] y, tuple shape, const double[::1] center,
-          const double[::1] scale, const double[::1] shift, int act, double slope, int nt):
-    cdef bn_shape s = _shape(shape)
-    with nogil:
-        if floating is float:
-            bn_apply_f32(&x[0], &y[0], s, &center[0], &scale[0], &shift[0], <bn_act>act,
-                         slope, nt)
-        else:
-            bn_apply_f64(&x[0], &y[0], s, &center[0], &scale[0], &shift[0], <bn_act>act,
-                         slope, nt)
-
-
 def backward_reduce(const floating[::1] dy, const floating[::1] x, const floating[::1] y,
                     tuple shape, const double[::1] mean, int act, double slope,
                     double[::1] sum_dy, double[::1] sum_dy_xmu, int nt):
@@ -691,13 +693,15 @@ def backward_apply(const floating[::1] dy, const floating[::1] x, const floating
     cdef const floating *yp = NULL if y is None else &y[0]
     cdef const double *bp = _opt(b)
     cdef const double *cp = _opt(c0)
+    cdef int err
     with nogil:
         if floating is float:
-            bn_backward_apply_f32(&dy[0], xp, yp, &dx[0], s, &mean[0], &a[0], bp, cp,
-                                  <bn_act>act, slope, nt)
+            err = bn_backward_apply_f32(&dy[0], xp, yp, &dx[0], s, &mean[0], &a[0], bp, cp,
+                                        <bn_act>act, slope, nt)
         else:
-            bn_backward_apply_f64(&dy[0], xp, yp, &dx[0], s, &mean[0], &a[0], bp, cp,
-                                  <bn_act>act, slope, nt)
+            err = bn_backward_apply_f64(&dy[0], xp, yp, &dx[0], s, &mean[0], &a[0], bp, cp,
+                                        <bn_act>act, slope, nt)
+    _check(err)
 
 
 # ---- normalization family (include/bncore_norms_template.h) -------------------------------
@@ -790,3 +794,17 @@ def backward_from_output(const floating[::1] dy, const floating[::1] y, floating
     _check(err)
 
 
+# ---- fresh outputs through a bounded cache of freed buffers (include/bncore_alloc.h) ------
+
+def empty_output(shape, dtype):
+    """np.empty(shape, dtype) for a bncore output: arrays of 4 MiB and more
+    reuse a recently freed output buffer of a fitting size (already faulted
+    in) when the cache is on. An ordinary ndarray that owns its memory."""
+    return bn_out_empty(shape, dtype)
+
+
+def output_cache(enabled=None, max_bytes=None):
+    """The output cache's state and counters (dict); enabled=False turns it
+    off and frees what it holds, max_bytes bounds the bytes it may hold
+    (default 256 MiB, or BNCORE_OUTPUT_CACHE=<MiB>; =0 turns it off)."""
+    return bn_out_cache(enabled, max_bytes)

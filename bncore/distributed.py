@@ -103,11 +103,10 @@ def _check_comm(comm: Any, reduction: str) -> Any:
     if comm is None:
         comm = MPI.COMM_WORLD
     if not isinstance(comm, MPI.Intracomm):
-        raise TypeError("comm must be an mpi4py MPI.Intracomm, got "
-                        f"{type(comm).__name__}")
-    if reduction not in ("allgather", "allreduce"):
-        raise ValueError("reduction must be 'allgather' or 'allreduce', "
-                         f"got {reduction!r}")
+        chk.refuse("comm", f"expected an mpi4py MPI.Intracomm, got {type(comm).__name__}",
+                   TypeError)
+    chk.choice(reduction, "reduction", {"allgather": "every rank merges every buffer",
+                                        "allreduce": "a Chan-merge reduction"})
     return comm
 
 
@@ -161,8 +160,8 @@ class SyncBatchNorm(BatchNorm):
                  **kwargs: Any):
         comm = _check_comm(comm, reduction)
         if kwargs.get("activation") is not None:
-            raise ValueError("activation: SyncBatchNorm does not fuse an activation; "
-                             "apply it after the layer")
+            chk.refuse("activation", "SyncBatchNorm does not fuse an activation; apply it "
+                                     "after the layer")
         super().__init__(num_features, **kwargs)
         self.comm = comm
         self.reduction = reduction
@@ -342,8 +341,8 @@ class SyncBatchNorm(BatchNorm):
         True
         """
         if getattr(layer, "activation", None) is not None:
-            raise ValueError("layer: SyncBatchNorm does not fuse an activation; got a "
-                             f"BatchNorm with activation={layer.activation!r}")
+            chk.refuse("layer", f"SyncBatchNorm does not fuse an activation; got a BatchNorm "
+                                f"with activation={layer.activation!r}")
         sync = cls.__new__(cls)
         comm = _check_comm(comm, reduction)
         sync.__dict__.update(layer.__dict__)  # same arrays, same settings

@@ -423,21 +423,12 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
         inv = chk.param(save_invstd, (K, L.C), "save_invstd", **rows)
     w = chk.vector(weight, L.C, "weight")
     act = chk.activation(activation)
-    y = _mask_source(y, L, act)
+    y = chk.mask_source(y, L.x, act)
     nt = chk.n_threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
     dx, dw, db = _k.backward(L.canonical(dy), L.canonical(L.x), m, inv, w, L.axis, training,
                              buf, act, L.canonical(y), nt, vbs)
     return chk.finish(dx, final, L.x.dtype), dw, db
-
-
-def _mask_source(y: Any, L: chk.Layout, act: Any) -> Any:
-    if act is None:
-        return None
-    if y is None:
-        raise ValueError(f"y: expected the forward output (shape {L.x.shape}; its sign is the "
-                         f"activation's mask) since activation is set, got None")
-    return chk.like(y, L.x, "y")
 
 
 # ---- building blocks for distributed (synchronized) batch norm --------------------------
@@ -527,31 +518,11 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
     >>> count, mean, m2 / count, x.var(axis=0)
     (4, array([4.]), array([5.]), array([5.]))
     """
-    try:
-        counts = np.asarray(counts, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"counts: expected real numbers, got {counts!r:.80}") from None
-    if counts.ndim != 1:
-        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {counts.shape}")
-    bad = (counts < 0) | ~np.isfinite(counts)
-    if bad.any():
-        raise ValueError(f"counts: expected finite non-negative counts, got {counts[bad][0]} "
-                         f"at index {np.flatnonzero(bad)[0]}")
-    shape = None
-    arrays = []
-    for a, name in ((means, "means"), (m2s, "m2s")):
-        a = np.asarray(a)
-        if a.dtype.kind not in "fiu":
-            raise TypeError(f"{name}: expected a real array, got dtype {a.dtype}")
-        if a.ndim != 2 or a.shape[0] != counts.shape[0]:
-            raise ValueError(f"{name}: expected shape ({counts.shape[0]}, C), got {a.shape}")
-        if shape is not None and a.shape != shape:
-            raise ValueError(f"{name}: expected shape {shape} (the shape of means), got {a.shape}")
-        shape = a.shape
-        arrays.append(np.ascontiguousarray(a, dtype=np.float64))
-    C = shape[1]  # type: ignore[index]  # set by the loop, which ran for means and m2s
+    counts = chk.counts(counts)
+    means, m2s = chk.part_rows(((means, "means"), (m2s, "m2s")), counts.shape[0])
+    C = means.shape[1]
     mean, m2 = np.zeros(C), np.zeros(C)
-    total = _k.merge_stats(np.ascontiguousarray(counts), arrays[0], arrays[1], mean, m2) \
+    total = _k.merge_stats(np.ascontiguousarray(counts), means, m2s, mean, m2) \
         if counts.shape[0] else 0.0
     return int(round(total)), mean, m2
 
@@ -607,7 +578,7 @@ def batch_norm_backward_reduce(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, 
     dy = chk.like(dy, L.x, "dy")
     m = chk.vector(mean, L.C, "mean", required=True)
     code, slope = chk.activation_code(activation)
-    y = _mask_source(y, L, activation if code else None)
+    y = chk.mask_source(y, L.x, activation if code else None)
     nt = chk.threads(n_threads)
     sum_dy, sum_dy_xmu = np.empty(L.C), np.empty(L.C)
     _k.backward_reduce(L.flat(dy), L.flat(L.x), L.flat(y), L.shape, m, code, slope, sum_dy,
@@ -687,23 +658,13 @@ def batch_norm_backward_elemt(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invs
     sdx = chk.vector(sum_dy_xmu, L.C, "sum_dy_xmu", required=True)
     count = chk.real(count, "count", 1.0)
     code, slope = chk.activation_code(activation)
-    y = _mask_source(y, L, activation if code else None)
+    y = chk.mask_source(y, L.x, activation if code else None)
     nt = chk.threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
     k = inv if w is None else w * inv
     _k.backward_apply(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m, k,
                       -k * inv * inv * sdx / count, -k * sdy / count, code, slope, nt)
     return chk.finish(buf, final, L.x.dtype)
-
-
-def invertible(activation: Any) -> tuple[int, float]:
-    """activation checked for batch_norm_backward_from_output: (code, slope)."""
-    code, slope = chk.activation_code(activation)
-    if code == 1 or (code == 2 and slope <= 0):
-        raise ValueError(f"activation: the in-place backward rebuilds x from y, which needs an "
-                         f"invertible activation: None or ('leaky_relu', slope > 0), got "
-                         f"{activation!r}")
-    return code, slope
 
 
 def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: ArrayLike,
@@ -782,18 +743,10 @@ def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: Ar
     inv = chk.vector(save_invstd, L.C, "save_invstd", required=True)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
-    code, slope = invertible(activation)
+    code, slope = chk.invertible(activation)
     tol = (np.sqrt(np.finfo(L.cd).eps) if min_abs_weight is None
            else chk.real(min_abs_weight, "min_abs_weight", 0.0))
-    wabs = np.ones(L.C) if w is None else np.abs(w)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        bad = np.flatnonzero(~(wabs >= tol) | ~np.isfinite(1.0 / (wabs * np.abs(inv))))[:5]
-    if bad.size:
-        shown = (np.ones(L.C) if w is None else w)[bad]
-        raise ValueError(f"weight: the in-place backward divides by weight * save_invstd, so "
-                         f"|weight| must be >= {tol:.3g} (min_abs_weight) and save_invstd finite "
-                         f"and non-zero; channels {bad.tolist()} have weight {shown.tolist()}, "
-                         f"save_invstd {inv[bad].tolist()}")
+    chk.rebuildable(w, inv, tol, L.C)
     nt = chk.threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy))
     dw, db = np.empty(L.C), np.empty(L.C)

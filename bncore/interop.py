@@ -92,18 +92,7 @@ def batch_norm_from_keras(weights: Sequence[ArrayLike] | Mapping[str, ArrayLike]
     """
     names = (["gamma"] if scale else []) + (["beta"] if center else []) + \
         ["moving_mean", "moving_variance"]
-    if hasattr(weights, "keys"):
-        missing = [k for k in names if k not in weights]
-        if missing:
-            raise KeyError(f"weights: missing keys {missing} (expected {names})")
-        # a mapping (it has keys): mypy does not narrow the union on hasattr
-        vals = dict(zip(names, (weights[k] for k in names)))  # type: ignore[call-overload]
-    else:
-        weights = list(weights)
-        if len(weights) != len(names):
-            raise ValueError(f"weights: expected {len(names)} arrays ({', '.join(names)}), got "
-                             f"{len(weights)}")
-        vals = dict(zip(names, weights))
+    vals = chk.named_weights(weights, names)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
     params = {"weight": vals.get("gamma"), "bias": vals.get("beta"),
               "running_mean": vals["moving_mean"], "running_var": vals["moving_variance"]}

@@ -244,10 +244,7 @@ class _Groups:
     def __init__(self, x, num_groups, name="x"):
         self.x = chk.tensor(x, name)
         self.N, self.C = self.x.shape[:2]
-        self.G = chk.positive_int(num_groups, "num_groups")
-        if self.C % self.G:
-            raise ValueError(f"num_groups: expected a divisor of the channel count "
-                             f"{self.C} (axis 1 of x, shape {self.x.shape}), got {self.G}")
+        self.G = chk.groups(num_groups, self.x)
         self.HW = math.prod(self.x.shape[2:])
         self.count = self.C // self.G * self.HW  # elements per group
         self.shape = (self.N, self.C, self.HW, self.G)
@@ -529,12 +526,9 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     L = _instances(x)
     chk.running(running_mean, running_var, L.C)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
-    if L.HW < 2:
-        raise ValueError(f"x: expected more than 1 spatial element per channel when using "
-                         f"the input's statistics, got shape {L.x.shape}")
-    if running_mean is not None and L.N == 0 and L.C:
-        raise ValueError(f"x: expected at least one instance to update the running statistics "
-                         f"from, got shape {L.x.shape}")
+    chk.spatial(L.x, 2, "when using the input's statistics")
+    if running_mean is not None:
+        chk.nonempty(L.x, "to update the running statistics from")
     chk.disjoint_from_running(out, running_mean, running_var)
     if running_mean is not None:
         # each instance's exact variance (M2 / HW), not one rebuilt from invstd;
@@ -610,9 +604,8 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
         return instance_norm_train(x, weight, bias, eps=eps, running_mean=running_mean,
                                    running_var=running_var, momentum=momentum, out=out,
                                    n_threads=n_threads)[0]
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean: running_mean and running_var are required when "
-                         "use_input_stats is False")
+    chk.required(running_mean, "running_mean", "required when use_input_stats is False")
+    chk.required(running_var, "running_var", "required when use_input_stats is False")
     return batch_norm_eval(x, running_mean, running_var, weight, bias, axis=1, eps=eps,
                            out=out, n_threads=n_threads)
 

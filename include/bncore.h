@@ -25,11 +25,24 @@
  * global state, handle or init call. Outputs may alias their matching input
  * exactly (y == x, dx == dy: in place) but must not partially overlap it.
  * Functions allocate only O(channels + work units) scratch, freed before
- * they return, and return 0, BN_ENOMEM when that allocation fails or
- * BN_EINVAL for an argument they document as invalid (nothing is written
- * then). Inputs are never modified. Pointers marked "may be NULL" may be.
+ * they return. Every function returns 0, BN_ENOMEM when that allocation
+ * fails, or BN_EINVAL when an argument breaks a rule below; nothing is
+ * written then. Inputs are never modified.
  *
- * Threads. n_threads is the most OpenMP threads a call may use (<= 0 means
+ * Arguments (BN_EINVAL otherwise; each function lists its own extra rules):
+ *   - sizes (outer, channels, inner, rows, cols, N, C, HW) are >= 0 and the
+ *     tensor's byte size fits int64_t; a zero-size tensor is a no-op;
+ *   - pointers are non-NULL, except those marked "may be NULL" and those
+ *     to zero elements (a data pointer when the tensor is empty, a
+ *     per-channel pointer when channels == 0);
+ *   - an output overlaps each input either exactly or not at all;
+ *   - eps is finite and >= 0; act is a bn_act value, and slope (read only
+ *     for BN_ACT_LEAKY_RELU) finite and >= 0;
+ *   - n_threads >= 0.
+ * Values inside the data (NaN, inf) are not errors: they propagate, each
+ * only through its own channel, row or group.
+ *
+ * Threads. n_threads is the most OpenMP threads a call may use (0 means
  * omp_get_max_threads()); calls below ~64K elements run on the calling thread.
  * Reductions use a fixed blocking and a fixed merge order, so results are
  * bitwise identical for any thread count. Functions are reentrant: several
@@ -73,20 +86,22 @@ int bn_stats_f32(const float *x, bn_shape s, double *mean, double *m2, int n_thr
 int bn_stats_f64(const double *x, bn_shape s, double *mean, double *m2, int n_threads);
 
 /* Merges k triples (count[j], mean[j*C + c], m2[j*C + c]) into one per
- * channel with Chan's formula, in order j = 0..k-1. */
-void bn_merge_stats(int64_t k, int64_t channels, const double *count,
-                    const double *mean, const double *m2,
-                    double *out_count, double *out_mean, double *out_m2);
+ * channel with Chan's formula, in order j = 0..k-1 (the formula every
+ * reduction in this library merges with). k >= 0; each count[j] finite and
+ * >= 0 (a zero count contributes nothing). */
+int bn_merge_stats(int64_t k, int64_t channels, const double *count,
+                   const double *mean, const double *m2,
+                   double *out_count, double *out_mean, double *out_m2);
 
 /* y = act((x - center[c]) * scale[c] + shift[c]).  Eval forward uses
  * center = running_mean, scale = weight / sqrt(running_var + eps),
- * shift = bias. slope is the leaky-ReLU negative slope. */
-void bn_apply_f32(const float *x, float *y, bn_shape s, const double *center,
-                  const double *scale, const double *shift, bn_act act,
-                  double slope, int n_threads);
-void bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
-                  const double *scale, const double *shift, bn_act act,
-                  double slope, int n_threads);
+ * shift = bias. slope is the leaky-ReLU negative slope. y may be x. */
+int bn_apply_f32(const float *x, float *y, bn_shape s, const double *center,
+                 const double *scale, const double *shift, bn_act act,
+                 double slope, int n_threads);
+int bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
+                 const double *scale, const double *shift, bn_act act,
+                 double slope, int n_threads);
 
 /* Training forward in one parallel region: batch statistics, then
  * y = act((x - mean) * invstd * weight + bias).  weight/bias may be NULL
@@ -94,7 +109,12 @@ void bn_apply_f64(const double *x, double *y, bn_shape s, const double *center,
  * batch_var (each double[C]; batch_var may be NULL). The caller updates
  * running statistics from mean and batch_var (see bn_update_running).
  * invstd = 1/sqrt(var + eps), taken as 0 where var + eps == 0 (eps = 0 and a
- * constant channel; PyTorch's convention): that channel's y is then bias. */
+ * constant channel; PyTorch's convention): that channel's y is then bias.
+ * This one rule gives every invstd in the library (eval, layer and group
+ * norm too). For float32, a channel whose invstd exceeds FLT_MAX (a spread
+ * below ~3e-39 with eps = 0) is evaluated in double, so y is the float64
+ * answer rounded once (the same holds for every function below). y may be x.
+ * A channel with count = outer*inner = 0 has NaN statistics. */
 int bn_train_f32(const float *x, float *y, bn_shape s, const double *weight,
                  const double *bias, double eps, double *save_mean,
                  double *save_invstd, double *batch_var, bn_act act,
@@ -108,10 +128,12 @@ int bn_train_f64(const double *x, double *y, bn_shape s, const double *weight,
  * rm = (1-momentum)*rm + momentum*mean,
  * rv = (1-momentum)*rv + momentum*var*count/(count-1).
  * count <= 1 applies no Bessel correction (rv follows the biased variance,
- * the Keras and ONNX convention, with momentum = 1 - their momentum). */
-void bn_update_running(int64_t channels, const double *mean, const double *var,
-                       double count, double momentum, double *running_mean,
-                       double *running_var);
+ * the Keras and ONNX convention, with momentum = 1 - their momentum).
+ * The one implementation of this update. count finite and >= 0, momentum in
+ * [0, 1]. */
+int bn_update_running(int64_t channels, const double *mean, const double *var,
+                      double count, double momentum, double *running_mean,
+                      double *running_var);
 
 /* Backward reductions: sum_dy[c] = sum(g), sum_dy_xmu[c] = sum(g*(x-mean[c]))
  * with g = dy * act'(y) (y, the forward output, is read only when act is not
@@ -125,21 +147,23 @@ int bn_backward_reduce_f64(const double *dy, const double *x, const double *y,
                            double slope, double *sum_dy, double *sum_dy_xmu,
                            int n_threads);
 
-/* dx = a[c]*g + b[c]*(x - mean[c]) + c0[c], g as above; x is not read when
- * b is NULL (then b = c0 = 0: the eval-mode backward dx = a*g). */
-void bn_backward_apply_f32(const float *dy, const float *x, const float *y,
-                           float *dx, bn_shape s, const double *mean,
-                           const double *a, const double *b, const double *c0,
-                           bn_act act, double slope, int n_threads);
-void bn_backward_apply_f64(const double *dy, const double *x, const double *y,
-                           double *dx, bn_shape s, const double *mean,
-                           const double *a, const double *b, const double *c0,
-                           bn_act act, double slope, int n_threads);
+/* dx = a[c]*g + b[c]*(x - mean[c]) + c0[c], g as above; b and c0 may be
+ * NULL; x and mean are not read (and may be NULL) when b is NULL (then
+ * b = c0 = 0: the eval-mode backward dx = a*g). dx may be dy, x or y. */
+int bn_backward_apply_f32(const float *dy, const float *x, const float *y,
+                          float *dx, bn_shape s, const double *mean,
+                          const double *a, const double *b, const double *c0,
+                          bn_act act, double slope, int n_threads);
+int bn_backward_apply_f64(const double *dy, const double *x, const double *y,
+                          double *dx, bn_shape s, const double *mean,
+                          const double *a, const double *b, const double *c0,
+                          bn_act act, double slope, int n_threads);
 
 /* Full backward in one parallel region. training != 0: gradient through the
  * batch statistics, dx = w*invstd*(g - mean(g) - xhat*mean(g*xhat));
  * training == 0: dx = g*w*invstd. Always writes dweight = sum(g*xhat) and
- * dbias = sum(g) (double[C]). weight may be NULL (ones). */
+ * dbias = sum(g) (double[C]). weight may be NULL (ones); y may be NULL when
+ * act is BN_ACT_NONE. dx may be dy or x. */
 int bn_backward_f32(const float *dy, const float *x, const float *y, float *dx,
                     bn_shape s, const double *mean, const double *invstd,
                     const double *weight, int training, double *dweight,
@@ -175,7 +199,9 @@ int bn_backward_from_output_f64(const double *dy, const double *y, double *dx, b
  * Python. Allocates 2*channels doubles per call; a service calling it often
  * can precompute scale = weight / sqrt(running_var + eps) once and call
  * bn_apply(x, y, s, running_mean, scale, bias, ...) instead (that is what
- * bncore.FrozenBatchNorm does). running_var[c] + eps must be > 0. y may be x. */
+ * bncore.FrozenBatchNorm does). running_var[c] + eps must not be negative
+ * (BN_EINVAL); where it is 0, invstd is 0 and y = act(bias), as in bn_train.
+ * A NaN running_var gives NaN in its channel only. y may be x. */
 int bn_eval_f32(const float *x, float *y, bn_shape s, const double *running_mean,
                 const double *running_var, const double *weight, const double *bias,
                 double eps, bn_act act, double slope, int n_threads);
@@ -185,14 +211,15 @@ int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_me
 
 /* Build description: compiler, OpenMP, SIMD targets. Static string. */
 const char *bn_build_info(void);
-/* Threads a call with n_threads <= 0 would use (omp_get_max_threads()). */
+/* Threads a call with n_threads = 0 would use (omp_get_max_threads()). */
 int bn_default_threads(void);
 
 /* ---- Normalization family: layer, group and instance normalization ---------
  * Same numerics as above (two-pass moments in double over runs, Chan merge in
  * a fixed order): results do not depend on the thread count.
  *
- * weight/bias may be NULL (ones/zeros); invstd = 1/sqrt(M2/count + eps).
+ * weight/bias may be NULL (ones/zeros); invstd = 1/sqrt(M2/count + eps),
+ * 0 where M2/count + eps == 0 (the rule of bn_train).
  *
  * Layer normalization of x, rows x cols C-contiguous: statistics per row,
  * affine map per column, y = (x - mean[r]) * invstd[r] * weight[j] + bias[j].
@@ -222,7 +249,8 @@ int bn_layer_norm_backward_f64(const double *dy, const double *x, double *dx,
  * channels: mean and invstd per (n, g) (double[N*G]) over C/G*HW elements,
  * y = (x - mean[n,g]) * invstd[n,g] * weight[c] + bias[c]. Instance
  * normalization is G = C. Groups up to 65536 elements are processed one per
- * thread, longer ones split into runs across threads. */
+ * thread, longer ones split into runs across threads. G >= 1 and divides C
+ * (also for the backward below). */
 int bn_group_norm_f32(const float *x, float *y, int64_t N, int64_t C, int64_t HW,
                       int64_t G, const double *weight, const double *bias, double eps,
                       double *mean, double *invstd, int n_threads);

@@ -4,6 +4,7 @@
 #ifndef BNCORE_IMPL_H
 #define BNCORE_IMPL_H
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -311,37 +312,90 @@ int bn_default_threads(void)
 #endif
 }
 
-void bn_merge_stats(int64_t k, int64_t channels, const double *count,
-                    const double *mean, const double *m2,
-                    double *out_count, double *out_mean, double *out_m2)
+/* ---- argument checks: each public function calls these first and returns
+ * BN_EINVAL before it writes anything ------------------------------------- */
+
+/* A NULL pointer where n > 0 values are to be read or written. */
+#define BN_MISSING(p, n) ((p) == NULL && (n) > 0)
+
+/* Negative sizes, or a tensor whose byte size does not fit int64. */
+static int bn_bad_shape(bn_shape s, size_t elsize)
 {
-    /* bn_chan's arithmetic, part by part, with channels innermost (contiguous) */
-    double n = 0;
-    for (int64_t c = 0; c < channels; c++) out_mean[c] = out_m2[c] = 0;
-    for (int64_t j = 0; j < k; j++) {
-        double nb = count[j];
-        if (nb == 0) continue;
-        double f = nb / (n + nb);
-        const double *mj = mean + j * channels, *qj = m2 + j * channels;
-        for (int64_t c = 0; c < channels; c++) {
-            double d = mj[c] - out_mean[c];
-            out_mean[c] += d * f;
-            out_m2[c] += qj[c] + d * d * n * f;
-        }
-        n += nb;
-    }
-    *out_count = n;
+    int64_t lim = INT64_MAX / (int64_t)elsize;
+    if (s.outer < 0 || s.channels < 0 || s.inner < 0) return 1;
+    if (s.channels > 0 && s.outer > lim / s.channels) return 1;
+    int64_t oc = s.outer * s.channels;
+    return oc > 0 && s.inner > lim / oc;
 }
 
-void bn_update_running(int64_t channels, const double *mean, const double *var,
-                       double count, double momentum, double *running_mean,
-                       double *running_var)
+/* Elements of s; 0 for a shape bn_bad_shape rejects (no overflow to reach). */
+static int64_t bn_numel(bn_shape s)
 {
+    return bn_bad_shape(s, 1) ? 0 : s.outer * s.channels * s.inner;
+}
+
+/* eps: finite and >= 0 (NaN fails both comparisons). */
+static int bn_bad_eps(double eps) { return !(eps >= 0 && eps <= DBL_MAX); }
+
+/* A known activation, with slope (read only for leaky ReLU) finite and >= 0.
+ * Sets *slope to 0 for the others: the kernels run ReLU as slope 0. */
+static int bn_bad_act(bn_act act, double *slope)
+{
+    if (act != BN_ACT_NONE && act != BN_ACT_RELU && act != BN_ACT_LEAKY_RELU) return 1;
+    if (act != BN_ACT_LEAKY_RELU) *slope = 0;
+    return !(*slope >= 0 && *slope <= DBL_MAX);
+}
+
+/* Outputs may alias an input exactly, never partly: n elements of elsize
+ * bytes at a and at b overlap without starting at the same address. */
+static int bn_partial_overlap(const void *a, const void *b, int64_t n, size_t elsize)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b, len = (uintptr_t)n * elsize;
+    if (!a || !b || n <= 0 || pa == pb) return 0;
+    return pa < pb + len && pb < pa + len;
+}
+
+int bn_merge_stats(int64_t k, int64_t channels, const double *count,
+                   const double *mean, const double *m2,
+                   double *out_count, double *out_mean, double *out_m2)
+{
+    if (k < 0 || channels < 0 || (k > 0 && channels > INT64_MAX / k) || !out_count ||
+        BN_MISSING(count, k) || BN_MISSING(mean, k * channels) || BN_MISSING(m2, k * channels) ||
+        BN_MISSING(out_mean, channels) || BN_MISSING(out_m2, channels))
+        return BN_EINVAL;
+    for (int64_t j = 0; j < k; j++)
+        if (!(count[j] >= 0 && count[j] <= DBL_MAX)) return BN_EINVAL;
+    /* bn_chan, the one merge formula, part by part for each channel (k is the
+     * number of processes or ghost batches: the strided reads cost nothing) */
+    double n = 0;
+    for (int64_t c = 0; c < channels; c++) {
+        double a = 0, q = 0;
+        n = 0;
+        for (int64_t j = 0; j < k; j++)
+            bn_chan(&n, &a, &q, count[j], mean[j * channels + c], m2[j * channels + c]);
+        out_mean[c] = a;
+        out_m2[c] = q;
+    }
+    if (channels == 0)
+        for (int64_t j = 0; j < k; j++) n += count[j];
+    *out_count = n;
+    return 0;
+}
+
+int bn_update_running(int64_t channels, const double *mean, const double *var,
+                      double count, double momentum, double *running_mean,
+                      double *running_var)
+{
+    if (channels < 0 || BN_MISSING(mean, channels) || BN_MISSING(var, channels) ||
+        BN_MISSING(running_mean, channels) || BN_MISSING(running_var, channels) ||
+        !(count >= 0 && count <= DBL_MAX) || !(momentum >= 0 && momentum <= 1))
+        return BN_EINVAL;
     double unbias = count > 1 ? count / (count - 1) : 1.0;
     for (int64_t c = 0; c < channels; c++) {
         running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mean[c];
         running_var[c] = (1 - momentum) * running_var[c] + momentum * var[c] * unbias;
     }
+    return 0;
 }
 
 #define BN_STR2(x) #x

@@ -81,6 +81,36 @@ BN_CLONES static void LN(ln_seg_dx)(const T *dy, const T *x, T *dx, int64_t n,
     for (int64_t j = 0; j < n; j++) dx[j] = dy[j] * w[j] * a + ((x[j] - mh) - ml) * b + c;
 }
 
+/* Rows (or channels) whose T coefficients leave T's range (float32 with
+ * invstd > FLT_MAX: a subnormal spread and eps = 0; see overflows in
+ * bncore_template.h) are evaluated in double and rounded once:
+ * y = (x - m) * s * w[j] + b[j], w/b NULL: 1 and b0. */
+static void LN(wide_apply)(const T *x, T *y, int64_t n, double m, double s, const double *w,
+                           const double *b, double b0)
+{
+    for (int64_t j = 0; j < n; j++)
+        y[j] = (T)(((double)x[j] - m) * s * (w ? w[j] : 1.0) + (b ? b[j] : b0));
+}
+
+/* dx = (dy * w[j] * a + (x - m) * b + c) * k in double, w NULL: w0. */
+static void LN(wide_dx)(const T *dy, const T *x, T *dx, int64_t n, const double *w, double w0,
+                        double m, double a, double b, double c, double k)
+{
+    for (int64_t j = 0; j < n; j++)
+        dx[j] = (T)(((double)dy[j] * (w ? w[j] : w0) * a + ((double)x[j] - m) * b + c) * k);
+}
+
+/* Checks shared by the layer and group norm entry points (see bncore.h). */
+static int LN(bad_norm_args)(int64_t rows, int64_t cols, const T *x, const T *y, const T *dy,
+                             const double *mean, const double *invstd, int n_threads)
+{
+    bn_shape s = {rows, cols, 1};
+    int64_t n = rows * cols;
+    return bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, n) || BN_MISSING(y, n) ||
+           bn_partial_overlap(x, y, n, sizeof(T)) || (dy && bn_partial_overlap(dy, y, n, sizeof(T))) ||
+           BN_MISSING(mean, rows) || BN_MISSING(invstd, rows) || n_threads < 0;
+}
+
 /* The mean as T plus its rounding residue. */
 #define LN_SPLIT(m) (T)(m), (T)((m) - (double)(T)(m))
 
@@ -100,6 +130,8 @@ int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double
                       const double *bias, double eps, double *mean, double *invstd,
                       int n_threads)
 {
+    if (LN(bad_norm_args)(rows, cols, x, y, NULL, mean, invstd, n_threads) || bn_bad_eps(eps))
+        return BN_EINVAL;
     T *wb = LN(ln_params)(weight, bias, cols);
     if (!wb) return BN_ENOMEM;
     int err = 0;
@@ -110,10 +142,13 @@ int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double
         for (int64_t r = 0; r < rows; r++) {
             double mo[2];
             LN(ln_row_moments)(x + r * cols, cols, mo);
-            double inv = 1.0 / sqrt(mo[1] / (double)cols + eps);
+            double inv = bn_invstd(mo[1] / (double)cols, eps);
             mean[r] = mo[0];
             invstd[r] = inv;
-            LN(ln_seg_apply)(x + r * cols, y + r * cols, cols, LN_SPLIT(mo[0]), (T)inv, wb,
+            if (LN(overflows)(inv))
+                LN(wide_apply)(x + r * cols, y + r * cols, cols, mo[0], inv, weight, bias, 0);
+            else
+                LN(ln_seg_apply)(x + r * cols, y + r * cols, cols, LN_SPLIT(mo[0]), (T)inv, wb,
                              wb + cols);
         }
     } else {
@@ -123,15 +158,19 @@ int LN(bn_layer_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double
         err = LN(bn_stats)(x, s, mean, invstd, n_threads);
         if (!err) {
             for (int64_t r = 0; r < rows; r++)
-                invstd[r] = 1.0 / sqrt(invstd[r] / (double)cols + eps);
+                invstd[r] = bn_invstd(invstd[r] / (double)cols, eps);
             int64_t kc = bn_cdiv(cols, BN_RUN);
             int nt = bn_threads_for(n_threads, rows * cols, rows * kc);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
             for (int64_t u = 0; u < rows * kc; u++) {
                 int64_t r = u / kc, j0 = (u % kc) * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
                 int64_t o = r * cols + j0;
-                LN(ln_seg_apply)(x + o, y + o, len, LN_SPLIT(mean[r]), (T)invstd[r], wb + j0,
-                                 wb + cols + j0);
+                if (LN(overflows)(invstd[r]))
+                    LN(wide_apply)(x + o, y + o, len, mean[r], invstd[r], weight ? weight + j0 : NULL,
+                                   bias ? bias + j0 : NULL, 0);
+                else
+                    LN(ln_seg_apply)(x + o, y + o, len, LN_SPLIT(mean[r]), (T)invstd[r], wb + j0,
+                                     wb + cols + j0);
             }
         }
     }
@@ -143,6 +182,9 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
                                const double *mean, const double *invstd, const double *weight,
                                double *dweight, double *dbias, int n_threads)
 {
+    if (LN(bad_norm_args)(rows, cols, x, dx, dy, mean, invstd, n_threads) ||
+        BN_MISSING(dy, rows * cols) || BN_MISSING(dweight, cols) || BN_MISSING(dbias, cols))
+        return BN_EINVAL;
     T *w = LN(ln_params)(weight, NULL, cols);
     if (!w) return BN_ENOMEM;
     double dcols = (double)cols;
@@ -169,9 +211,12 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
                     double sums[2], inv = invstd[r];
                     LN(ln_seg_sums)(dr, xr, w, cols, mean[r], inv, pw, pb, sums);
                     /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)), g = dy*w */
-                    LN(ln_seg_dx)(dr, xr, dx + r * cols, cols, w, LN_SPLIT(mean[r]), (T)inv,
-                                  (T)(-inv * inv * inv * sums[1] / dcols),
-                                  (T)(-inv * sums[0] / dcols));
+                    double cb = -inv * inv * inv * sums[1] / dcols, cc = -inv * sums[0] / dcols;
+                    if (LN(overflows)(inv) || LN(overflows)(cb) || LN(overflows)(cc))
+                        LN(wide_dx)(dr, xr, dx + r * cols, cols, weight, 1, mean[r], inv, cb, cc, 1);
+                    else
+                        LN(ln_seg_dx)(dr, xr, dx + r * cols, cols, w, LN_SPLIT(mean[r]), (T)inv,
+                                      (T)cb, (T)cc);
                 }
             }
 #pragma omp for schedule(static)
@@ -225,9 +270,13 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
                 int64_t r = u / kc, j0 = (u % kc) * BN_RUN, len = bn_min64(BN_RUN, cols - j0);
                 int64_t o = r * cols + j0;
                 double inv = invstd[r];
-                LN(ln_seg_dx)(dy + o, x + o, dx + o, len, w + j0, LN_SPLIT(mean[r]), (T)inv,
-                              (T)(-inv * inv * inv * rs[2 * r + 1] / dcols),
-                              (T)(-inv * rs[2 * r] / dcols));
+                double cb = -inv * inv * inv * rs[2 * r + 1] / dcols, cc = -inv * rs[2 * r] / dcols;
+                if (LN(overflows)(inv) || LN(overflows)(cb) || LN(overflows)(cc))
+                    LN(wide_dx)(dy + o, x + o, dx + o, len, weight ? weight + j0 : NULL, 1, mean[r],
+                                inv, cb, cc, 1);
+                else
+                    LN(ln_seg_dx)(dy + o, x + o, dx + o, len, w + j0, LN_SPLIT(mean[r]), (T)inv,
+                                  (T)cb, (T)cc);
             }
         }
         free(part);
@@ -249,6 +298,10 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
                       const double *weight, const double *bias, double eps, double *mean,
                       double *invstd, int n_threads)
 {
+    if (G < 1 || C < 0 || C % G != 0 || HW < 0 || N < 0 || (N > 0 && G > INT64_MAX / N) ||
+        (HW > 0 && C / G > INT64_MAX / HW) ||
+        LN(bad_norm_args)(N * G, C / G * HW, x, y, NULL, mean, invstd, n_threads) || bn_bad_eps(eps))
+        return BN_EINVAL;
     int64_t cpg = C / G, len = cpg * HW, rows = N * G;
     if (len > BN_GN_ROW_MAX) {
         /* long rows: statistics split into runs across threads, then the
@@ -258,7 +311,7 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
         int err = co ? LN(bn_stats)(x, s, mean, invstd, n_threads) : BN_ENOMEM;
         if (!err) {
             for (int64_t r = 0; r < rows; r++)
-                invstd[r] = 1.0 / sqrt(invstd[r] / (double)len + eps);
+                invstd[r] = bn_invstd(invstd[r] / (double)len, eps);
             for (int64_t i = 0; i < N * C; i++) {
                 int64_t r = (i / C) * G + (i % C) / cpg;
                 co[i] = mean[r];
@@ -280,17 +333,24 @@ int LN(bn_group_norm)(const T *x, T *y, int64_t N, int64_t C, int64_t HW, int64_
         int64_t c0 = (r % G) * cpg;
         double mo[2];
         LN(ln_row_moments)(xr, len, mo);
-        double inv = 1.0 / sqrt(mo[1] / (double)len + eps);
+        double inv = bn_invstd(mo[1] / (double)len, eps);
         mean[r] = mo[0];
         invstd[r] = inv;
         if (HW == 1) { /* (N, C) input: per-element weights, as layer norm */
-            LN(ln_seg_apply)(xr, yr, len, LN_SPLIT(mo[0]), (T)inv, wb + c0, wb + C + c0);
+            if (LN(overflows)(inv))
+                LN(wide_apply)(xr, yr, len, mo[0], inv, weight ? weight + c0 : NULL,
+                               bias ? bias + c0 : NULL, 0);
+            else
+                LN(ln_seg_apply)(xr, yr, len, LN_SPLIT(mo[0]), (T)inv, wb + c0, wb + C + c0);
             continue;
         }
-        for (int64_t c = 0; c < cpg; c++)
-            LN(gn_channel_apply)(xr + c * HW, yr + c * HW, HW, LN_SPLIT(mo[0]),
-                                 (T)(inv * (weight ? weight[c0 + c] : 1.0)),
-                                 (T)(bias ? bias[c0 + c] : 0.0));
+        for (int64_t c = 0; c < cpg; c++) {
+            double a = inv * (weight ? weight[c0 + c] : 1.0), b = bias ? bias[c0 + c] : 0.0;
+            if (LN(overflows)(a))
+                LN(wide_apply)(xr + c * HW, yr + c * HW, HW, mo[0], a, NULL, NULL, b);
+            else
+                LN(gn_channel_apply)(xr + c * HW, yr + c * HW, HW, LN_SPLIT(mo[0]), (T)a, (T)b);
+        }
     }
     free(wb);
     return 0;
@@ -374,6 +434,11 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                                const double *invstd, const double *weight, double *dweight,
                                double *dbias, int n_threads)
 {
+    if (G < 1 || C < 0 || C % G != 0 || HW < 0 || N < 0 || (N > 0 && G > INT64_MAX / N) ||
+        (HW > 0 && C / G > INT64_MAX / HW) ||
+        LN(bad_norm_args)(N * G, C / G * HW, x, dx, dy, mean, invstd, n_threads) ||
+        BN_MISSING(dy, N * C * HW) || BN_MISSING(dweight, C) || BN_MISSING(dbias, C))
+        return BN_EINVAL;
     int64_t cpg = C / G, len = cpg * HW, rows = N * G;
     double dlen = (double)len;
     if (len > BN_GN_ROW_MAX)
@@ -419,20 +484,30 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 }
             }
             /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)) over the group, g = dy*w */
-            T bcoef = (T)(-inv * inv * inv * sums[1] / dlen), ccoef = (T)(-inv * sums[0] / dlen);
+            double bcoef = -inv * inv * inv * sums[1] / dlen, ccoef = -inv * sums[0] / dlen;
             /* the same with inv factored out, for run_dx: inv^3 * sums[1] ~ 1/std^2 would
              * leave float's range when std does, inv^2 * sums[1] ~ 1/std does not */
-            T bk = (T)(-inv * inv * sums[1] / dlen), ck = (T)(-sums[0] / dlen);
+            double bk = -inv * inv * sums[1] / dlen, ck = -sums[0] / dlen;
             if (HW == 1) {
-                LN(ln_seg_dx)(dr, xr, dx + r * len, len, w + c0, LN_SPLIT(m), (T)inv, bcoef,
-                              ccoef);
+                if (LN(overflows)(inv) || LN(overflows)(bcoef) || LN(overflows)(ccoef))
+                    LN(wide_dx)(dr, xr, dx + r * len, len, weight ? weight + c0 : NULL, 1, m, inv,
+                                bcoef, ccoef, 1);
+                else
+                    LN(ln_seg_dx)(dr, xr, dx + r * len, len, w + c0, LN_SPLIT(m), (T)inv,
+                                  (T)bcoef, (T)ccoef);
+                continue;
+            }
+            if (LN(overflows)(inv) || LN(overflows)(bk)) {
+                for (int64_t c = 0; c < cpg; c++)
+                    LN(wide_dx)(dr + c * HW, xr + c * HW, dx + r * len + c * HW, HW, NULL,
+                                weight ? weight[c0 + c] : 1.0, m, 1, bk, ck, inv);
                 continue;
             }
             for (int64_t c = 0; c < cpg; c++)
                 for (int64_t k = 0; k < HW; k += BN_RUN) {
                     int64_t o = c * HW + k;
                     LN(run_dx)(dr + o, xr + o, NULL, dx + r * len + o, bn_min64(BN_RUN, HW - k),
-                               LN_SPLIT(m), (T)w[c0 + c], bk, ck, (T)inv, BN_ACT_NONE, 0, 1);
+                               LN_SPLIT(m), (T)w[c0 + c], (T)bk, (T)ck, (T)inv, BN_ACT_NONE, 0, 1);
                 }
         }
 #pragma omp for schedule(static)

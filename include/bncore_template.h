@@ -361,14 +361,42 @@ BN_NT_TARGET static void FN(tile_nt)(const T *dy, const T *x, T *o, int64_t nr, 
  * b = -a*invstd^2*sum(g*(x-m))/n ~ a/std, and b alone leaves float's range
  * when std does (it underflows to 0 at |x| ~ 1e30, overflows at std ~ 1e-20);
  * b/a ~ 1/std and c/a ~ mean(g) do not. */
-static void FN(dx_coefs)(const double *a, const double *b, const double *c, int64_t ch,
-                         T *ta, T *tb, T *tc, T *tk)
+static int FN(overflows)(double v);
+static int FN(dx_coefs)(const double *a, const double *b, const double *c, int64_t ch,
+                        T *ta, T *tb, T *tc, T *tk)
 {
     double k = b && a[ch] != 0 && isfinite(a[ch]) ? a[ch] : 1.0;
     *ta = (T)(a[ch] / k);
     *tb = b ? (T)(b[ch] / k) : 0;
     *tc = b && c ? (T)(c[ch] / k) : 0;
     *tk = (T)k;
+    return FN(overflows)(a[ch] / k) || (b && FN(overflows)(b[ch] / k)) ||
+           (b && c && FN(overflows)(c[ch] / k)) || FN(overflows)(k);
+}
+
+/* Whether a finite double coefficient leaves T's range (float32 only: invstd
+ * of a channel whose spread is subnormal, with eps = 0, exceeds FLT_MAX).
+ * Such channels run through wide_one; all others keep the T loops. */
+static int FN(overflows)(double v)
+{
+    return sizeof(T) == sizeof(float) && fabs(v) > FLT_MAX && fabs(v) <= DBL_MAX;
+}
+
+/* Element i of unit_elementwise's output evaluated in double, channel ch's
+ * coefficients unrounded: the float64 answer, rounded once to T. */
+static void FN(wide_one)(const T *dy, const T *x, const T *y, T *out, int64_t i, int64_t ch,
+                         const double *m, const double *a, const double *b, const double *c,
+                         bn_act act, double slope, double xneg)
+{
+    double mc = m ? m[ch] : 0, yv = y ? (double)y[i] : 0, v;
+    if (!dy) {
+        v = ((double)x[i] - mc) * a[ch] + (b ? b[ch] : 0);
+        if (act != BN_ACT_NONE && v < 0) v *= slope;
+    } else {
+        v = a[ch] * BN_GRAD((double)dy[i], yv, act, slope);
+        if (x && b) v += b[ch] * (BN_PRE((double)x[i], yv, act, xneg) - mc) + (c ? c[ch] : 0);
+    }
+    out[i] = (T)v;
 }
 
 /* ---- per-unit dispatch on the layout ------------------------------------- */
@@ -424,11 +452,19 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         bn_run_of(p, u, &off, &len, &np, &ch);
         T mh = m ? (T)m[ch] : 0, ml = m ? (T)(m[ch] - (double)mh) : 0;
         T ta, tb, tc = 0, tk = 0;
+        int wide;
         if (dy) {
-            FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
+            wide = FN(dx_coefs)(a, b, c, ch, &ta, &tb, &tc, &tk);
         } else {
             ta = (T)a[ch];
             tb = (T)b[ch];
+            wide = FN(overflows)(a[ch]);
+        }
+        if (wide) {
+            for (int64_t q = 0; q < np; q++, off += p->s.channels * p->s.inner)
+                for (int64_t i = off; i < off + len; i++)
+                    FN(wide_one)(dy, x, y, out, i, ch, m, a, b, c, act, slope, xneg);
+            return;
         }
         for (int64_t q = 0; q < np; q++, off += p->s.channels * p->s.inner) {
 #if BN_NT
@@ -450,16 +486,29 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
         o = r0 * p->width + c0;
         /* per channel once, then copied to its run of inner columns */
         int64_t ch = (c0 / p->s.inner) % p->s.channels, l = c0 % p->s.inner;
+        int wide = 0;
         for (int64_t j = 0; j < nc; l = 0, ch = ch + 1 == p->s.channels ? 0 : ch + 1) {
             T vm = m ? (T)m[ch] : 0, vl = m ? (T)(m[ch] - (double)vm) : 0, va, vb, vc = 0, vk = 0;
             if (dy) {
-                FN(dx_coefs)(a, b, c, ch, &va, &vb, &vc, &vk);
+                wide |= FN(dx_coefs)(a, b, c, ch, &va, &vb, &vc, &vk);
             } else {
                 va = (T)a[ch];
                 vb = b ? (T)b[ch] : 0;
+                wide |= FN(overflows)(a[ch]);
             }
             for (int64_t e = j + bn_min64(p->s.inner - l, nc - j); j < e; j++)
                 tm[j] = vm, tl[j] = vl, ta[j] = va, tb[j] = vb, tc[j] = vc, tk[j] = vk;
+        }
+        if (wide) {  /* a channel out of T's range: the whole tile in double */
+            for (int64_t r = 0; r < nr; r++) {
+                int64_t cj = (c0 / p->s.inner) % p->s.channels, lj = c0 % p->s.inner;
+                for (int64_t j = 0; j < nc; j++) {
+                    FN(wide_one)(dy, x, y, out, o + r * p->width + j, cj, m, a, b,
+                                 c, act, slope, xneg);
+                    if (++lj == p->s.inner) lj = 0, cj = cj + 1 == p->s.channels ? 0 : cj + 1;
+                }
+            }
+            return;
         }
 #if BN_NT
         if (nt && nc * (int64_t)sizeof(T) >= 1024)  /* short rows: no gain measured */
@@ -482,6 +531,9 @@ static void FN(unit_elementwise)(const bn_plan *p, const T *dy, const T *x, cons
 
 int FN(bn_stats)(const T *x, bn_shape s, double *mean, double *m2, int n_threads)
 {
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, bn_numel(s)) || BN_MISSING(mean, s.channels) ||
+        BN_MISSING(m2, s.channels) || n_threads < 0)
+        return BN_EINVAL;
     bn_plan p = bn_make_plan(s, sizeof(T));
     double *part = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, p.nslots));
     if (!part) return BN_ENOMEM;
@@ -501,20 +553,31 @@ int FN(bn_stats)(const T *x, bn_shape s, double *mean, double *m2, int n_threads
     return 0;
 }
 
-void FN(bn_apply)(const T *x, T *y, bn_shape s, const double *center, const double *scale,
-                  const double *shift, bn_act act, double slope, int n_threads)
+int FN(bn_apply)(const T *x, T *y, bn_shape s, const double *center, const double *scale,
+                 const double *shift, bn_act act, double slope, int n_threads)
 {
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, bn_numel(s)) || BN_MISSING(y, bn_numel(s)) ||
+        bn_partial_overlap(x, y, bn_numel(s), sizeof(T)) || BN_MISSING(center, s.channels) ||
+        BN_MISSING(scale, s.channels) || BN_MISSING(shift, s.channels) ||
+        bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     bn_plan p = bn_make_plan(s, sizeof(T));
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t u = 0; u < p.nunits; u++)
         FN(unit_elementwise)(&p, NULL, x, NULL, y, center, scale, shift, NULL, act, slope, 1, u);
+    return 0;
 }
 
 int FN(bn_train)(const T *x, T *y, bn_shape s, const double *weight, const double *bias,
                  double eps, double *save_mean, double *save_invstd, double *batch_var,
                  bn_act act, double slope, int n_threads)
 {
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, bn_numel(s)) || BN_MISSING(y, bn_numel(s)) ||
+        bn_partial_overlap(x, y, bn_numel(s), sizeof(T)) || bn_bad_eps(eps) ||
+        BN_MISSING(save_mean, s.channels) || BN_MISSING(save_invstd, s.channels) ||
+        bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     bn_plan p = bn_make_plan(s, sizeof(T));
     double *part = (double *)malloc(sizeof(double) * (2 * (size_t)p.nslots + 3 * (size_t)s.channels + 1));
     if (!part) return BN_ENOMEM;
@@ -554,6 +617,11 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
                            bn_act act, double slope, double *sum_dy, double *sum_dy_xmu,
                            int n_threads)
 {
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, bn_numel(s)) || BN_MISSING(x, bn_numel(s)) ||
+        (act != BN_ACT_NONE && BN_MISSING(y, bn_numel(s))) || BN_MISSING(mean, s.channels) ||
+        BN_MISSING(sum_dy, s.channels) || BN_MISSING(sum_dy_xmu, s.channels) ||
+        bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     bn_plan p = bn_make_plan(s, sizeof(T));
     double *part = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, p.nslots));
     if (!part) return BN_ENOMEM;
@@ -574,15 +642,24 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
     return 0;
 }
 
-void FN(bn_backward_apply)(const T *dy, const T *x, const T *y, T *dx, bn_shape s,
-                           const double *mean, const double *a, const double *b,
-                           const double *c0, bn_act act, double slope, int n_threads)
+int FN(bn_backward_apply)(const T *dy, const T *x, const T *y, T *dx, bn_shape s,
+                          const double *mean, const double *a, const double *b,
+                          const double *c0, bn_act act, double slope, int n_threads)
 {
+    int64_t n = bn_numel(s);
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, n) || BN_MISSING(dx, n) ||
+        (b && BN_MISSING(x, n)) || (act != BN_ACT_NONE && BN_MISSING(y, n)) ||
+        bn_partial_overlap(dx, dy, n, sizeof(T)) || bn_partial_overlap(dx, b ? x : NULL, n, sizeof(T)) ||
+        bn_partial_overlap(dx, act != BN_ACT_NONE ? y : NULL, n, sizeof(T)) ||
+        BN_MISSING(a, s.channels) || (b && BN_MISSING(mean, s.channels)) ||
+        bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     bn_plan p = bn_make_plan(s, sizeof(T));
     int nt = bn_threads(n_threads, &p);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t u = 0; u < p.nunits; u++)
         FN(unit_elementwise)(&p, dy, x, y, dx, mean, a, b, c0, act, slope, 1, u);
+    return 0;
 }
 
 /* The backward of bn_backward and bn_backward_from_output. from_y: x is the
@@ -638,6 +715,14 @@ int FN(bn_backward)(const T *dy, const T *x, const T *y, T *dx, bn_shape s, cons
                     const double *invstd, const double *weight, int training, double *dweight,
                     double *dbias, bn_act act, double slope, int n_threads)
 {
+    int64_t n = bn_numel(s);
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, n) || BN_MISSING(x, n) || BN_MISSING(dx, n) ||
+        (act != BN_ACT_NONE && BN_MISSING(y, n)) || bn_partial_overlap(dx, dy, n, sizeof(T)) ||
+        bn_partial_overlap(dx, x, n, sizeof(T)) || bn_partial_overlap(dx, y, n, sizeof(T)) ||
+        BN_MISSING(mean, s.channels) || BN_MISSING(invstd, s.channels) ||
+        BN_MISSING(dweight, s.channels) || BN_MISSING(dbias, s.channels) ||
+        bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     return FN(backward_impl)(dy, x, y, dx, s, mean, invstd, weight, training, dweight, dbias,
                              act, slope, 0, n_threads);
 }
@@ -647,6 +732,12 @@ int FN(bn_backward_from_output)(const T *dy, const T *y, T *dx, bn_shape s, cons
                                 double *dweight, double *dbias, bn_act act, double slope,
                                 int n_threads)
 {
+    int64_t n = bn_numel(s);
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, n) || BN_MISSING(y, n) || BN_MISSING(dx, n) ||
+        bn_partial_overlap(dx, dy, n, sizeof(T)) || bn_partial_overlap(dx, y, n, sizeof(T)) ||
+        BN_MISSING(invstd, s.channels) || BN_MISSING(dweight, s.channels) ||
+        BN_MISSING(dbias, s.channels) || bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
     if (act == BN_ACT_RELU || (act == BN_ACT_LEAKY_RELU && !(slope > 0)))
         return BN_EINVAL;
     for (int64_t c = 0; c < s.channels; c++) {
@@ -668,6 +759,14 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
                 const double *running_var, const double *weight, const double *bias,
                 double eps, bn_act act, double slope, int n_threads)
 {
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, bn_numel(s)) || BN_MISSING(y, bn_numel(s)) ||
+        bn_partial_overlap(x, y, bn_numel(s), sizeof(T)) || BN_MISSING(running_mean, s.channels) ||
+        BN_MISSING(running_var, s.channels) || bn_bad_eps(eps) || bn_bad_act(act, &slope) ||
+        n_threads < 0)
+        return BN_EINVAL;
+    /* var + eps == 0 is allowed: invstd 0, y = bias, as in training (bn_invstd) */
+    for (int64_t c = 0; c < s.channels; c++)
+        if (running_var[c] + eps < 0) return BN_EINVAL;
     double *scale = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, s.channels));
     if (!scale) return BN_ENOMEM;
     double *shift = scale + s.channels;
@@ -677,9 +776,9 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
         scale[c] = weight ? weight[c] * invstd : invstd;
         shift[c] = bias ? bias[c] : 0.0;
     }
-    FN(bn_apply)(x, y, s, running_mean, scale, shift, act, slope, n_threads);
+    int err = FN(bn_apply)(x, y, s, running_mean, scale, shift, act, slope, n_threads);
     free(scale);
-    return 0;
+    return err;
 }
 
 #undef FN

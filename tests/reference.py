@@ -1,8 +1,74 @@
-"""Independent float64 NumPy reference for batch normalization (the test oracle)."""
+"""The test oracle: every quantity bncore computes, written independently of
+bncore in float64 NumPy from the textbook formulas (two-pass variance), the
+one finite-difference helper, and the one tolerance table.
+
+Tests import this module (`import reference as ref`); pytest's conftest is not
+a module to import, so what tests share lives here.
+"""
 import numpy as np
 
+# ---- tolerances --------------------------------------------------------------------------
 
-def _axes(x, axis):
+# Element-wise assert_allclose tolerances per input dtype. TOL is for values
+# computed from a few terms (y, mean, invstd, running statistics); GRAD_TOL for
+# gradients and other sums over the whole batch, whose rounding grows with it.
+TOL = {np.float16: dict(rtol=2e-3, atol=2e-3),
+       np.float32: dict(rtol=2e-5, atol=2e-5),
+       np.float64: dict(rtol=1e-12, atol=1e-12)}
+GRAD_TOL = {np.float16: dict(rtol=5e-3, atol=5e-3),
+            np.float32: dict(rtol=1e-4, atol=1e-4),
+            np.float64: dict(rtol=1e-11, atol=1e-11)}
+
+
+def tol(dtype, grad=False, scale=1.0):
+    """The table's tolerance for dtype; atol multiplied by scale (the magnitude
+    of the compared values, where they are far from 1)."""
+    t = (GRAD_TOL if grad else TOL)[np.dtype(dtype).type]
+    return dict(rtol=t["rtol"], atol=t["atol"] * scale)
+
+
+# Norm-wise bounds for assert_close (the largest error over the largest value),
+# tighter than the element-wise float32 entry: one rounding of the largest value
+# bounds every error.
+NORM_RTOL = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}
+
+
+def assert_close(got, want, rtol, what=""):
+    """max |got - want| <= rtol * max(1, max |want|): a norm-wise bound, for
+    results whose small entries carry the rounding of the large ones."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(initial=0.0), 1.0)
+    err = np.abs(got - want).max(initial=0.0) / scale
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}"
+
+
+# ---- finite differences ------------------------------------------------------------------
+
+def numeric_grad(loss, arr, h=1e-6):
+    """Central finite differences of the scalar loss() with respect to arr,
+    perturbing arr in place one element at a time."""
+    num = np.empty_like(arr)
+    for i in np.ndindex(arr.shape):
+        old = arr[i]
+        arr[i] = old + h
+        up = loss()
+        arr[i] = old - h
+        num[i] = (up - loss()) / (2 * h)
+        arr[i] = old
+    return num
+
+
+def assert_grads(loss, pairs, h=1e-6, rtol=1e-5, atol=1e-7):
+    """Each (array, gradient) pair: the gradient equals numeric_grad(loss, array)."""
+    for arr, grad in pairs:
+        np.testing.assert_allclose(grad, numeric_grad(loss, arr, h), rtol=rtol, atol=atol)
+
+
+# ---- batch norm --------------------------------------------------------------------------
+
+def axes(x, axis):
+    """(the reduction axes, the shape that broadcasts a per-channel vector)."""
     axis %= x.ndim
     red = tuple(i for i in range(x.ndim) if i != axis)
     shape = [1] * x.ndim
@@ -10,9 +76,13 @@ def _axes(x, axis):
     return red, tuple(shape)
 
 
+def _per_channel(v, shape, default):
+    return default if v is None else np.asarray(v, np.float64).reshape(shape)
+
+
 def stats(x, axis=1):
     """(count, mean, M2) in float64, two-pass."""
-    red, shape = _axes(x, axis)
+    red, shape = axes(x, axis)
     x64 = np.asarray(x, dtype=np.float64)
     count = x64.size // x64.shape[axis % x64.ndim] if x64.shape[axis % x64.ndim] else 0
     mean = x64.mean(red) if count else np.zeros(x64.shape[axis])
@@ -20,47 +90,67 @@ def stats(x, axis=1):
     return count, mean, m2
 
 
+def elemt(x, mean, invstd, weight=None, bias=None, axis=1):
+    """(x - mean) * invstd * weight + bias with the statistics given."""
+    _, shape = axes(x, axis)
+    y = (np.asarray(x, np.float64) - _per_channel(mean, shape, 0.0)) * \
+        _per_channel(invstd, shape, 1.0)
+    return y * _per_channel(weight, shape, 1.0) + _per_channel(bias, shape, 0.0)
+
+
 def train(x, weight=None, bias=None, axis=1, eps=1e-5):
     """(y, mean, invstd, unbiased var) in float64."""
-    red, shape = _axes(x, axis)
-    x64 = np.asarray(x, dtype=np.float64)
     count, mean, m2 = stats(x, axis)
-    var = m2 / count
-    invstd = 1.0 / np.sqrt(var + eps)
-    y = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
-    if weight is not None:
-        y = y * np.asarray(weight, np.float64).reshape(shape)
-    if bias is not None:
-        y = y + np.asarray(bias, np.float64).reshape(shape)
-    return y, mean, invstd, m2 / (count - 1)
+    invstd = 1.0 / np.sqrt(m2 / count + eps)
+    return elemt(x, mean, invstd, weight, bias, axis), mean, invstd, m2 / (count - 1)
 
 
 def evaluate(x, rm, rv, weight=None, bias=None, axis=1, eps=1e-5):
-    red, shape = _axes(x, axis)
-    y = (np.asarray(x, np.float64) - np.asarray(rm, np.float64).reshape(shape)) / np.sqrt(
-        np.asarray(rv, np.float64).reshape(shape) + eps)
-    if weight is not None:
-        y = y * np.asarray(weight, np.float64).reshape(shape)
-    if bias is not None:
-        y = y + np.asarray(bias, np.float64).reshape(shape)
-    return y
+    """Inference: the running statistics in place of the batch's."""
+    invstd = 1.0 / np.sqrt(np.asarray(rv, np.float64) + eps)
+    return elemt(x, rm, invstd, weight, bias, axis)
 
 
 def backward(dy, x, mean, invstd, weight=None, axis=1, training=True):
     """(dx, dweight, dbias) in float64 from the textbook formulas."""
-    red, shape = _axes(x, axis)
+    red, shape = axes(x, axis)
     dy64 = np.asarray(dy, np.float64)
-    xhat = (np.asarray(x, np.float64) - np.asarray(mean, np.float64).reshape(shape)) * \
-        np.asarray(invstd, np.float64).reshape(shape)
+    xhat = elemt(x, mean, invstd, axis=axis)
     w = np.ones(x.shape[axis]) if weight is None else np.asarray(weight, np.float64)
     dbias = dy64.sum(red)
     dweight = (dy64 * xhat).sum(red)
     k = (w * np.asarray(invstd, np.float64)).reshape(shape)
     if training:
-        dx = k * (dy64 - dy64.mean(red, keepdims=True) - xhat * (dy64 * xhat).mean(red, keepdims=True))
+        dx = k * (dy64 - dy64.mean(red, keepdims=True)
+                  - xhat * (dy64 * xhat).mean(red, keepdims=True))
     else:
         dx = k * dy64
     return dx, dweight, dbias
+
+
+def eval_backward(dy, running_var, weight=None, axis=1, eps=1e-5):
+    """dx of inference-mode batch norm: dy * weight / sqrt(running_var + eps)."""
+    _, shape = axes(dy, axis)
+    return np.asarray(dy, np.float64) * _per_channel(weight, shape, 1.0) / np.sqrt(
+        np.asarray(running_var, np.float64).reshape(shape) + eps)
+
+
+def backward_reduce(dy, x, mean, axis=1):
+    """(sum dy, sum dy * (x - mean)) per channel."""
+    red, shape = axes(x, axis)
+    dy64 = np.asarray(dy, np.float64)
+    xmu = np.asarray(x, np.float64) - _per_channel(mean, shape, 0.0)
+    return dy64.sum(red), (dy64 * xmu).sum(red)
+
+
+def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1):
+    """dx from the reduced sums of the whole (distributed) batch."""
+    _, shape = axes(x, axis)
+    inv = _per_channel(invstd, shape, 1.0)
+    xmu = np.asarray(x, np.float64) - _per_channel(mean, shape, 0.0)
+    return _per_channel(weight, shape, 1.0) * inv * (
+        np.asarray(dy, np.float64) - _per_channel(sum_dy, shape, 0.0) / count
+        - xmu * inv**2 * _per_channel(sum_dy_xmu, shape, 0.0) / count)
 
 
 def activate(v, activation):
@@ -77,15 +167,160 @@ def activation_grad(dy, y, activation):
     return np.where(y > 0, dy, dy * slope)
 
 
-def numeric_grad(loss, arr, h=1e-6):
-    """Central finite differences of the scalar loss() with respect to arr,
-    perturbing arr in place one element at a time."""
-    num = np.empty_like(arr)
-    for i in np.ndindex(arr.shape):
-        old = arr[i]
-        arr[i] = old + h
-        up = loss()
-        arr[i] = old - h
-        num[i] = (up - loss()) / (2 * h)
-        arr[i] = old
-    return num
+# ---- ghost batch norm (Hoffer et al. 2017) -------------------------------------------------
+
+def ghost_slices(N, v):
+    return [slice(a, min(N, a + v)) for a in range(0, N, v)]
+
+
+def ghost_train(x, virtual_batch_size, weight=None, bias=None, axis=1, eps=1e-5):
+    """Batch norm of each ghost batch of virtual_batch_size samples along axis 0:
+    (y, mean, invstd, unbiased var), the statistics shaped (ghost batches, C)."""
+    parts = [train(x[s], weight, bias, axis, eps) for s in ghost_slices(len(x), virtual_batch_size)]
+    stacked = (np.stack([p[i] for p in parts]) for i in (1, 2, 3))
+    return (np.concatenate([p[0] for p in parts]), *stacked)
+
+
+def ghost_backward(dy, x, mean, invstd, virtual_batch_size, weight=None, axis=1):
+    """(dx, dweight, dbias) of ghost batch norm given each ghost batch's statistics."""
+    back = [backward(dy[s], x[s], m, inv, weight, axis) for s, m, inv in
+            zip(ghost_slices(len(x), virtual_batch_size), mean, invstd)]
+    return (np.concatenate([q[0] for q in back]), np.sum([q[1] for q in back], 0),
+            np.sum([q[2] for q in back], 0))
+
+
+# ---- batch renormalization (Ioffe 2017) ----------------------------------------------------
+
+def renorm(x, rm, rv, weight=None, bias=None, axis=1, eps=1e-5, rmax=3.0, dmax=5.0, r=None,
+           d=None):
+    """(y, r, d) of Ioffe 2017, Algorithm 1. r and d, when given, are held at
+    those values (the gradient treats them as constants)."""
+    red, shape = axes(x, axis)
+    x64 = np.asarray(x, np.float64)
+    mu = x64.mean(red)
+    sigma_b = np.sqrt(((x64 - mu.reshape(shape)) ** 2).mean(red) + eps)
+    sigma = np.sqrt(np.asarray(rv, np.float64) + eps)
+    if r is None:
+        r = np.clip(sigma_b / sigma, 1 / rmax, rmax)
+    if d is None:
+        d = np.clip((mu - np.asarray(rm, np.float64)) / sigma, -dmax, dmax)
+    r, d = np.asarray(r, np.float64), np.asarray(d, np.float64)
+    xhat = (x64 - mu.reshape(shape)) / sigma_b.reshape(shape) * r.reshape(shape) + d.reshape(shape)
+    return xhat * _per_channel(weight, shape, 1.0) + _per_channel(bias, shape, 0.0), r, d
+
+
+# ---- layer, group and instance norm ----------------------------------------------------------
+
+def _rows_stats(xr, eps):
+    """Mean and invstd of each row of the 2-D xr; a row of no values has mean 0
+    and invstd NaN."""
+    n = xr.shape[1]
+    if not n:
+        return np.zeros((xr.shape[0], 1)), np.full((xr.shape[0], 1), np.nan)
+    mean = xr.mean(1, keepdims=True)
+    return mean, 1 / np.sqrt(((xr - mean) ** 2).mean(1, keepdims=True) + eps)
+
+
+def _rows_backward(g, xhat, invstd):
+    """dx of normalization over the rows of 2-D arrays, g = dy * weight."""
+    if not g.shape[1]:
+        return g
+    return invstd * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(y, mean, invstd) over the trailing normalized_shape; the statistics are
+    shaped like x's leading axes followed by ones."""
+    x = np.asarray(x, np.float64)
+    k = len(normalized_shape)
+    lead = x.shape[:x.ndim - k]
+    rows = (int(np.prod(lead)), int(np.prod(normalized_shape)))
+    mean, invstd = _rows_stats(x.reshape(rows), eps)
+    y = ((x.reshape(rows) - mean) * invstd).reshape(x.shape)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    stat = lead + (1,) * k
+    return y, mean.reshape(stat), invstd.reshape(stat)
+
+
+def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None):
+    """(dx, dweight, dbias) given the saved statistics."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    k = len(normalized_shape)
+    rows = (int(np.prod(x.shape[:x.ndim - k])), int(np.prod(normalized_shape)))
+    m = np.asarray(mean, np.float64).reshape(-1, 1)
+    inv = np.asarray(invstd, np.float64).reshape(-1, 1)
+    xhat = (x.reshape(rows) - m) * inv
+    g = dy if weight is None else dy * np.asarray(weight, np.float64)
+    dx = _rows_backward(g.reshape(rows), xhat, inv).reshape(x.shape)
+    red = tuple(range(x.ndim - k))
+    return dx, (dy * xhat.reshape(x.shape)).sum(red), dy.sum(red)
+
+
+def _group_rows(x, G):
+    N, C = x.shape[:2]
+    return N * G, (C // G if G else 0) * int(np.prod(x.shape[2:]))
+
+
+def group_norm(x, G, weight=None, bias=None, eps=1e-5):
+    """(y, mean, invstd) of G groups of channels (axis 1) per sample; the
+    statistics are shaped (N, G). Instance norm is G = C."""
+    x = np.asarray(x, np.float64)
+    N, C = x.shape[:2]
+    rows = _group_rows(x, G)
+    mean, invstd = _rows_stats(x.reshape(rows), eps)
+    y = ((x.reshape(rows) - mean) * invstd).reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(bshape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(bshape)
+    return y, mean.reshape(N, G), invstd.reshape(N, G)
+
+
+def group_norm_backward(dy, x, G, mean, invstd, weight=None):
+    """(dx, dweight, dbias) given the saved (N, G) statistics."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    C = x.shape[1]
+    rows = _group_rows(x, G)
+    m = np.asarray(mean, np.float64).reshape(-1, 1)
+    inv = np.asarray(invstd, np.float64).reshape(-1, 1)
+    xhat = (x.reshape(rows) - m) * inv
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    g = dy if weight is None else dy * np.asarray(weight, np.float64).reshape(bshape)
+    dx = _rows_backward(g.reshape(rows), xhat, inv).reshape(x.shape)
+    red = (0,) + tuple(range(2, x.ndim))
+    return dx, (dy * xhat.reshape(x.shape)).sum(red), dy.sum(red)
+
+
+# ---- inference: folding and loaders ----------------------------------------------------------
+
+def convolution(x, W, b, groups=1):
+    """Stride-1, unpadded convolution (cross-correlation), any spatial dims."""
+    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    nd = W.ndim - 2
+    win = np.lib.stride_tricks.sliding_window_view(x, W.shape[2:], axis=tuple(range(2, 2 + nd)))
+    cin_g, cout_g = W.shape[1], W.shape[0] // groups
+    k, s = "klm"[:nd], "xyz"[:nd]
+    outs = [np.einsum(f"ni{s}{k},oi{k}->no{s}", win[:, g * cin_g:(g + 1) * cin_g],
+                      W[g * cout_g:(g + 1) * cout_g]) for g in range(groups)]
+    return np.concatenate(outs, axis=1) + np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
+
+
+def keras_batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+    """Keras BatchNormalization (channels last) from its documented formulas:
+    (y, moving_mean, moving_var). Training uses the batch mean and biased
+    variance and moves moving = moving * momentum + batch * (1 - momentum);
+    inference uses the moving statistics."""
+    x = np.asarray(x, np.float64)
+    red = tuple(range(x.ndim - 1))
+    if training:
+        mean = x.mean(red)
+        var = ((x - mean) ** 2).mean(red)
+        moving_mean = moving_mean * momentum + mean * (1 - momentum)
+        moving_var = moving_var * momentum + var * (1 - momentum)
+    else:
+        mean, var = moving_mean, moving_var
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta, moving_mean, moving_var

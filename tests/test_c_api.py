@@ -120,6 +120,17 @@ def test_c_inplace_abn_matches_python(c_results):
     _close(_read(tmp, "inplace_db32.bin", np.float64), db, np.float32)
 
 
+def test_c_invalid_arguments_return_einval_before_writing(tmp_path):
+    """tests/c/bn_invalid.c: every function, each invalid argument of its contract in
+    bncore.h (sizes, G, NULL pointers, eps, activation, n_threads, partial overlap,
+    running_var + eps < 0, ...) returns BN_EINVAL with every output untouched."""
+    exe = _build(tmp_path, ["bn_invalid.c", "bncore_impl.c"], "bn_invalid")
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr}"
+    assert "all checks passed" in r.stdout
+
+
 @pytest.mark.parametrize("lang", ["c", "c++"])
 def test_readme_example(tmp_path, lang):
     """The README's C example (tests/c/example.c), header-only, as C and as C++."""
@@ -142,3 +153,145 @@ def test_readme_example(tmp_path, lang):
     want = bncore.batch_norm_eval(x, p[2], p[3], p[0], p[1])
     np.testing.assert_array_equal(np.fromfile(tmp_path / "out.bin", np.float32).reshape(x.shape),
                                   want)
+
+
+# ---- edge cases of the float32 kernels: subnormal spreads, constant channels, eps = 0 ----------
+# Compared with a float64 NumPy reference of the same float32 input. invstd = 1/sqrt(var), taken
+# as 0 where var == 0 (PyTorch's rule); a spread below ~3e-39 has invstd > FLT_MAX, so
+# the float32 coefficients overflow unless those channels are evaluated in double.
+
+TINY = 2.0 ** -149  # the smallest float32 subnormal
+
+
+def _kinds(rng, kind, n):
+    """n float32 values of one kind, and the scale of the matching dy."""
+    if kind == "normal":
+        return (rng.standard_normal(n) * 3 + 100).astype(np.float32), 1.0
+    if kind == "subnormal":  # std ~ 1.6e-41 around 0: invstd ~ 6e40
+        return (rng.integers(-20000, 20000, n) * TINY).astype(np.float32), 1e-40
+    if kind == "subnormal_mean":  # std ~ 8e-43 around a nonzero subnormal mean: invstd ~ 1e42
+        return (rng.integers(1000, 3000, n) * TINY).astype(np.float32), 1e-42
+    if kind == "edge":  # std ~ 1e-38: invstd fits float32, invstd * weight (10) does not
+        return (rng.standard_normal(n) * 1e-38).astype(np.float32), 1e-38
+    assert kind == "constant"
+    return np.full(n, 3.0, np.float32), 1.0
+
+
+KINDS = ["normal", "subnormal", "constant", "subnormal_mean", "edge", "normal"]
+
+
+def _rows_data(rng, rows, length):
+    """x (rows, length) float32, one kind per row (cycling), dy scaled to match."""
+    x = np.empty((rows, length), np.float32)
+    dy = rng.standard_normal((rows, length)).astype(np.float32)
+    for r in range(rows):
+        x[r], s = _kinds(rng, KINDS[r % len(KINDS)], length)
+        dy[r] = (dy[r] * s).astype(np.float32)
+    return x, dy
+
+
+def _inv(var):
+    with np.errstate(divide="ignore"):
+        return np.where(var == 0, 0.0, 1.0 / np.sqrt(var))
+
+
+def _near(got, want, red, rtol=2e-6, atol=2e-6):
+    """|got - want| <= rtol*|want| + atol*(largest |want| of the same channel or row)."""
+    scale = np.abs(want).max(axis=red, keepdims=True) if red else np.abs(want)
+    assert np.isfinite(got).all(), "non-finite values"
+    assert np.all(np.abs(got - want) <= rtol * np.abs(want) + atol * scale), \
+        np.abs(got - want).max()
+
+
+@pytest.fixture(scope="module")
+def edge_exe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("c_edge")
+    return _build(tmp, ["bn_edge.c", "bncore_impl.c"], "bn_edge")
+
+
+def _run_edge(exe, tmp, args, x, dy, w, b):
+    x.tofile(tmp / "x.bin")
+    dy.tofile(tmp / "dy.bin")
+    np.asarray(w, np.float64).tofile(tmp / "w.bin")
+    np.asarray(b, np.float64).tofile(tmp / "b.bin")
+    r = subprocess.run([exe, str(tmp), *map(str, args)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr
+    return lambda name, dt=np.float32: np.fromfile(tmp / name, dt)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 300), (600, 6, 1), (2, 6, 12000)],
+                         ids=["nchw", "channels_last", "threads"])
+def test_c_batch_norm_subnormal_spread_and_constant_channels(edge_exe, tmp_path, shape):
+    outer, C, inner = shape
+    rng = np.random.default_rng(21)
+    xc, dyc = _rows_data(rng, C, outer * inner)  # one row per channel, then laid out
+    x = np.ascontiguousarray(xc.reshape(C, outer, inner).transpose(1, 0, 2))
+    dy = np.ascontiguousarray(dyc.reshape(C, outer, inner).transpose(1, 0, 2))
+    w = np.linspace(0.5, 10, C)  # channel 4 ("edge"): invstd * w > FLT_MAX
+    b = np.linspace(-1, 1, C)
+    read = _run_edge(edge_exe, tmp_path, ["bn", outer, C, inner], x, dy, w, b)
+    x64, g = x.astype(np.float64), dy.astype(np.float64)
+    red, cs = (0, 2), (1, C, 1)
+    mean = x64.mean(red)
+    var = ((x64 - mean.reshape(cs)) ** 2).mean(red)
+    inv = _inv(var)
+    assert inv[1] > 3.5e38 and inv[3] > 3.5e38 and inv[2] == 0 and (w * inv)[4] > 3.5e38
+    np.testing.assert_allclose(read("mean.bin", np.float64), mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(read("invstd.bin", np.float64), inv, rtol=1e-9, atol=0)
+    xhat = (x64 - mean.reshape(cs)) * inv.reshape(cs)
+    y = xhat * w.reshape(cs) + b.reshape(cs)
+    assert np.all(y[:, 2] == b[2])
+    _near(read("train_y.bin").reshape(shape), y, red)
+    _near(read("eval_y.bin").reshape(shape), y, red)
+    _near(read("apply_y.bin").reshape(shape), np.where(y < 0, 0.5 * y, y), red)
+    wg = g * w.reshape(cs)
+    dx = inv.reshape(cs) * (wg - wg.mean(red, keepdims=True)
+                            - xhat * (wg * xhat).mean(red, keepdims=True))
+    _near(read("bwd_dx.bin").reshape(shape), dx, red, rtol=1e-5, atol=1e-5)
+    _near(read("bwd_dw.bin", np.float64), (g * xhat).sum(red), None, rtol=1e-9)
+    _near(read("bwd_db.bin", np.float64), g.sum(red), None, rtol=1e-9)
+    _near(read("bwd_eval_dx.bin").reshape(shape), wg * inv.reshape(cs), red)
+
+
+@pytest.mark.parametrize("case", [("ln", 6, 500), ("ln", 6, 20000), ("gn", 3, 8, 50, 4),
+                                  ("gn", 5, 8, 1, 2), ("gn", 3, 4, 40000, 2)],
+                         ids=["ln_rows", "ln_long", "gn", "gn_hw1", "gn_long"])
+def test_c_layer_and_group_norm_subnormal_spread_and_constant_rows(edge_exe, tmp_path, case):
+    rng = np.random.default_rng(22)
+    if case[0] == "ln":
+        _, rows, cols = case
+        length, nparam = cols, cols
+    else:
+        _, n, C, hw, G = case
+        rows, length, nparam = n * G, C // G * hw, C
+    x, dy = _rows_data(rng, rows, length)
+    w = rng.uniform(0.5, 10, nparam) * rng.choice([-1, 1], nparam)
+    b = rng.standard_normal(nparam)
+    read = _run_edge(edge_exe, tmp_path, case, x, dy, w, b)
+    x64, g = x.astype(np.float64), dy.astype(np.float64)
+    if case[0] == "ln":
+        wf, bf = w.reshape(1, -1), b.reshape(1, -1)
+        x3, g3 = x64, g
+    else:  # per element of a (n, g) row: its channel's parameter
+        wf = np.tile(np.repeat(w, hw).reshape(G, -1), (n, 1))
+        bf = np.tile(np.repeat(b, hw).reshape(G, -1), (n, 1))
+        x3, g3 = x64.reshape(n, C, hw), g.reshape(n, C, hw)
+    mean = x64.mean(1, keepdims=True)
+    inv = _inv(((x64 - mean) ** 2).mean(1, keepdims=True))
+    assert inv[1, 0] > 3.5e38 and inv[2, 0] == 0
+    xhat = (x64 - mean) * inv
+    np.testing.assert_allclose(read("mean.bin", np.float64), mean[:, 0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(read("invstd.bin", np.float64), inv[:, 0], rtol=1e-9, atol=0)
+    y = xhat * wf + bf
+    _near(read("y.bin").reshape(rows, length), y, 1)
+    wg = g * wf
+    dx = inv * (wg - wg.mean(1, keepdims=True) - xhat * (wg * xhat).mean(1, keepdims=True))
+    _near(read("dx.bin").reshape(rows, length), dx, 1, rtol=1e-5, atol=1e-5)
+    gx = g * xhat
+    if case[0] == "ln":
+        dw, db = gx.sum(0), g.sum(0)
+    else:
+        dw, db = gx.reshape(g3.shape).sum((0, 2)), g3.sum((0, 2))
+    _near(read("dw.bin", np.float64), dw, None, rtol=1e-9, atol=1e-9 * np.abs(dw).max())
+    _near(read("db.bin", np.float64), db, None, rtol=1e-9, atol=1e-9 * np.abs(db).max())

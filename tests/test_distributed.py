@@ -1,7 +1,7 @@
 """Synchronized batch norm: the building blocks, SyncBatchNorm, multi-rank runs.
 
-The building blocks are checked against a float64 NumPy oracle written here
-and against finite differences; a split batch reduced with them must equal the
+The building blocks are checked against the float64 NumPy oracle
+(tests/reference.py) and against finite differences; a split batch reduced with them must equal the
 whole batch. SyncBatchNorm runs in-process on MPI.COMM_SELF, and under
 ``mpiexec -n 2/3/4`` (tests/mpi/check_sync_bn.py, uneven shards, a rank with no
 samples, bad input on one rank). MPI tests skip only where mpi4py is absent.
@@ -19,43 +19,14 @@ import numpy as np
 import pytest
 
 import bncore
+import reference as ref
 
 # The ranks must import the same bncore as this process (a build in place or
 # an installed copy); scripts and examples live in the source tree.
 BNCORE_PARENT = Path(bncore.__file__).resolve().parent.parent
 REPO = Path(__file__).resolve().parent.parent
 MPI_SCRIPTS = REPO / "tests" / "mpi"
-RTOL = {np.float64: 1e-12, np.float32: 1e-5}
-
-
-# -- float64 oracle ---------------------------------------------------------
-
-def channels_last(a, axis):
-    """(n, C) float64 view of a with the channel axis last."""
-    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
-    return a.reshape(-1, a.shape[-1])
-
-
-def to_layout(flat, like, axis):
-    """Inverse of channels_last for an array shaped like ``like``."""
-    moved = np.moveaxis(np.empty(like.shape), axis, -1).shape
-    return np.moveaxis(flat.reshape(moved), -1, axis)
-
-
-def oracle_stats(x, axis=1):
-    f = channels_last(x, axis)
-    if f.shape[0] == 0:
-        return 0, np.zeros(f.shape[1]), np.zeros(f.shape[1])
-    mean = f.mean(axis=0)
-    return f.shape[0], mean, ((f - mean) ** 2).sum(axis=0)
-
-
-def assert_close(got, want, rtol, what=""):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    scale = max(np.abs(want).max(initial=0.0), 1.0)
-    err = np.abs(got - want).max(initial=0.0) / scale
-    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}"
+RTOL = ref.NORM_RTOL
 
 
 def sample(rng, shape, dtype, offset=0.0, scale=1.0):
@@ -70,33 +41,33 @@ LAYOUTS = [((6, 4), 1), ((5, 3, 7), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1),
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_stats_match_oracle(shape, axis, dtype):
-    x = sample(np.random.default_rng(0), shape, dtype, offset=3.0)
+def test_stats_match_oracle(rng, shape, axis, dtype):
+    x = sample(rng, shape, dtype, offset=3.0)
     count, mean, m2 = bncore.batch_norm_stats(x, axis=axis)
-    n, mean_o, m2_o = oracle_stats(x, axis)
+    n, mean_o, m2_o = ref.stats(x, axis)
     assert count == n and isinstance(count, (int, np.integer))
     assert mean.dtype == np.float64 and m2.dtype == np.float64
-    assert_close(mean, mean_o, RTOL[dtype], "mean")
-    assert_close(m2, m2_o, RTOL[dtype], "m2")
+    ref.assert_close(mean, mean_o, RTOL[dtype], "mean")
+    ref.assert_close(m2, m2_o, RTOL[dtype], "m2")
 
 
-def test_stats_any_memory_layout():
-    base = sample(np.random.default_rng(1), (6, 8, 5), np.float64)
+def test_stats_any_memory_layout(rng):
+    base = sample(rng, (6, 8, 5), np.float64)
     for x in (base[::-1, ::2], np.asfortranarray(base), base.transpose(2, 1, 0)):
         count, mean, m2 = bncore.batch_norm_stats(x, axis=1)
-        n, mean_o, m2_o = oracle_stats(x, 1)
+        n, mean_o, m2_o = ref.stats(x, 1)
         assert count == n
-        assert_close(mean, mean_o, 1e-13)
-        assert_close(m2, m2_o, 1e-13)
+        ref.assert_close(mean, mean_o, 1e-13)
+        ref.assert_close(m2, m2_o, 1e-13)
 
 
-def test_stats_float16_input():
-    x = sample(np.random.default_rng(2), (16, 3, 4), np.float16)
+def test_stats_float16_input(rng):
+    x = sample(rng, (16, 3, 4), np.float16)
     count, mean, m2 = bncore.batch_norm_stats(x)
-    n, mean_o, m2_o = oracle_stats(x)
+    n, mean_o, m2_o = ref.stats(x)
     assert count == n
-    assert_close(mean, mean_o, 1e-5)
-    assert_close(m2, m2_o, 1e-5)
+    ref.assert_close(mean, mean_o, 1e-5)
+    ref.assert_close(m2, m2_o, 1e-5)
 
 
 @pytest.mark.parametrize("shape,axis", [((0, 4), 1), ((0, 3, 5), 1),
@@ -109,12 +80,12 @@ def test_stats_zero_samples(shape, axis):
     assert not mean.any() and not m2.any()
 
 
-def test_stats_float32_huge_offset():
+def test_stats_float32_huge_offset(rng):
     # |mean| >> std: E[x^2] - E[x]^2 would lose every digit of the variance.
-    x = sample(np.random.default_rng(3), (4096, 3), np.float32,
+    x = sample(rng, (4096, 3), np.float32,
                offset=1e4, scale=1.0)
     _, mean, m2 = bncore.batch_norm_stats(x)
-    _, mean_o, m2_o = oracle_stats(x)
+    _, mean_o, m2_o = ref.stats(x)
     np.testing.assert_allclose(mean, mean_o, rtol=1e-6)
     np.testing.assert_allclose(m2, m2_o, rtol=1e-4)
 
@@ -150,11 +121,11 @@ def test_merge_equals_whole_batch(seed):
     x = sample(rng, (n, 5, 3), np.float64, offset=rng.normal() * 100)
     bounds = np.sort(rng.integers(0, n + 1, size=int(rng.integers(1, 7))))
     count, mean, m2 = bncore.merge_stats(*split_stats(x, bounds))
-    n_o, mean_o, m2_o = oracle_stats(x)
+    n_o, mean_o, m2_o = ref.stats(x)
     assert count == n_o
     assert mean.dtype == m2.dtype == np.float64
-    assert_close(mean, mean_o, 1e-13, "mean")
-    assert_close(m2, m2_o, 1e-12, "m2")
+    ref.assert_close(mean, mean_o, 1e-13, "mean")
+    ref.assert_close(m2, m2_o, 1e-12, "m2")
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -189,12 +160,11 @@ def test_merge_is_associative(seed):
                         ("ring", ring), ("permuted", perm),
                         ("nested", nested)]:
         assert other[0] == flat[0], name
-        assert_close(other[1], flat[1], 1e-13, name + " mean")
-        assert_close(other[2], flat[2], 1e-12, name + " m2")
+        ref.assert_close(other[1], flat[1], 1e-13, name + " mean")
+        ref.assert_close(other[2], flat[2], 1e-12, name + " m2")
 
 
-def test_merge_count_zero_triples():
-    rng = np.random.default_rng(7)
+def test_merge_count_zero_triples(rng):
     x = sample(rng, (9, 3), np.float64, offset=5.0)
     one = bncore.batch_norm_stats(x)
     empty = bncore.batch_norm_stats(x[:0])
@@ -215,8 +185,8 @@ def test_merge_count_zero_triples():
     assert np.isfinite(mean).all() and np.isfinite(m2).all()
 
 
-def test_merge_single_triple_is_identity():
-    x = sample(np.random.default_rng(8), (6, 4), np.float64)
+def test_merge_single_triple_is_identity(rng):
+    x = sample(rng, (6, 4), np.float64)
     count, mean, m2 = bncore.batch_norm_stats(x)
     got = bncore.merge_stats(np.array([count]), mean[None], m2[None])
     assert got[0] == count
@@ -224,12 +194,11 @@ def test_merge_single_triple_is_identity():
     np.testing.assert_array_equal(got[2], m2)
 
 
-def test_merge_huge_offset_stays_accurate():
+def test_merge_huge_offset_stays_accurate(rng):
     # Shards far from zero with small spread: Chan's formula keeps M2.
-    rng = np.random.default_rng(9)
     x = 1e8 + rng.standard_normal((1000, 2))
     count, mean, m2 = bncore.merge_stats(*split_stats(x, [100, 450, 451]))
-    _, mean_o, m2_o = oracle_stats(x)
+    _, mean_o, m2_o = ref.stats(x)
     np.testing.assert_allclose(mean, mean_o, rtol=1e-15)
     np.testing.assert_allclose(m2, m2_o, rtol=1e-7)
 
@@ -246,44 +215,38 @@ def test_merge_bad_input():
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_elemt_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(10)
+def test_elemt_matches_oracle(rng, shape, axis, dtype):
     x = sample(rng, shape, dtype)
     c = shape[axis]
     mean, invstd = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
     w, b = rng.normal(size=c), rng.normal(size=c)
     y = bncore.batch_norm_elemt(x, mean, invstd, w, b, axis=axis)
     assert y.dtype == x.dtype and y.shape == x.shape
-    want = (channels_last(x, axis) - mean) * invstd * w + b
-    assert_close(y, to_layout(want, x, axis), RTOL[dtype])
+    ref.assert_close(y, ref.elemt(x, mean, invstd, w, b, axis), RTOL[dtype])
     y1 = bncore.batch_norm_elemt(x, mean, invstd, axis=axis)
-    want1 = (channels_last(x, axis) - mean) * invstd
-    assert_close(y1, to_layout(want1, x, axis), RTOL[dtype])
+    ref.assert_close(y1, ref.elemt(x, mean, invstd, axis=axis), RTOL[dtype])
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backward_reduce_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(11)
+def test_backward_reduce_matches_oracle(rng, shape, axis, dtype):
     x = sample(rng, shape, dtype, offset=2.0)
     dy = sample(rng, shape, dtype)
-    mean = channels_last(x, axis).mean(axis=0)
-    sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(dy, x, mean,
-                                                          axis=axis)
-    fx, fdy = channels_last(x, axis), channels_last(dy, axis)
+    mean = ref.stats(x, axis)[1]
+    sum_dy, sum_dy_xmu = bncore.batch_norm_backward_reduce(dy, x, mean, axis=axis)
     assert sum_dy.dtype == sum_dy_xmu.dtype == np.float64
-    assert_close(sum_dy, fdy.sum(axis=0), RTOL[dtype])
-    assert_close(sum_dy_xmu, (fdy * (fx - mean)).sum(axis=0), RTOL[dtype])
+    want_dy, want_dy_xmu = ref.backward_reduce(dy, x, mean, axis)
+    ref.assert_close(sum_dy, want_dy, RTOL[dtype])
+    ref.assert_close(sum_dy_xmu, want_dy_xmu, RTOL[dtype])
 
 
-def test_backward_reduce_centered_float32():
+def test_backward_reduce_centered_float32(rng):
     # Uncentered sum(dy*x) - mean*sum(dy) cancels catastrophically here.
-    rng = np.random.default_rng(12)
     x = sample(rng, (8192, 2), np.float32, offset=1e4)
     dy = sample(rng, (8192, 2), np.float32)
-    mean = x.astype(np.float64).mean(axis=0)
+    mean = ref.stats(x)[1]
     _, got = bncore.batch_norm_backward_reduce(dy, x, mean)
-    want = (dy.astype(np.float64) * (x - mean)).sum(axis=0)
+    want = ref.backward_reduce(dy, x, mean)[1]
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
@@ -296,8 +259,7 @@ def test_backward_reduce_zero_samples():
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backward_elemt_matches_oracle(shape, axis, dtype):
-    rng = np.random.default_rng(13)
+def test_backward_elemt_matches_oracle(rng, shape, axis, dtype):
     x, dy = sample(rng, shape, dtype), sample(rng, shape, dtype)
     c = shape[axis]
     mean, invstd = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
@@ -307,10 +269,9 @@ def test_backward_elemt_matches_oracle(shape, axis, dtype):
     dx = bncore.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy,
                                           sum_dy_xmu, count, axis=axis)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    fx, fdy = channels_last(x, axis), channels_last(dy, axis)
-    want = w * invstd * (fdy - sum_dy / count
-                         - (fx - mean) * invstd ** 2 * sum_dy_xmu / count)
-    assert_close(dx, to_layout(want, x, axis), RTOL[dtype])
+    want = ref.backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu,
+                              count, axis)
+    ref.assert_close(dx, want, RTOL[dtype])
 
 
 def blocks_forward_backward(x, dy, w, b, eps, bounds, axis=1):
@@ -334,8 +295,7 @@ def blocks_forward_backward(x, dy, w, b, eps, bounds, axis=1):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((11, 4, 3), 1), ((9, 2, 3, 4), -1)])
-def test_split_batch_equals_whole_batch(dtype, shape, axis):
-    rng = np.random.default_rng(14)
+def test_split_batch_equals_whole_batch(rng, dtype, shape, axis):
     x = sample(rng, shape, dtype, offset=-3.0)
     dy = sample(rng, shape, dtype)
     c = shape[axis]
@@ -347,37 +307,23 @@ def test_split_batch_equals_whole_batch(dtype, shape, axis):
                                                         w, axis=axis)
     for name, got, want in [("y", y, y_ref), ("dx", dx, dx_ref),
                             ("dweight", dw, dw_ref), ("dbias", db, db_ref)]:
-        assert_close(got, want, RTOL[dtype], name)
+        ref.assert_close(got, want, RTOL[dtype], name)
 
 
-def test_blocks_gradient_matches_finite_differences():
-    rng = np.random.default_rng(15)
+def test_blocks_gradient_matches_finite_differences(rng):
     x = rng.standard_normal((7, 3))
     g = rng.standard_normal((7, 3))  # loss = sum(g * y)
     w, b = rng.normal(size=3), rng.normal(size=3)
     eps, bounds = 1e-5, [3, 3]
 
-    def loss(xx, ww=w, bb=b):
-        counts, means, m2s = split_stats(xx, bounds)
+    def loss():
+        counts, means, m2s = split_stats(x, bounds)
         count, mean, m2 = bncore.merge_stats(counts, means, m2s)
         invstd = 1.0 / np.sqrt(m2 / count + eps)
-        return float((g * bncore.batch_norm_elemt(xx, mean, invstd, ww,
-                                                   bb)).sum())
+        return float((g * bncore.batch_norm_elemt(x, mean, invstd, w, b)).sum())
 
     _, dx, dw, db = blocks_forward_backward(x, g, w, b, eps, bounds)
-    h = 1e-6
-    num_dx = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[idx] = h
-        num_dx[idx] = (loss(x + e) - loss(x - e)) / (2 * h)
-    num_dw = np.array([(loss(x, w + h * e) - loss(x, w - h * e)) / (2 * h)
-                       for e in np.eye(3)])
-    num_db = np.array([(loss(x, w, b + h * e) - loss(x, w, b - h * e))
-                       / (2 * h) for e in np.eye(3)])
-    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dw, num_dw, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(db, num_db, rtol=1e-5, atol=1e-7)
+    ref.assert_grads(loss, ((x, dx), (w, dw), (b, db)))
 
 
 # -- SyncBatchNorm in one process ---------------------------------------------
@@ -397,66 +343,62 @@ def distributed():
                                     {"affine": False},
                                     {"track_running_stats": False},
                                     {"axis": -1, "dtype": np.float64}])
-def test_sync_single_rank_equals_batchnorm(reduction, kwargs):
+def test_sync_single_rank_equals_batchnorm(rng, reduction, kwargs):
     dist = distributed()
     comm = mpi().COMM_SELF
     dtype = kwargs.get("dtype", np.float32)
     sync = dist.SyncBatchNorm(4, comm=comm, reduction=reduction, **kwargs)
-    ref = bncore.BatchNorm(4, **kwargs)
+    plain = bncore.BatchNorm(4, **kwargs)
     assert isinstance(sync, bncore.BatchNorm)
-    rng = np.random.default_rng(16)
     for step in range(4):
         if step == 3:
             sync.eval()
-            ref.eval()
+            plain.eval()
         shape = (6, 3, 4) if kwargs.get("axis") == -1 else (6, 4, 3)
         x, dy = sample(rng, shape, dtype, 1.0, 2.0), sample(rng, shape, dtype)
-        y, y_ref = sync(x), ref(x)
-        dx, dx_ref = sync.backward(dy), ref.backward(dy)
+        y, y_ref = sync(x), plain(x)
+        dx, dx_ref = sync.backward(dy), plain.backward(dy)
         assert y.dtype == y_ref.dtype and dx.dtype == dx_ref.dtype
         tol = RTOL[dtype]
-        assert_close(y, y_ref, tol, "y")
-        assert_close(dx, dx_ref, tol, "dx")
+        ref.assert_close(y, y_ref, tol, "y")
+        ref.assert_close(dx, dx_ref, tol, "dx")
         for name in ("grad_weight", "grad_bias", "running_mean",
                      "running_var"):
-            a, b = getattr(sync, name), getattr(ref, name)
+            a, b = getattr(sync, name), getattr(plain, name)
             assert (a is None) == (b is None)
             if a is not None:
                 assert a.dtype == b.dtype
-                assert_close(a, b, tol, name)
-    sd, sd_ref = sync.state_dict(), ref.state_dict()
+                ref.assert_close(a, b, tol, name)
+    sd, sd_ref = sync.state_dict(), plain.state_dict()
     assert sd.keys() == sd_ref.keys()
     for key in sd:
         if sd[key] is not None:
-            assert_close(sd[key], sd_ref[key], RTOL[dtype], key)
+            ref.assert_close(sd[key], sd_ref[key], RTOL[dtype], key)
 
 
-def test_sync_single_rank_float16_and_out():
+def test_sync_single_rank_float16_and_out(rng):
     dist = distributed()
-    rng = np.random.default_rng(18)
     sync = dist.SyncBatchNorm(3, comm=mpi().COMM_SELF)
-    ref = bncore.BatchNorm(3)
-    x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2),
-                                                        np.float16)
-    y, y_ref = sync(x), ref(x)
+    plain = bncore.BatchNorm(3)
+    x, dy = sample(rng, (8, 3, 2), np.float16), sample(rng, (8, 3, 2), np.float16)
+    y, y_ref = sync(x), plain(x)
     assert y.dtype == np.float16
-    assert_close(y, y_ref, 2e-3, "y")
-    assert_close(sync.backward(dy), ref.backward(dy), 2e-3, "dx")
-    assert_close(sync.running_var, ref.running_var, 1e-5, "running_var")
+    ref.assert_close(y, y_ref, 2e-3, "y")
+    ref.assert_close(sync.backward(dy), plain.backward(dy), 2e-3, "dx")
+    ref.assert_close(sync.running_var, plain.running_var, 1e-5, "running_var")
     x32 = x.astype(np.float32)
     out, dx_out = np.empty_like(x32), np.empty_like(x32)
     y = sync(x32, out=out)
     assert y is out
-    assert_close(out, ref(x32), 1e-5, "out")
+    ref.assert_close(out, plain(x32), 1e-5, "out")
     assert sync.backward(dy.astype(np.float32), out=dx_out) is dx_out
-    assert_close(dx_out, ref.backward(dy.astype(np.float32)), 1e-5, "dx out")
+    ref.assert_close(dx_out, plain.backward(dy.astype(np.float32)), 1e-5, "dx out")
 
 
 @pytest.mark.parametrize("counts", [(7, 5), (0, 4), (3, 0), (0, 0)])
-def test_chan_reduction_operation(counts):
+def test_chan_reduction_operation(rng, counts):
     # The MPI operation of reduction="allreduce", applied as MPI would.
     dist = distributed()
-    rng = np.random.default_rng(19)
     c = 6
     parts = [sample(rng, (n, c), np.float64, offset=40.0) for n in counts]
     recs = []
@@ -467,10 +409,10 @@ def test_chan_reduction_operation(counts):
     dtype = dist._record_type(recs[0].size)
     dist._chan_reduce(recs[0], recs[1], dtype)
     out = recs[1]
-    n, mean, m2 = oracle_stats(np.concatenate(parts))
+    n, mean, m2 = ref.stats(np.concatenate(parts))
     assert out[0] == n and out[1] == 1 and out[2] == 2 and out[3] == 3
-    assert_close(out[4:4 + c], mean, 1e-13, "mean")
-    assert_close(out[4 + c:], m2, 1e-12, "m2")
+    ref.assert_close(out[4:4 + c], mean, 1e-13, "mean")
+    ref.assert_close(out[4 + c:], m2, 1e-12, "m2")
 
 
 def test_sync_rejects_bad_arguments():
@@ -496,7 +438,7 @@ def test_sync_rejects_bad_arguments():
         sync.backward(np.ones((3, 3), dtype=np.float32))
 
 
-def test_convert_sync_batchnorm():
+def test_convert_sync_batchnorm(rng):
     dist = distributed()
     comm = mpi().COMM_SELF
     bn1 = bncore.BatchNorm(3, momentum=None)
@@ -518,10 +460,10 @@ def test_convert_sync_batchnorm():
     assert model[0] is bn1  # the input container is left alone
     assert dist.convert_sync_batchnorm(s1) is s1
     assert dist.convert_sync_batchnorm(other) is other
-    x = sample(np.random.default_rng(17), (6, 3), np.float32)
-    ref = bncore.BatchNorm(3, momentum=None)
-    assert_close(s1(x), ref(x), 1e-6)
-    assert_close(bn1.running_var, ref.running_var, 1e-6)
+    x = sample(rng, (6, 3), np.float32)
+    plain = bncore.BatchNorm(3, momentum=None)
+    ref.assert_close(s1(x), plain(x), 1e-6)
+    ref.assert_close(bn1.running_var, plain.running_var, 1e-6)
 
 
 # -- several ranks under mpiexec -----------------------------------------------

@@ -1,5 +1,7 @@
-"""Property-based fuzzing of the batch-norm functions, the BatchNorm layer and
-the normalization family (group, layer, instance norm), plus every kind of
+"""The suite's property-based tests (hypothesis; the CI profile is in
+conftest.py): fuzzing of the batch-norm functions, the BatchNorm layer and the
+normalization family (group, layer, instance norm), a training step's
+train -> backward -> eval chain, merge_stats over any split, plus every kind of
 bad argument (the README's error table, at the end).
 
 Hypothesis draws the structure of a case -- ndim 2-5, sizes 0-5 (now and then
@@ -10,8 +12,8 @@ read-only inputs, parameter dtypes and strides, and the kind of `out` (none,
 fresh, strided, x itself, dy itself, a partially overlapping view of x, x
 reversed, read-only) -- and a seed for the values. Every case checks:
 
-* the result matches a float64 reference (tests/reference.py, or written
-  below) within the dtype's tolerance, in the documented output dtypes;
+* the result matches the float64 reference (tests/reference.py) within the
+  dtype's tolerance (its table), in the documented output dtypes;
 * inputs not meant to change are bitwise unchanged;
 * an `out` that overlaps an input is either handled correctly or refused with a
   ValueError naming `out`: never a wrong answer;
@@ -37,9 +39,10 @@ import reference as ref  # noqa: E402
 EXAMPLES = int(os.environ.get("BNCORE_FUZZ_EXAMPLES", "100"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-# |got - want| <= RTOL * |want| + ATOL * max(1, max |want|), per input dtype
-RTOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
-ATOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-10}
+# |got - want| <= rtol * |want| + atol * max(1, max |want|), rtol and atol from
+# the suite's table for the input dtype
+RTOL = {t: v["rtol"] for t, v in ref.TOL.items()}
+ATOL = {t: v["atol"] for t, v in ref.TOL.items()}
 ACTIVATIONS = [None, "relu", ("leaky_relu", 0.2)]
 
 
@@ -227,12 +230,6 @@ class Spec:
         return tuple(a for a in self.arrays if a != "y" or opts.get("activation") is not None)
 
 
-def _shape_c(case):
-    s = [1] * len(case.shape)
-    s[case.axis] = -1
-    return tuple(s)
-
-
 def _train_call(c, out):
     rm, rv = c.vectors["state_rm"], c.vectors["state_rv"]
     y, m, inv = bncore.batch_norm_train(
@@ -270,8 +267,8 @@ def _elemt_call(c, out):
 
 
 def _elemt_ref(c):
-    y = ref.evaluate(c.orig["x"], c.v64("mean"), 1 / c.v64("invstd") ** 2, c.v64("weight"),
-                     c.v64("bias"), c.axis, 0.0)
+    y = ref.elemt(c.orig["x"], c.v64("mean"), c.v64("invstd"), c.v64("weight"), c.v64("bias"),
+                  c.axis)
     return (ref.activate(y, c.opts["activation"]),)
 
 
@@ -308,10 +305,7 @@ def _reduce_call(c, out):
 
 
 def _reduce_ref(c):
-    red = tuple(i for i in range(len(c.shape)) if i != c.axis % len(c.shape))
-    g = _grad_in(c)
-    xmu = c.orig["x"] - c.v64("mean").reshape(_shape_c(c))
-    return g.sum(red), (g * xmu).sum(red)
+    return ref.backward_reduce(_grad_in(c), c.orig["x"], c.v64("mean"), c.axis)
 
 
 def _belemt_count(c):
@@ -327,14 +321,9 @@ def _belemt_call(c, out):
 
 
 def _belemt_ref(c):
-    sh = _shape_c(c)
-    n = _belemt_count(c)
-    inv = c.v64("invstd").reshape(sh)
-    w = 1.0 if c.v64("weight") is None else c.v64("weight").reshape(sh)
-    xmu = c.orig["x"] - c.v64("mean").reshape(sh)
-    dx = w * inv * (_grad_in(c) - c.v64("sum_dy").reshape(sh) / n
-                    - xmu * inv**2 * c.v64("sum_dy_xmu").reshape(sh) / n)
-    return (dx,)
+    return (ref.backward_elemt(_grad_in(c), c.orig["x"], c.v64("mean"), c.v64("invstd"),
+                               c.v64("weight"), c.v64("sum_dy"), c.v64("sum_dy_xmu"),
+                               _belemt_count(c), c.axis),)
 
 
 def _layer_call(c, out):
@@ -392,81 +381,48 @@ def _seeded_params(c, shape):
     return rng.uniform(0.5, 1.5, shape), rng.standard_normal(shape)
 
 
-def _rows_ref(x, dy, rows_shape, w, b, eps, saved):
-    """Normalization over the rows of x viewed as rows_shape = (rows, n), with an
-    affine (w, b) shaped like x (broadcast): (y, mean, invstd, dx, xhat). The
-    backward is a function of the saved statistics it is given: `saved`, the
-    (mean, invstd) the library's forward returns (float32 for float32 input),
-    as in the functions' backward."""
-    xr = x.reshape(rows_shape)
-    n = rows_shape[1]
-    mean = xr.mean(1, keepdims=True) if n else np.zeros((rows_shape[0], 1))
-    var = ((xr - mean) ** 2).mean(1, keepdims=True) if n else np.full((rows_shape[0], 1), np.nan)
-    invstd = 1 / np.sqrt(var + eps)
-    y = ((xr - mean) * invstd).reshape(x.shape) * w + b
-    ms, invs = (np.asarray(a, np.float64).reshape(-1, 1) for a in saved)
-    xhat = ((xr - ms) * invs).reshape(x.shape)
-    g = (dy * w).reshape(rows_shape)
-    xh = xhat.reshape(rows_shape)
-    dx = invs * (g - g.mean(1, keepdims=True) - xh * (g * xh).mean(1, keepdims=True)) if n \
-        else g
-    return y, mean[:, 0], invstd[:, 0], dx.reshape(x.shape), xhat
-
-
 def _group_count(c):
     """The number of groups: a divisor of C picked from the seed."""
     divisors = [g for g in range(1, c.C + 1) if c.C % g == 0] or [1]
     return divisors[c.seed % len(divisors)]
 
 
-def _group_call(c, out):
-    G = _group_count(c)
-    x, dy = c.arrays["x"], c.arrays["dy"]
-    w, b = _seeded_params(c, c.C) if c.opts["affine"] else (None, None)
-    _, m, inv = bncore.group_norm_train(x, G, w, b, c.opts["eps"])
-    dx, dw, db = bncore.group_norm_backward(dy, x, G, m, inv, w)
-    y, m, inv = bncore.group_norm_train(x, G, w, b, c.opts["eps"], out=out)  # last: out may be x
-    return y, m, inv, dx, dw, db
+def _layer_norm_shape(c):
+    return c.shape[-(1 + c.seed % (len(c.shape) - 1)):]  # 1 .. ndim-1 trailing dims
 
 
-def _group_ref(c):
-    G = _group_count(c)
-    x, dy = c.orig["x"], c.orig["dy"]
-    N, C = c.shape[:2]
-    bshape = (1, C) + (1,) * (len(c.shape) - 2)
-    w, b = _seeded_params(c, C) if c.opts["affine"] else (np.ones(C), np.zeros(C))
-    saved = bncore.group_norm_train(c.arrays["x"], G, eps=c.opts["eps"])[1:]
-    y, m, inv, dx, xhat = _rows_ref(x, dy, (N * G, -1 if x.size else 0) if N * G else (0, 0),
-                                    w.reshape(bshape), b.reshape(bshape), c.opts["eps"], saved)
-    red = (0,) + tuple(range(2, len(c.shape)))
-    return (y, m.reshape(N, G), inv.reshape(N, G), dx, (dy * xhat).sum(red), dy.sum(red))
+# group_norm and layer_norm: (train, backward, reference, reference backward,
+# their second argument, the shape of the affine parameters)
+FAMILY = {
+    "group_norm": lambda c: (bncore.group_norm_train, bncore.group_norm_backward, ref.group_norm,
+                             ref.group_norm_backward, _group_count(c), c.C),
+    "layer_norm": lambda c: (bncore.layer_norm_train, bncore.layer_norm_backward, ref.layer_norm,
+                             ref.layer_norm_backward, _layer_norm_shape(c), _layer_norm_shape(c)),
+}
 
 
-def _layer_norm_k(c):
-    return 1 + c.seed % (len(c.shape) - 1)  # normalize over 1 .. ndim-1 trailing dims
+def _family_call(name):
+    def call(c, out):
+        train, backward, _, _, arg, pshape = FAMILY[name](c)
+        x, dy = c.arrays["x"], c.arrays["dy"]
+        w, b = _seeded_params(c, pshape) if c.opts["affine"] else (None, None)
+        _, m, inv = train(x, arg, w, b, c.opts["eps"])
+        dx, dw, db = backward(dy, x, arg, m, inv, w)
+        y, m, inv = train(x, arg, w, b, c.opts["eps"], out=out)  # last: out may be x
+        return y, m, inv, dx, dw, db
+    return call
 
 
-def _layer_norm_call(c, out):
-    ns = c.shape[-_layer_norm_k(c):]
-    x, dy = c.arrays["x"], c.arrays["dy"]
-    w, b = _seeded_params(c, ns) if c.opts["affine"] else (None, None)
-    _, m, inv = bncore.layer_norm_train(x, ns, w, b, c.opts["eps"])
-    dx, dw, db = bncore.layer_norm_backward(dy, x, ns, m, inv, w)
-    y, m, inv = bncore.layer_norm_train(x, ns, w, b, c.opts["eps"], out=out)  # last: out may be x
-    return y, m, inv, dx, dw, db
-
-
-def _layer_norm_ref(c):
-    k = _layer_norm_k(c)
-    ns, lead = c.shape[-k:], c.shape[:-k]
-    x, dy = c.orig["x"], c.orig["dy"]
-    w, b = _seeded_params(c, ns) if c.opts["affine"] else (np.ones(ns), np.zeros(ns))
-    rows, n = int(np.prod(lead)), int(np.prod(ns))
-    saved = bncore.layer_norm_train(c.arrays["x"], ns, eps=c.opts["eps"])[1:]
-    y, m, inv, dx, xhat = _rows_ref(x, dy, (rows, n), w, b, c.opts["eps"], saved)
-    stat = lead + (1,) * k
-    red = tuple(range(len(lead)))
-    return y, m.reshape(stat), inv.reshape(stat), dx, (dy * xhat).sum(red), dy.sum(red)
+def _family_ref(name):
+    def reference(c):
+        train, _, forward_ref, backward_ref, arg, pshape = FAMILY[name](c)
+        w, b = _seeded_params(c, pshape) if c.opts["affine"] else (None, None)
+        # the backward is a function of the statistics the library's forward
+        # saved (float32 for float32 input), as in the functions' backward
+        saved = train(c.arrays["x"], arg, eps=c.opts["eps"])[1:]
+        return (forward_ref(c.orig["x"], arg, w, b, c.opts["eps"])
+                + backward_ref(c.orig["dy"], c.orig["x"], arg, *saved, w))
+    return reference
 
 
 def _instance_call(c, out):
@@ -480,16 +436,17 @@ def _instance_call(c, out):
 
 
 def _instance_ref(c):
+    """Instance norm is group norm with one channel per group."""
     N, C = c.shape[:2]
     HW = int(np.prod(c.shape[2:]))
-    x, dy = c.orig["x"], c.orig["dy"]
+    x = c.orig["x"]
     saved = bncore.instance_norm_train(c.arrays["x"], eps=c.opts["eps"])[1:]
-    y, m, inv, dx, xhat = _rows_ref(x, dy, (N * C, HW), 1.0, 0.0, c.opts["eps"], saved)
-    red = (0,) + tuple(range(2, len(c.shape)))
-    var_u = c.orig["x"].reshape(N * C, HW).var(1) * HW / (HW - 1) if N * C else np.zeros(0)
-    rm = 0.9 * c.v64("state_rm") + 0.1 * m.reshape(N, C).mean(0)
+    y, m, inv = ref.group_norm(x, C, eps=c.opts["eps"])
+    dx, dw, db = ref.group_norm_backward(c.orig["dy"], x, C, *saved)
+    var_u = x.reshape(N * C, HW).var(1) * HW / (HW - 1) if N * C else np.zeros(0)
+    rm = 0.9 * c.v64("state_rm") + 0.1 * m.mean(0)
     rv = 0.9 * c.v64("state_rv") + 0.1 * var_u.reshape(N, C).mean(0)
-    return (y, m.reshape(N, C), inv.reshape(N, C), dx, (dy * xhat).sum(red), dy.sum(red), rm, rv)
+    return (y, m, inv, dx, dw, db, rm, rv)
 
 
 def _dx_terms(c, want):
@@ -541,10 +498,12 @@ SPECS = [
          min_channels=1, returns_out=False, refuses_overlap=True,
          options=dict(eps=EPS, momentum=st.sampled_from([None, 0.1, 0.5]),
                       affine=st.booleans())),
-    Spec("group_norm", ("dy", "x"), {}, _group_call, _group_ref, like_x=(0, 3),
+    Spec("group_norm", ("dy", "x"), {}, _family_call("group_norm"), _family_ref("group_norm"),
+         like_x=(0, 3),
          returns_out=False, fixed_axis=1, scales=_dx_terms,
          options=dict(eps=EPS, affine=st.booleans())),
-    Spec("layer_norm", ("dy", "x"), {}, _layer_norm_call, _layer_norm_ref, like_x=(0, 3),
+    Spec("layer_norm", ("dy", "x"), {}, _family_call("layer_norm"), _family_ref("layer_norm"),
+         like_x=(0, 3),
          returns_out=False, scales=_dx_terms, options=dict(eps=EPS, affine=st.booleans())),
     Spec("instance_norm", ("dy", "x"), dict(state_rm="state_normal", state_rv="state_positive"),
          _instance_call, _instance_ref, like_x=(0, 3), returns_out=False, fixed_axis=1,
@@ -662,6 +621,64 @@ def _run(spec, data):
 @given(data=st.data())
 def test_fuzz(spec, data):
     _run(spec, data.draw(cases(spec), label="case"))
+
+
+# ---- a training step's chain: train, backward with its statistics, eval ---------------------
+
+@settings(SETTINGS, max_examples=max(EXAMPLES, 150))
+@given(data=st.data())
+def test_fuzz_train_backward_eval_chain(data):
+    """batch_norm_train, then batch_norm_backward with the statistics it
+    returned, then batch_norm_eval on the same x, into each kind of out, with
+    x centred at 0 or at 1e3."""
+    shape, axis = data.draw(geometry(), label="geometry")
+    ax = axis % len(shape)
+    if int(np.prod([s for i, s in enumerate(shape) if i != ax])) < 2:
+        shape = tuple(s if i == ax else max(s, 2) for i, s in enumerate(shape))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    # no stride-0 views: a constant channel at 1e3 makes y all rounding (the
+    # SPECS cases above bound that by the size of the cancelling terms)
+    view = data.draw(st.sampled_from([v for v in VIEWS if v != "bcast"]), label="view")
+    out_kind = data.draw(st.sampled_from(["none", "fresh", "fortran", "strided", "alias"]),
+                         label="out")
+    offset = data.draw(st.sampled_from([0.0, 1e3]), label="offset")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = _array(rng, shape, dtype, view, offset)
+    C = shape[axis]
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    tol = ref.GRAD_TOL[dtype]
+    if offset and dtype == np.float32:
+        tol = dict(rtol=2e-3, atol=2e-3)  # x - mean in float32 at 1e3 loses ~1e-4 of std
+    x_before = x.copy()
+    y_ref, m_ref, inv_ref, _ = ref.train(x, w, b, axis)
+    case = Case(shape, axis, dtype, 0, {"x": x}, {}, {})
+    # later calls get a fresh out of the same kind: in place, x is still needed
+    later = "none" if out_kind == "alias" else out_kind
+    if out_kind == "alias":
+        target = x.copy()
+        y, mean, invstd = bncore.batch_norm_train(target, w, b, axis=axis, out=target)
+        assert y is target
+    else:
+        out = _make_out(case, out_kind, None, rng)
+        y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis, out=out)
+        if out is not None:
+            assert y is out
+        np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_allclose(y, y_ref, **tol)
+    np.testing.assert_allclose(mean, m_ref, rtol=tol["rtol"] / 10, atol=tol["atol"])
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                            out=_make_out(case, later, None, rng))
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, mean, invstd, w, axis)
+    scale = max(1.0, np.abs(dx_ref).max(initial=0.0))
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale * 10)
+    np.testing.assert_allclose(db, db_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    np.testing.assert_allclose(dw, dw_ref, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    rv = rng.uniform(0.5, 2, C)
+    ye = bncore.batch_norm_eval(x, m_ref, rv, w, b, axis=axis,
+                                out=_make_out(case, later, None, rng))
+    np.testing.assert_allclose(ye, ref.evaluate(x, m_ref, rv, w, b, axis), **tol)
 
 
 # ---- merge_stats: K shards of one batch, in any split ----------------------------------------

@@ -6,17 +6,7 @@ import pytest
 
 import bncore
 import reference as ref
-
-TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(5)
-
-
-def ghosts(N, v):
-    return [slice(a, min(N, a + v)) for a in range(0, N, v)]
+from reference import GRAD_TOL, TOL
 
 
 @pytest.mark.parametrize("shape,axis,v", [((12, 5), 1, 4), ((10, 3, 4, 5), 1, 4),
@@ -33,26 +23,20 @@ def test_forward_backward_match_reference(rng, shape, axis, v, dtype):
     y, mean, invstd = bncore.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
                                               running_var=rv, momentum=0.2,
                                               virtual_batch_size=v)
-    K = len(ghosts(shape[0], v))
+    K = len(ref.ghost_slices(shape[0], v))
     assert mean.shape == invstd.shape == (K, C) and mean.dtype == dtype
-    parts = [ref.train(x[s], w, b, axis) for s in ghosts(shape[0], v)]
-    np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), **TOL[dtype])
-    np.testing.assert_allclose(mean, np.stack([p[1] for p in parts]), **TOL[dtype])
-    np.testing.assert_allclose(invstd, np.stack([p[2] for p in parts]), **TOL[dtype])
+    y_ref, m_ref, inv_ref, var_u = ref.ghost_train(x, v, w, b, axis)
+    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+    np.testing.assert_allclose(mean, m_ref, **TOL[dtype])
+    np.testing.assert_allclose(invstd, inv_ref, **TOL[dtype])
     # running statistics move toward the average over ghost batches
-    np.testing.assert_allclose(rm, 0.8 * rm0 + 0.2 * np.mean([p[1] for p in parts], 0),
-                               **TOL[dtype])
-    np.testing.assert_allclose(rv, 0.8 * rv0 + 0.2 * np.mean([p[3] for p in parts], 0),
-                               **TOL[dtype])
+    np.testing.assert_allclose(rm, 0.8 * rm0 + 0.2 * m_ref.mean(0), **TOL[dtype])
+    np.testing.assert_allclose(rv, 0.8 * rv0 + 0.2 * var_u.mean(0), **TOL[dtype])
     dy = rng.standard_normal(shape).astype(dtype)
     dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                             virtual_batch_size=v)
-    back = [ref.backward(dy[s], x[s], p[1], p[2], w, axis) for s, p in
-            zip(ghosts(shape[0], v), parts)]
-    gtol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else TOL[dtype]
-    np.testing.assert_allclose(dx, np.concatenate([q[0] for q in back]), **gtol)
-    np.testing.assert_allclose(dw, np.sum([q[1] for q in back], 0), **gtol)
-    np.testing.assert_allclose(db, np.sum([q[2] for q in back], 0), **gtol)
+    for got, want in zip((dx, dw, db), ref.ghost_backward(dy, x, m_ref, inv_ref, v, w, axis)):
+        np.testing.assert_allclose(got, want, **GRAD_TOL[dtype])
 
 
 def test_one_ghost_batch_is_plain_batch_norm(rng):
@@ -83,29 +67,26 @@ def test_finite_differences_and_fused_activation(rng):
         y, mean, invstd = bncore.batch_norm_train(x, w, b, virtual_batch_size=2, activation=act)
         grads = bncore.batch_norm_backward(g, x, mean, invstd, w, virtual_batch_size=2,
                                            activation=act, y=y)
-        h = 1e-7
-        for arr, grad in zip((x, w, b), grads):
-            np.testing.assert_allclose(grad, ref.numeric_grad(loss, arr, h), rtol=1e-5, atol=1e-6)
+        ref.assert_grads(loss, zip((x, w, b), grads), h=1e-7, atol=1e-6)
 
 
 def test_layer_with_virtual_batch_size(rng):
     layer = bncore.BatchNorm(3, momentum=0.5, virtual_batch_size=4, dtype=np.float64)
     x = rng.standard_normal((8, 3, 5)) + np.arange(8).reshape(8, 1, 1)
     y = layer(x)
-    parts = [ref.train(x[s], layer.weight, layer.bias) for s in ghosts(8, 4)]
-    np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(layer.running_mean, 0.5 * np.mean([p[1] for p in parts], 0),
-                               rtol=1e-12)
+    y_ref, m_ref, inv_ref, _ = ref.ghost_train(x, 4, layer.weight, layer.bias)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, 0.5 * m_ref.mean(0), rtol=1e-12)
     dy = rng.standard_normal(x.shape)
     dx = layer.backward(dy)
-    back = [ref.backward(dy[s], x[s], p[1], p[2], layer.weight) for s, p in zip(ghosts(8, 4), parts)]
-    np.testing.assert_allclose(dx, np.concatenate([q[0] for q in back]), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(layer.grad_weight, np.sum([q[1] for q in back], 0), rtol=1e-10)
+    dx_ref, dw_ref, _ = ref.ghost_backward(dy, x, m_ref, inv_ref, 4, layer.weight)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grad_weight, dw_ref, rtol=1e-10)
     layer.eval()  # eval: the running statistics, no ghost batches
     np.testing.assert_allclose(layer(x), ref.evaluate(x, layer.running_mean, layer.running_var,
                                                       layer.weight, layer.bias), rtol=1e-12)
-    np.testing.assert_allclose(layer.backward(dy), dy * (layer.weight / np.sqrt(
-        layer.running_var + 1e-5))[:, None], rtol=1e-12)
+    np.testing.assert_allclose(layer.backward(dy),
+                               ref.eval_backward(dy, layer.running_var, layer.weight), rtol=1e-12)
 
 
 def test_errors_change_nothing(rng):

@@ -8,17 +8,10 @@ import pytest
 
 import bncore
 import reference as ref
-from conftest import TOL
 
 ACTS = [None, "relu", ("leaky_relu", 0.2)]
 # (shape, axis): NCHW, channels-last, (N, C) and a 3-D volume
 LAYOUTS = [((4, 6, 9, 7), 1), ((4, 9, 7, 6), -1), ((40, 6), 1), ((2, 6, 3, 4, 5), 1)]
-
-
-def _bshape(x, axis):
-    s = [1] * x.ndim
-    s[axis % x.ndim] = -1
-    return tuple(s)
 
 
 def _params(rng, C, dtype=np.float32, signed=False):
@@ -27,27 +20,7 @@ def _params(rng, C, dtype=np.float32, signed=False):
             rng.standard_normal(C).astype(dtype), rng.uniform(0.3, 2.0, C).astype(dtype))
 
 
-def _tol(dtype, scale=1.0):
-    t = TOL[np.dtype(dtype).type]
-    return dict(rtol=t["rtol"], atol=t["atol"] * scale)
-
-
 # ---- folding ---------------------------------------------------------------------------
-
-def _conv_direct(x, W, b, groups):
-    """Stride-1, unpadded convolution (cross-correlation) in float64, any spatial dims."""
-    x, W = x.astype(np.float64), W.astype(np.float64)
-    nd = W.ndim - 2
-    win = np.lib.stride_tricks.sliding_window_view(x, W.shape[2:], axis=tuple(range(2, 2 + nd)))
-    cin_g, cout_g = W.shape[1], W.shape[0] // groups
-    outs = []
-    for g in range(groups):
-        wg = W[g * cout_g:(g + 1) * cout_g]
-        xg = win[:, g * cin_g:(g + 1) * cin_g]
-        k = "".join("klm"[:nd])
-        outs.append(np.einsum(f"ni{'xyz'[:nd]}{k},oi{k}->no{'xyz'[:nd]}", xg, wg))
-    return np.concatenate(outs, axis=1) + b.astype(np.float64).reshape((1, -1) + (1,) * nd)
-
 
 def test_fold_batch_norm_is_the_eval_map(rng):
     w, b, rm, rv = _params(rng, 7, np.float64, signed=True)
@@ -75,13 +48,13 @@ def test_fold_into_linear(rng, dtype, with_bias):
     Wf, bf = bncore.fold_into_linear(W, bias, *bncore.fold_batch_norm(rm, rv, w, b))
     assert Wf.dtype == bf.dtype == dtype
     want = ref.evaluate(x64 @ W64.T + b64, rm, rv, w, b)
-    np.testing.assert_allclose(x64 @ Wf.astype(np.float64).T + bf, want, **_tol(dtype, 10))
+    np.testing.assert_allclose(x64 @ Wf.astype(np.float64).T + bf, want, **ref.tol(dtype, 10))
     # batch norm before the layer: BN(x) W^T + b
     w, b, rm, rv = _params(rng, in_f, signed=True)
     Wf, bf = bncore.fold_into_linear(W, bias, *bncore.fold_batch_norm(rm, rv, w, b),
                                      order="bn_layer")
     want = ref.evaluate(x64, rm, rv, w, b) @ W64.T + b64
-    np.testing.assert_allclose(x64 @ Wf.astype(np.float64).T + bf, want, **_tol(dtype, 10))
+    np.testing.assert_allclose(x64 @ Wf.astype(np.float64).T + bf, want, **ref.tol(dtype, 10))
 
 
 @pytest.mark.parametrize("kernel,groups", [((3,), 1), ((3, 2), 1), ((3, 3), 2), ((2, 2, 2), 1),
@@ -96,10 +69,10 @@ def test_fold_into_conv_direct(rng, kernel, groups, order):
     Wf, bf = bncore.fold_into_conv(W, bias, *bncore.fold_batch_norm(rm, rv, w, b), groups=groups,
                                    order=order)
     if order == "layer_bn":
-        want = ref.evaluate(_conv_direct(x, W, bias, groups), rm, rv, w, b)
+        want = ref.evaluate(ref.convolution(x, W, bias, groups), rm, rv, w, b)
     else:
-        want = _conv_direct(ref.evaluate(x, rm, rv, w, b), W, bias, groups)
-    np.testing.assert_allclose(_conv_direct(x, Wf, bf, groups), want, rtol=1e-12, atol=1e-12)
+        want = ref.convolution(ref.evaluate(x, rm, rv, w, b), W, bias, groups)
+    np.testing.assert_allclose(ref.convolution(x, Wf, bf, groups), want, rtol=1e-12, atol=1e-12)
 
 
 def test_fold_into_conv_matches_torch_with_stride_and_padding(rng):
@@ -161,7 +134,7 @@ def test_frozen_matches_torchvision_formula(rng, eps):
     y = frozen(x)
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y, ref.evaluate(x, rm, rv, w, b, eps=eps), **_tol(np.float32))
+    np.testing.assert_allclose(y, ref.evaluate(x, rm, rv, w, b, eps=eps), **ref.tol(np.float32))
     # the same computation as batch_norm_eval: bitwise equal
     np.testing.assert_array_equal(y, bncore.batch_norm_eval(x, rm, rv, w, b, eps=eps))
     # backward: dx = dy * scale, as autograd through torchvision's formula
@@ -185,16 +158,16 @@ def test_frozen_forward_backward(rng, shape, axis, act, dtype):
     x = (rng.standard_normal(shape) * 2).astype(dtype)
     y = frozen(x)
     want = ref.activate(ref.evaluate(x, rm, rv, w, b, axis, eps=1e-3), act)
-    np.testing.assert_allclose(y, want, **_tol(dtype))
+    np.testing.assert_allclose(y, want, **ref.tol(dtype))
     np.testing.assert_array_equal(y, bn.eval()(x))
     dy = rng.standard_normal(shape).astype(dtype)
-    scale = (w.astype(np.float64) / np.sqrt(rv.astype(np.float64) + 1e-3)).reshape(_bshape(x, axis))
-    np.testing.assert_allclose(frozen.backward(dy, y=y), ref.activation_grad(dy, y, act) * scale,
-                               **_tol(dtype))
+    np.testing.assert_allclose(frozen.backward(dy, y=y),
+                               ref.eval_backward(ref.activation_grad(dy, y, act), rv, w, axis,
+                                                 eps=1e-3), **ref.tol(dtype))
     # the folded form gives the same map
     np.testing.assert_allclose(
-        ref.activate(x * frozen.scale.reshape(_bshape(x, axis))
-                     + frozen.shift.reshape(_bshape(x, axis)), act), want, **_tol(dtype, 10))
+        ref.activate(x * frozen.scale.reshape(ref.axes(x, axis)[1])
+                     + frozen.shift.reshape(ref.axes(x, axis)[1]), act), want, **ref.tol(dtype, 10))
 
 
 def test_frozen_float32_accurate_with_large_mean(rng):
@@ -359,7 +332,7 @@ def test_backward_from_output_matches_reference(rng, shape, axis, act, dtype, tr
                                                         training=training, activation=act)
     np.testing.assert_array_equal(y, y_saved)  # inputs untouched
     # rebuilding xhat from y costs ~ulp(y)/|w|: a few float32 ulps
-    t = _tol(dtype)
+    t = ref.tol(dtype)
     np.testing.assert_allclose(dx, dx_ref, rtol=4 * t["rtol"], atol=4 * t["atol"] * np.abs(dx_ref).max())
     np.testing.assert_allclose(dw, dw_ref, rtol=40 * t["rtol"], atol=4 * t["atol"] * np.abs(dw_ref).max())
     np.testing.assert_allclose(db, db_ref, rtol=40 * t["rtol"], atol=4 * t["atol"] * np.abs(db_ref).max())
@@ -473,22 +446,6 @@ def test_inplace_abn_saves_an_activation_buffer_per_layer(rng):
 
 # ---- loaders ---------------------------------------------------------------------------
 
-def _keras_reference(x, gamma, beta, mm, mv, eps, momentum, training):
-    """Keras BatchNormalization (channels last) in float64 from its documented formulas:
-    training: y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch mean and
-    biased var, moving = moving * momentum + batch * (1 - momentum); inference uses the
-    moving statistics."""
-    x = x.astype(np.float64)
-    red = tuple(range(x.ndim - 1))
-    if training:
-        mean, var = x.mean(red), x.var(red)
-        mm = mm * momentum + mean * (1 - momentum)
-        mv = mv * momentum + var * (1 - momentum)
-    else:
-        mean, var = mm, mv
-    return gamma * (x - mean) / np.sqrt(var + eps) + beta, mm, mv
-
-
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_keras_loader_against_keras_formulas(rng, as_dict):
     C = 6
@@ -499,14 +456,14 @@ def test_keras_loader_against_keras_formulas(rng, as_dict):
     assert not bn.training and bn.eps == 1e-3 and bn.dtype == np.float32
     x = rng.standard_normal((4, 5, 5, C)).astype(np.float32) * 2 + 1
     g64, b64, mm64, mv64 = (a.astype(np.float64) for a in (gamma, beta, mm, mv))
-    want, _, _ = _keras_reference(x, g64, b64, mm64, mv64, 1e-3, 0.9, False)
-    np.testing.assert_allclose(bn(x), want, **_tol(np.float32))
+    want, _, _ = ref.keras_batch_norm(x, g64, b64, mm64, mv64, 1e-3, 0.9, False)
+    np.testing.assert_allclose(bn(x), want, **ref.tol(np.float32))
     bn.train()
     for _ in range(2):
-        want, mm64, mv64 = _keras_reference(x, g64, b64, mm64, mv64, 1e-3, 0.9, True)
-        np.testing.assert_allclose(bn(x), want, **_tol(np.float32))
-        np.testing.assert_allclose(bn.running_mean, mm64, **_tol(np.float32))
-        np.testing.assert_allclose(bn.running_var, mv64, **_tol(np.float32))
+        want, mm64, mv64 = ref.keras_batch_norm(x, g64, b64, mm64, mv64, 1e-3, 0.9, True)
+        np.testing.assert_allclose(bn(x), want, **ref.tol(np.float32))
+        np.testing.assert_allclose(bn.running_mean, mm64, **ref.tol(np.float32))
+        np.testing.assert_allclose(bn.running_var, mv64, **ref.tol(np.float32))
         x = x * 0.5 + 0.3
 
 
@@ -561,7 +518,7 @@ def test_onnx_loader_eval_against_onnxruntime(rng, dtype, tmp_path):
     for source in (model, str(path), model.SerializeToString()):
         bn = bncore.batch_norm_from_onnx(source)
         assert not bn.training and bn.eps == pytest.approx(1e-3) and bn.dtype == dtype
-        np.testing.assert_allclose(bn(x), want, **_tol(dtype, 10))
+        np.testing.assert_allclose(bn(x), want, **ref.tol(dtype, 10))
 
 
 def test_onnx_loader_training_against_reference_evaluator(rng):

@@ -85,8 +85,7 @@ def _hammer(calls, expected, order, timeout=120):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc for RSS")
-def test_concurrent_inference_matches_serial_without_leaks():
-    rng = np.random.default_rng(2024)
+def test_concurrent_inference_matches_serial_without_leaks(rng):
     calls = _make_calls(rng)
     expected = [f() for f in calls]  # the serial run
     for i in range(0, len(calls), 3):  # functional and frozen agree exactly

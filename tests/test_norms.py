@@ -10,126 +10,89 @@ import numpy as np
 import pytest
 
 import bncore
-
-TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
-GTOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
-
-
-# ---- float64 references --------------------------------------------------------------------
-
-def ref_layer_norm(x, ns, w=None, b=None, eps=1e-5):
-    x = np.asarray(x, np.float64)
-    red = tuple(range(x.ndim - len(ns), x.ndim))
-    mean = x.mean(red, keepdims=True)
-    invstd = 1 / np.sqrt(((x - mean) ** 2).mean(red, keepdims=True) + eps)
-    y = (x - mean) * invstd
-    if w is not None:
-        y = y * np.asarray(w, np.float64)
-    if b is not None:
-        y = y + np.asarray(b, np.float64)
-    return y, mean, invstd
+import reference as ref
+from reference import GRAD_TOL as GTOL
+from reference import TOL
 
 
-def ref_group_norm(x, G, w=None, b=None, eps=1e-5):
-    x = np.asarray(x, np.float64)
-    N, C = x.shape[:2]
-    xg = x.reshape(N, G, -1)
-    mean = xg.mean(2, keepdims=True)
-    invstd = 1 / np.sqrt(((xg - mean) ** 2).mean(2, keepdims=True) + eps)
-    y = ((xg - mean) * invstd).reshape(x.shape)
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    if w is not None:
-        y = y * np.asarray(w, np.float64).reshape(bshape)
-    if b is not None:
-        y = y + np.asarray(b, np.float64).reshape(bshape)
-    return y, mean.reshape(N, G), invstd.reshape(N, G)
+# ---- layer and group norm against the reference ------------------------------------------------
+
+# name: (train, apply, backward, reference, reference backward, (scale, offset, eps) of the data)
+FAMILY = {
+    "layer_norm": (bncore.layer_norm_train, bncore.layer_norm, bncore.layer_norm_backward,
+                   ref.layer_norm, ref.layer_norm_backward, (3, 5, 1e-4)),
+    "group_norm": (bncore.group_norm_train, bncore.group_norm, bncore.group_norm_backward,
+                   ref.group_norm, ref.group_norm_backward, (2, -4, 1e-3)),
+}
 
 
-def ref_row_backward(dy, xhat, invstd, g):
-    """dx of normalization over the last axis of 2-D (rows, n) arrays, g = dy*w."""
-    return invstd * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+def _dims(v):
+    return "x".join(map(str, v))
 
 
-def _fd(f, arrays, grads, h=1e-6, rtol=1e-5, atol=1e-7):
-    """Central finite differences of the scalar f() w.r.t. each array, in place."""
-    for arr, grad in zip(arrays, grads):
-        num = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + h
-            up = f()
-            arr[i] = old - h
-            down = f()
-            arr[i] = old
-            num[i] = (up - down) / (2 * h)
-        np.testing.assert_allclose(grad, num, rtol=rtol, atol=atol)
+# (name, x's shape, normalized_shape or num_groups, the affine parameters' shape)
+CASES = [("layer_norm", s, ns, ns) for s, ns in [
+    ((13, 7), (7,)), ((3, 5, 16), (16,)), ((2, 3, 4, 5), (4, 5)), ((2, 3, 4, 5), (2, 3, 4, 5)),
+    ((8, 768), (768,)), ((5,), (5,)), ((3, 17000), (17000,)), ((2, 2, 9000), (2, 9000))]] + [
+    ("group_norm", s, G, (s[1],)) for s, G in [
+        ((4, 6, 5, 3), 3), ((2, 8, 7), 4), ((5, 4), 2), ((2, 32, 9, 9), 32), ((3, 6, 3, 3), 1),
+        ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2), ((2, 4, 130, 130), 1)]]
+IDS = [f"{n}-{_dims(s)}-" + (f"ns{_dims(a)}" if n == "layer_norm" else f"g{a}")
+       for n, s, a, _ in CASES]
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(2024)
-
-
-# ---- layer norm ------------------------------------------------------------------------------
-
-LN_CASES = [((13, 7), (7,)), ((3, 5, 16), (16,)), ((2, 3, 4, 5), (4, 5)),
-            ((2, 3, 4, 5), (2, 3, 4, 5)), ((8, 768), (768,)), ((5,), (5,)),
-            ((3, 17000), (17000,)), ((2, 2, 9000), (2, 9000))]
-LN_IDS = ["x".join(map(str, s)) + "-ns" + "x".join(map(str, n)) for s, n in LN_CASES]
-
-
-@pytest.mark.parametrize("shape,ns", LN_CASES, ids=LN_IDS)
+@pytest.mark.parametrize("name,shape,arg,pshape", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_matches_reference(rng, shape, ns, dtype, affine):
-    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
-    w = rng.uniform(0.5, 1.5, ns).astype(dtype) if affine else None
-    b = rng.standard_normal(ns).astype(dtype) if affine else None
-    y, mean, invstd = bncore.layer_norm_train(x, ns, w, b, eps=1e-4)
-    y_ref, m_ref, inv_ref = ref_layer_norm(x, ns, w, b, eps=1e-4)
+def test_matches_reference(rng, name, shape, arg, pshape, dtype, affine):
+    train, apply, backward, forward_ref, backward_ref, (scale, offset, eps) = FAMILY[name]
+    x = (rng.standard_normal(shape) * scale + offset).astype(dtype)
+    w = rng.uniform(0.5, 1.5, pshape).astype(dtype) if affine else None
+    b = rng.standard_normal(pshape).astype(dtype) if affine else None
+    y, mean, invstd = train(x, arg, w, b, eps=eps)
+    y_ref, m_ref, inv_ref = forward_ref(x, arg, w, b, eps=eps)
     assert y.dtype == mean.dtype == invstd.dtype == dtype
     assert mean.shape == invstd.shape == m_ref.shape
     np.testing.assert_allclose(y, y_ref, **TOL[dtype])
     np.testing.assert_allclose(mean, m_ref, **TOL[dtype])
     np.testing.assert_allclose(invstd, inv_ref, **TOL[dtype])
-    np.testing.assert_array_equal(bncore.layer_norm(x, ns, w, b, eps=1e-4), y)
+    np.testing.assert_array_equal(apply(x, arg, w, b, eps=eps), y)
 
     dy = rng.standard_normal(shape).astype(dtype)
-    dx, dw, db = bncore.layer_norm_backward(dy, x, ns, mean, invstd, w)
-    rows = x.size // int(np.prod(ns))
-    x2, dy2 = x.reshape(rows, -1).astype(np.float64), dy.reshape(rows, -1).astype(np.float64)
-    m2, inv2 = m_ref.reshape(rows, 1), inv_ref.reshape(rows, 1)
-    xhat = (x2 - m2) * inv2
-    g = dy2 * (1.0 if w is None else w.reshape(1, -1).astype(np.float64))
-    np.testing.assert_allclose(dx, ref_row_backward(dy2, xhat, inv2, g).reshape(shape), **GTOL[dtype])
-    np.testing.assert_allclose(dw, (dy2 * xhat).sum(0).reshape(ns), **GTOL[dtype])
-    np.testing.assert_allclose(db, dy2.sum(0).reshape(ns), **GTOL[dtype])
-    assert dw.shape == db.shape == tuple(ns) and dw.dtype == dtype
+    dx, dw, db = backward(dy, x, arg, mean, invstd, w)
+    for got, want in zip((dx, dw, db), backward_ref(dy, x, arg, m_ref, inv_ref, w)):
+        np.testing.assert_allclose(got, want, **GTOL[dtype])
+    assert dw.shape == db.shape == tuple(pshape) and dw.dtype == dtype
 
 
-@pytest.mark.parametrize("shape,ns", [((4, 3), (3,)), ((2, 3, 2), (3, 2)), ((3, 2, 2), (2,))])
-def test_layer_norm_finite_differences(rng, shape, ns):
+@pytest.mark.parametrize("name,shape,arg,pshape", [
+    ("layer_norm", (4, 3), (3,), (3,)), ("layer_norm", (2, 3, 2), (3, 2), (3, 2)),
+    ("layer_norm", (3, 2, 2), (2,), (2,)), ("group_norm", (2, 4, 3), 1, (4,)),
+    ("group_norm", (2, 4, 3), 2, (4,))])
+def test_finite_differences(rng, name, shape, arg, pshape):
+    train, apply, backward = FAMILY[name][:3]
     x = rng.standard_normal(shape)
-    w, b = rng.uniform(0.5, 1.5, ns), rng.standard_normal(ns)
+    w, b = rng.uniform(0.5, 1.5, pshape), rng.standard_normal(pshape)
     g = rng.standard_normal(shape)
-    _, mean, invstd = bncore.layer_norm_train(x, ns, w, b)
-    grads = bncore.layer_norm_backward(g, x, ns, mean, invstd, w)
-    _fd(lambda: float(np.sum(bncore.layer_norm(x, ns, w, b) * g)), (x, w, b), grads)
+    _, mean, invstd = train(x, arg, w, b)
+    grads = backward(g, x, arg, mean, invstd, w)
+    ref.assert_grads(lambda: float(np.sum(apply(x, arg, w, b) * g)), zip((x, w, b), grads))
 
+
+# ---- layer norm ------------------------------------------------------------------------------
 
 def test_layer_norm_float32_accuracy_far_from_zero(rng):
     # |mean| >> std: E[x^2] - E[x]^2 would lose every digit of the variance in float32
     x = (rng.standard_normal((64, 1000)) * 0.5 + 3e3).astype(np.float32)
     y, mean, invstd = bncore.layer_norm_train(x, 1000)
-    y_ref, m_ref, inv_ref = ref_layer_norm(x, (1000,))
+    y_ref, m_ref, inv_ref = ref.layer_norm(x, (1000,))
     np.testing.assert_allclose(invstd, inv_ref, rtol=1e-6)
     np.testing.assert_allclose(mean, m_ref, rtol=1e-7)
     # the output is centered with the mean split in two floats: x - mean stays exact
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx, _, _ = bncore.layer_norm_backward(dy, x, 1000, mean, invstd)
-    xhat = (x - m_ref) * inv_ref
-    np.testing.assert_allclose(dx, ref_row_backward(dy.astype(np.float64), xhat, inv_ref, dy),
+    np.testing.assert_allclose(dx, ref.layer_norm_backward(dy, x, (1000,), m_ref, inv_ref)[0],
                                atol=5e-4)
 
 
@@ -138,7 +101,7 @@ def test_layer_norm_layouts_out_and_in_place(rng):
     w, b = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
     for x in (base.transpose(2, 1, 0), base[::-1, :, ::-2].transpose(1, 2, 0),
               np.asfortranarray(base).transpose(1, 2, 0)):
-        y_ref = ref_layer_norm(x, (x.shape[-1],), w[:x.shape[-1]], b[:x.shape[-1]])[0]
+        y_ref = ref.layer_norm(x, (x.shape[-1],), w[:x.shape[-1]], b[:x.shape[-1]])[0]
         np.testing.assert_allclose(bncore.layer_norm(x, x.shape[-1], w[:x.shape[-1]],
                                                      b[:x.shape[-1]]), y_ref, **TOL[np.float32])
     x = base.copy()
@@ -159,10 +122,10 @@ def test_float16_input(rng):
     x = (rng.standard_normal((5, 4, 40)) + 2).astype(np.float16)
     y, mean, invstd = bncore.layer_norm_train(x, 40)
     assert y.dtype == np.float16 and mean.dtype == np.float32
-    np.testing.assert_allclose(y, ref_layer_norm(x, (40,))[0], atol=4e-3, rtol=2e-3)
+    np.testing.assert_allclose(y, ref.layer_norm(x, (40,))[0], **TOL[np.float16])
     y, mean, invstd = bncore.group_norm_train(x, 2)
     assert y.dtype == np.float16 and mean.dtype == np.float32
-    np.testing.assert_allclose(y, ref_group_norm(x, 2)[0], atol=4e-3, rtol=2e-3)
+    np.testing.assert_allclose(y, ref.group_norm(x, 2)[0], **TOL[np.float16])
     dx, dw, _ = bncore.group_norm_backward(x, x, 2, mean, invstd)
     assert dx.dtype == np.float16 and dw.dtype == np.float32
     layer = bncore.LayerNorm(40, dtype=np.float16)
@@ -179,51 +142,6 @@ def test_layer_norm_empty_rows():
 
 # ---- group and instance norm -------------------------------------------------------------------
 
-GN_CASES = [((4, 6, 5, 3), 3), ((2, 8, 7), 4), ((5, 4), 2), ((2, 32, 9, 9), 32), ((3, 6, 3, 3), 1),
-            ((2, 4, 2, 3, 2), 2), ((2, 4, 70, 70), 2), ((2, 4, 130, 130), 1)]
-GN_IDS = ["x".join(map(str, s)) + f"-g{g}" for s, g in GN_CASES]
-
-
-@pytest.mark.parametrize("shape,G", GN_CASES, ids=GN_IDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_matches_reference(rng, shape, G, dtype, affine):
-    C = shape[1]
-    x = (rng.standard_normal(shape) * 2 - 4).astype(dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype) if affine else None
-    b = rng.standard_normal(C).astype(dtype) if affine else None
-    y, mean, invstd = bncore.group_norm_train(x, G, w, b, eps=1e-3)
-    y_ref, m_ref, inv_ref = ref_group_norm(x, G, w, b, eps=1e-3)
-    assert y.dtype == mean.dtype == dtype and mean.shape == (shape[0], G)
-    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
-    np.testing.assert_allclose(mean, m_ref, **TOL[dtype])
-    np.testing.assert_allclose(invstd, inv_ref, **TOL[dtype])
-    np.testing.assert_array_equal(bncore.group_norm(x, G, w, b, eps=1e-3), y)
-
-    dy = rng.standard_normal(shape).astype(dtype)
-    dx, dw, db = bncore.group_norm_backward(dy, x, G, mean, invstd, w)
-    N = shape[0]
-    wb = np.ones(C) if w is None else w.astype(np.float64)
-    g = (dy * wb.reshape((1, C) + (1,) * (len(shape) - 2))).reshape(N * G, -1)
-    xg = x.astype(np.float64).reshape(N * G, -1)
-    xhat = (xg - m_ref.reshape(-1, 1)) * inv_ref.reshape(-1, 1)
-    dx_ref = ref_row_backward(None, xhat, inv_ref.reshape(-1, 1), g).reshape(shape)
-    red = (0,) + tuple(range(2, len(shape)))
-    np.testing.assert_allclose(dx, dx_ref, **GTOL[dtype])
-    np.testing.assert_allclose(dw, (dy * xhat.reshape(shape)).sum(red), **GTOL[dtype])
-    np.testing.assert_allclose(db, dy.astype(np.float64).sum(red), **GTOL[dtype])
-
-
-@pytest.mark.parametrize("G", [1, 2])
-def test_group_norm_finite_differences(rng, G):
-    x = rng.standard_normal((2, 4, 3))
-    w, b = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
-    g = rng.standard_normal(x.shape)
-    _, mean, invstd = bncore.group_norm_train(x, G, w, b)
-    grads = bncore.group_norm_backward(g, x, G, mean, invstd, w)
-    _fd(lambda: float(np.sum(bncore.group_norm(x, G, w, b) * g)), (x, w, b), grads)
-
-
 def test_instance_norm_reference_and_running_stats(rng):
     x = rng.standard_normal((3, 4, 5, 2)) * 2 + 1
     w, b = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
@@ -231,19 +149,18 @@ def test_instance_norm_reference_and_running_stats(rng):
     rm0, rv0 = rm.copy(), rv.copy()
     y, mean, invstd = bncore.instance_norm_train(x, w, b, running_mean=rm, running_var=rv,
                                                  momentum=0.25)
-    y_ref, m_ref, inv_ref = ref_group_norm(x, 4, w, b)
+    y_ref, m_ref, inv_ref = ref.group_norm(x, 4, w, b)
     np.testing.assert_allclose(y, y_ref, **TOL[np.float64])
     np.testing.assert_allclose(mean, m_ref, **TOL[np.float64])
     unbiased = x.reshape(3, 4, -1).var(2, ddof=1)
     np.testing.assert_allclose(rm, 0.75 * rm0 + 0.25 * m_ref.mean(0), rtol=1e-13)
     np.testing.assert_allclose(rv, 0.75 * rv0 + 0.25 * unbiased.mean(0), rtol=1e-13)
     ye = bncore.instance_norm(x, rm, rv, w, b, use_input_stats=False)
-    np.testing.assert_allclose(ye, (x - rm.reshape(1, 4, 1, 1)) / np.sqrt(rv.reshape(1, 4, 1, 1)
-                                                                          + 1e-5)
-                               * w.reshape(1, 4, 1, 1) + b.reshape(1, 4, 1, 1), rtol=1e-12)
+    np.testing.assert_allclose(ye, ref.evaluate(x, rm, rv, w, b), rtol=1e-12)
     g = rng.standard_normal(x.shape)
     grads = bncore.instance_norm_backward(g, x, mean, invstd, w)
-    _fd(lambda: float(np.sum(bncore.instance_norm(x, None, None, w, b) * g)), (w, b), grads[1:])
+    ref.assert_grads(lambda: float(np.sum(bncore.instance_norm(x, None, None, w, b) * g)),
+                     zip((w, b), grads[1:]))
     np.testing.assert_allclose(grads[0], bncore.group_norm_backward(g, x, 4, mean, invstd, w)[0],
                                rtol=1e-14, atol=1e-14)
 
@@ -575,9 +492,9 @@ def test_docs_normalization_examples_run():
     assert len(blocks) == 5
     ns = {}
     exec(compile(blocks[0], path, "exec"), ns)  # layer norm
-    np.testing.assert_allclose(ns["y"], ref_layer_norm(ns["x"], (768,))[0], atol=3e-5)
+    np.testing.assert_allclose(ns["y"], ref.layer_norm(ns["x"], (768,))[0], atol=3e-5)
     exec(compile(blocks[1], path, "exec"), ns)  # group and instance norm
-    np.testing.assert_allclose(ns["y"], ref_group_norm(ns["x"], 256)[0], atol=3e-5)
+    np.testing.assert_allclose(ns["y"], ref.group_norm(ns["x"], 256)[0], atol=3e-5)
     exec(compile(blocks[2], path, "exec"), ns)  # batch renorm
     assert ns["brn"].limits() == (1.0, 0.0) and ns["r"].shape == ns["d"].shape == (64,)
     exec(compile(blocks[3], path, "exec"), ns)  # recurrent

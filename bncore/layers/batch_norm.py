@@ -12,7 +12,7 @@ from .._typing import Activation, Array, FloatArray
 from .. import _kernels as _k
 from ..folding import eval_coefficients
 from ..functional import (batch_norm_backward, batch_norm_backward_from_output,
-                          batch_norm_elemt, batch_norm_eval, batch_norm_train, invertible, train)
+                          batch_norm_elemt, batch_norm_eval, batch_norm_train, train)
 from ..renorm import batch_renorm_backward, batch_renorm_train
 from .base import Module
 
@@ -223,8 +223,8 @@ class BatchNorm(Module):
         True
         """
         if not self.track_running_stats:
-            raise ValueError("freeze: the layer has no running statistics to freeze "
-                             "(track_running_stats=False)")
+            chk.refuse("freeze", "the layer has no running statistics to freeze "
+                                 "(track_running_stats=False)")
         return FrozenBatchNorm.from_state_dict(
             self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
             dtype=self.dtype)
@@ -412,19 +412,16 @@ class InPlaceABN(BatchNorm):
 
     def __init__(self, num_features: int, *, activation: Activation = ("leaky_relu", 0.01),
                  min_abs_weight: float | None = None, **kwargs: Any):
-        invertible(activation)
+        chk.invertible(activation)
         if kwargs.get("virtual_batch_size") is not None:
-            raise ValueError("virtual_batch_size: not supported by InPlaceABN (its backward "
-                             "rebuilds x from one set of batch statistics)")
+            chk.refuse("virtual_batch_size", "not supported by InPlaceABN (its backward "
+                                             "rebuilds x from one set of batch statistics)")
         super().__init__(num_features, activation=activation, **kwargs)
         self.min_abs_weight = (None if min_abs_weight is None else
                                chk.real(min_abs_weight, "min_abs_weight", 0.0))
 
     def _input(self, x: Any, out: Any) -> Any:
-        if not isinstance(x, np.ndarray) or not x.flags.writeable:
-            raise ValueError("x: InPlaceABN overwrites its input: expected a writable "
-                             f"numpy.ndarray, got {type(x).__name__}"
-                             + ("" if not isinstance(x, np.ndarray) else " (read-only)"))
+        chk.writable_input(x, "InPlaceABN")
         return chk.Layout(x, self.axis).channels(self.num_features).x
 
     # forward writes into x: it takes no out=
@@ -495,8 +492,9 @@ class RecurrentBatchNorm(Module):
     as backpropagation through time does; a forward at step 0 starts a new
     sequence (it forgets the saved steps and zeroes the gradients), and
     zero_grad() zeroes them explicitly. Only what a pending backward needs is
-    kept: training steps until their backward, and in eval mode the steps of
-    the most recent call.
+    kept: training steps until their backward, and in eval mode the latest
+    max(max_steps, EVAL_HISTORY = 64) steps, enough for backpropagation
+    through an eval-mode sequence while an endless stream stays bounded.
 
     Parameters
     ----------
@@ -542,6 +540,8 @@ class RecurrentBatchNorm(Module):
     array([4., 4.])
     """
 
+    EVAL_HISTORY = 64
+
     def __init__(self, num_features: int, max_steps: int, *, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, gamma_init: float = 0.1,
                  dtype: Any = np.float32):
@@ -567,9 +567,8 @@ class RecurrentBatchNorm(Module):
         return super()._state_names() + ["running_mean", "running_var", "trained_steps"]
 
     def _assign(self, staged: dict[str, Any]) -> None:
-        if "trained_steps" in staged and not 0 <= int(staged["trained_steps"]) <= self.max_steps:
-            raise ValueError(f"state['trained_steps']: expected a count in [0, "
-                             f"{self.max_steps}], got {int(staged['trained_steps'])}")
+        if "trained_steps" in staged:
+            chk.count_in(staged["trained_steps"], "trained_steps", self.max_steps)
         super()._assign(staged)
 
     def zero_grad(self) -> None:
@@ -635,18 +634,6 @@ class RecurrentBatchNorm(Module):
         """
         last = self.max_steps if self.training else max(int(self.trained_steps), 1)
         return min(t, last - 1)
-
-    def _check(self, x: Any, name: str, t: Any) -> tuple[Any, int]:
-        x = chk.tensor(x, name)
-        if x.ndim not in (2, 3) or x.shape[-1] != self.num_features:
-            raise ValueError(f"{name}: expected shape (N, {self.num_features}) for one step or "
-                             f"(T, N, {self.num_features}) for a sequence, got {x.shape}")
-        if t is None:
-            if x.ndim == 2:
-                raise ValueError(f"t: the time step is required with a single step {name} "
-                                 f"of shape {x.shape}")
-            t = 0
-        return x, chk.integer(t, "t")
 
     def __call__(self, x: Any, t: int | None = None, **kwargs: Any) -> Array:
         """Call `forward`: ``layer(x, t)`` is ``layer.forward(x, t)``.
@@ -722,12 +709,12 @@ class RecurrentBatchNorm(Module):
         array([[-0.999995],
                [ 0.999995]])
         """
-        x, t = self._check(x, "x", t)
+        x, t = chk.steps(x, "x", self.num_features, t)
         chk.separate_from_input(out, x)
         chk.n_threads(n_threads)
         if self.training and x.shape[-2] < 2:
-            raise ValueError(f"x: expected more than 1 sample per step when training, got "
-                             f"shape {x.shape}")
+            chk.refuse("x", f"expected more than 1 sample per step when training, got shape "
+                            f"{x.shape}")
         if out is not None:
             out = chk.output(out, x, x.dtype, ())[1]
         seq = x if x.ndim == 3 else x[None]
@@ -736,11 +723,13 @@ class RecurrentBatchNorm(Module):
         for i in range(seq.shape[0]):
             steps[t + i] = self._step(seq[i], t + i, y[i], n_threads)
         # everything ran: now the record changes
-        if t == 0 or not self.training:
+        if t == 0:
             self._steps = {}
-            if t == 0:
-                self.zero_grad()
+            self.zero_grad()
         self._steps.update(steps)
+        if not self.training:  # an endless stream keeps a bounded number of them
+            for s in sorted(self._steps)[:-max(self.max_steps, self.EVAL_HISTORY)]:
+                del self._steps[s]
         if self.training:
             reached = min(t + seq.shape[0], self.max_steps)
             self.trained_steps[...] = max(int(self.trained_steps), reached)
@@ -805,17 +794,13 @@ class RecurrentBatchNorm(Module):
         >>> rbn.grad_bias  # summed over both steps
         array([2.])
         """
-        dy, t = self._check(dy, "dy", t)
+        dy, t = chk.steps(dy, "dy", self.num_features, t)
         steps = range(t, t + (dy.shape[0] if dy.ndim == 3 else 1))
         missing = [s for s in steps if s not in self._steps]
         if missing:
             raise RuntimeError(f"backward: no forward call saved for step(s) {missing}; call "
                                f"forward for them first (a forward at step 0 starts over)")
-        for s in steps:
-            x = self._steps[s].x
-            if x.shape != dy.shape[-2:] or x.dtype != dy.dtype:
-                raise ValueError(f"dy: expected steps of shape {x.shape} and dtype {x.dtype} "
-                                 f"(the input of step {s}), got {dy.shape} {dy.dtype}")
+        chk.step_grads(dy, self._steps, t)
         chk.n_threads(n_threads)
         seq = dy if dy.ndim == 3 else dy[None]
         dx = np.empty_like(dy) if out is None else chk.output(out, dy, dy.dtype, ())[1]
@@ -937,7 +922,7 @@ class FrozenBatchNorm(Module):
         chk.state_keys(state, ("running_mean",), False, optional=(
             "weight", "bias", "running_var", "num_batches_tracked"))
         if "running_mean" not in state:
-            raise KeyError("state: missing key 'running_mean'")
+            chk.refuse("state", "missing key 'running_mean'", KeyError)
         rm = chk.float_vector(state["running_mean"], "state['running_mean']")
         if dtype is None:
             dtype = np.asarray(state["running_mean"]).dtype
@@ -1040,7 +1025,7 @@ class FrozenBatchNorm(Module):
         False
         """
         if mode:
-            raise ValueError("mode: a FrozenBatchNorm has no training mode (use BatchNorm)")
+            chk.refuse("mode", "a FrozenBatchNorm has no training mode (use BatchNorm)")
         return self
 
     def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
@@ -1125,10 +1110,7 @@ class FrozenBatchNorm(Module):
         """
         L = chk.Layout(dy, self.axis, "dy").channels(self.num_features, "dy")
         code, slope = chk.activation_code(self.activation)
-        if code and y is None:
-            raise ValueError("y: the forward output is required when activation is set "
-                             "(its sign is the activation's mask)")
-        y = chk.like(y, L.x, "y") if code else None
+        y = chk.mask_source(y, L.x, self.activation if code else None)
         nt = chk.threads(n_threads)
         buf, final = chk.output(out, L.x, L.cd, (L.x, y))
         _k.backward_apply(L.flat(L.x), None, L.flat(y), buf.reshape(-1), L.shape, self._center,

@@ -79,7 +79,7 @@ int main(int argc, char **argv)
     put("eval32_nhwc.bin", y, m * 4);
     /* eval, float64, through bn_apply with precomputed coefficients (the frozen path) */
     for (int64_t k = 0; k < c; k++) v[0][k] = w[k] * (1.0 / sqrt(rv[k] + 1e-5));
-    bn_apply_f64(xd, yd, nchw, rm, v[0], b, BN_ACT_RELU, 0.0, 0);
+    CHECK(bn_apply_f64(xd, yd, nchw, rm, v[0], b, BN_ACT_RELU, 0.0, 0));
     put("apply64.bin", yd, m * 8);
 
     /* statistics */
@@ -94,7 +94,7 @@ int main(int argc, char **argv)
     put("train_invstd32.bin", v[1], cb);
     memcpy(v[3], rm, cb);
     memcpy(v[4], rv, cb);
-    bn_update_running(c, v[0], v[2], (double)(n * hw), 0.1, v[3], v[4]);
+    CHECK(bn_update_running(c, v[0], v[2], (double)(n * hw), 0.1, v[3], v[4]));
     put("running_mean.bin", v[3], cb);
     put("running_var.bin", v[4], cb);
     CHECK(bn_backward_f32(dy, x, y, dx, nchw, v[0], v[1], w, 1, v[3], v[4], BN_ACT_RELU, 0.0, 0));
@@ -127,7 +127,7 @@ int main(int argc, char **argv)
         v[5][k] = -kk * v[2][k] / cnt;
         v[2][k] = kk;
     }
-    bn_backward_apply_f64(dyd, xd, NULL, dxd, nchw, v[0], v[2], v[4], v[5], BN_ACT_NONE, 0.0, 0);
+    CHECK(bn_backward_apply_f64(dyd, xd, NULL, dxd, nchw, v[0], v[2], v[4], v[5], BN_ACT_NONE, 0.0, 0));
     put("bwd64.bin", dxd, m * 8);
 
     free(x); free(dy); free(xd); free(dyd); free(p); free(y); free(dx); free(buf);

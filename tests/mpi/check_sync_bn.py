@@ -2,21 +2,26 @@
 
 Every rank builds the same global batch, keeps its own uneven shard (some
 steps give a rank zero samples) and checks SyncBatchNorm on the shards against
-single-process ``bncore.BatchNorm`` on the whole batch, and against a float64
-NumPy oracle written here. It then checks that bad input on one rank makes
+single-process ``bncore.BatchNorm`` on the whole batch, and against the float64
+NumPy oracle of tests/reference.py. It then checks that bad input on one rank makes
 every rank raise (no rank left waiting in a collective) and that the layer
 still works afterwards.
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 from mpi4py import MPI
 
 import bncore
 from bncore.distributed import SyncBatchNorm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for reference
+import reference  # noqa: E402
+
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
 C = 5
-TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 
 
 def shard_sizes(step):
@@ -39,29 +44,8 @@ def global_batch(rng, n, rest, axis, dtype, offset):
 
 
 def close(got, want, dtype, what):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    tol = TOL[np.dtype(dtype)]
-    scale = max(np.abs(want).max(initial=0.0), 1.0)
-    err = np.abs(got - want).max(initial=0.0) / scale
-    assert err <= tol, f"rank {RANK}: {what}: relative error {err:.3g} > {tol}"
-
-
-def oracle(x, dy, axis, weight, bias, eps):
-    """float64 y, dx, dweight, dbias of training-mode batch norm."""
-    x = np.moveaxis(x.astype(np.float64), axis, -1)
-    dy = np.moveaxis(dy.astype(np.float64), axis, -1)
-    red = tuple(range(x.ndim - 1))
-    mean = x.mean(axis=red)
-    var = ((x - mean) ** 2).mean(axis=red)
-    xhat = (x - mean) / np.sqrt(var + eps)
-    y = xhat * weight + bias
-    dbias = dy.sum(axis=red)
-    dweight = (dy * xhat).sum(axis=red)
-    n = x.size // x.shape[-1]
-    dx = weight / np.sqrt(var + eps) * (dy - dbias / n - xhat * dweight / n)
-    return (np.moveaxis(y, -1, axis), np.moveaxis(dx, -1, axis), dweight,
-            dbias)
+    reference.assert_close(got, want, reference.NORM_RTOL[np.dtype(dtype).type],
+                           f"rank {RANK}: {what}")
 
 
 def same_on_all_ranks(arr, what):
@@ -113,8 +97,8 @@ def check_config(dtype, rest, axis, reduction, offset=0.0, grads_vs_layer=True,
         if sync.training or not sync.track_running_stats:
             w = sync.weight if sync.weight is not None else np.ones(C)
             b = sync.bias if sync.bias is not None else np.zeros(C)
-            yo, dxo, dwo, dbo = oracle(x, dy, axis, w.astype(np.float64),
-                                       b.astype(np.float64), sync.eps)
+            yo, mo, invo, _ = reference.train(x, w, b, axis, sync.eps)
+            dxo, dwo, dbo = reference.backward(dy, x, mo, invo, w, axis)
             lo_hi = slice(lo, lo + sizes[RANK])
             close(y, yo[lo_hi], dtype, f"y vs oracle {what}")
             close(dx, dxo[lo_hi], dtype, f"dx vs oracle {what}")

