@@ -446,7 +446,7 @@ def mask_source(y, x, act):
     return like(y, x, "y")
 
 
-def counts(v):
+def counts(v) -> np.ndarray:
     """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
     try:
         c = np.asarray(v, dtype=np.float64)
@@ -461,7 +461,7 @@ def counts(v):
     return c
 
 
-def part_rows(arrays, K):
+def part_rows(arrays, K) -> list[np.ndarray]:
     """(K, C) float64 arrays of per-part statistics, all of one shape."""
     shape, out = None, []
     for a, name in arrays:

@@ -606,8 +606,9 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
                                    n_threads=n_threads)[0]
     chk.required(running_mean, "running_mean", "required when use_input_stats is False")
     chk.required(running_var, "running_var", "required when use_input_stats is False")
-    return batch_norm_eval(x, running_mean, running_var, weight, bias, axis=1, eps=eps,
-                           out=out, n_threads=n_threads)
+    # both are arrays here: chk.required refused None
+    return batch_norm_eval(x, running_mean, running_var, weight, bias, axis=1,  # type: ignore[arg-type]
+                           eps=eps, out=out, n_threads=n_threads)
 
 
 def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,

@@ -19,6 +19,7 @@ NumPy. Every ``BN(.; t)`` is ``bncore.RecurrentBatchNorm``.
 reuses it with layer normalization in their place.
 """
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -196,7 +197,7 @@ def train(net, data, *, steps, lr, seed, checkpoints=(), progress=None, batch_si
     batches = shuffled_batches(rng, len(y_train), batch_size)
     opt = Adam(lr, max_norm=1.0)
     checkpoints = set(checkpoints) | {0, steps}
-    history = {"steps": [], "accuracy": [], "batch_stat_accuracy": [], "loss": []}
+    history: dict[str, Any] = {"steps": [], "accuracy": [], "batch_stat_accuracy": [], "loss": []}
     for step in range(steps + 1):
         if step in checkpoints:
             history["steps"].append(step)
