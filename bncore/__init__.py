@@ -19,6 +19,7 @@ except ImportError as e:  # an unbuilt source tree
 
 from ._config import show_config
 from ._include import get_include
+from ._threads import get_num_threads, set_num_threads
 from .folding import fold_batch_norm, fold_into_conv, fold_into_linear
 from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_from_output, batch_norm_backward_reduce,
@@ -33,7 +34,8 @@ from .norms import (group_norm, group_norm_backward, group_norm_train, instance_
 from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
-    "__version__", "show_config", "get_include", "BatchNorm",
+    "__version__", "show_config", "get_include", "get_num_threads", "set_num_threads",
+    "BatchNorm",
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
     "batch_norm_stats", "merge_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",

@@ -22,6 +22,7 @@ def config() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "default_threads": _kernels.default_threads(),
+        "thread_limit": _kernels.thread_limit() or "none",
         "kernel_isa": _LEVELS[_kernels.cpu_level()] if "baseline only" not in info["simd"]
         else "baseline",
     })

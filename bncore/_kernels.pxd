@@ -17,6 +17,15 @@ cdef extern from *:
         (void)level; return 0;
     #endif
     }
+    /* The process-wide thread limit (0: none), read by every call with
+       n_threads=None from any thread: bncore.set_num_threads and the
+       threadpoolctl controller set it (libgomp's own setting is per thread).
+       Exported for threadpoolctl, which calls these through ctypes. */
+    static volatile int bn_thread_limit = 0;
+    int bncore_get_num_threads(void) {
+        return bn_thread_limit > 0 ? bn_thread_limit : bn_default_threads();
+    }
+    void bncore_set_num_threads(int n) { bn_thread_limit = n > 0 ? n : 0; }
     """
     ctypedef struct bn_shape:
         int64_t outer, channels, inner
@@ -27,6 +36,9 @@ cdef extern from *:
     int bn_cpu_has(int level)
     const char *bn_build_info()
     int bn_default_threads()
+    int bn_thread_limit
+    int bncore_get_num_threads()
+    void bncore_set_num_threads(int n)
     double bn_invstd(double var, double eps) nogil
     int bn_merge_stats(int64_t k, int64_t channels, const double *count, const double *mean,
                         const double *m2, double *out_count, double *out_mean,

@@ -38,6 +38,16 @@ def default_threads():
     return bn_default_threads()
 
 
+def set_thread_limit(int n):
+    """The process-wide limit on the threads of a call with n_threads=None (0: none)."""
+    bncore_set_num_threads(n)
+
+
+def thread_limit():
+    """The process-wide limit (0: none)."""
+    return bn_thread_limit
+
+
 def cpu_level():
     """2: AVX-512, 1: AVX2+FMA, 0: baseline (the kernel clone in use)."""
     return 2 if bn_cpu_has(2) else (1 if bn_cpu_has(1) else 0)
@@ -81,11 +91,18 @@ cpdef bint real_in(object v, double lo, double hi):
 
 
 cpdef int threads(object n_threads):
-    """The kernel's thread argument for n_threads: 0 (OpenMP's current maximum,
-    read at call time) for None, min(n, MAX_THREADS) for an exact int n >= 1,
-    1 in a forked child; -1 when n_threads is neither."""
+    """The kernel's thread argument for n_threads: for None, 0 (OpenMP's current
+    maximum, read at call time by the calling thread) or that maximum capped by
+    the process-wide limit (set_thread_limit); min(n, MAX_THREADS) for an exact
+    int n >= 1; 1 in a forked child; -1 when n_threads is neither."""
+    cdef int lim
     if n_threads is None:
-        return 1 if _forked else 0
+        if _forked:
+            return 1
+        lim = bn_thread_limit
+        if lim > 0:
+            return min(lim, bn_default_threads())
+        return 0
     if type(n_threads) is not int or n_threads < 1:
         return -1
     if _forked:
