@@ -70,9 +70,10 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
         Applied to ``y`` in the same pass; 'leaky_relu' alone has slope 0.01.
     n_threads : int, optional
-        The most threads to use (capped at 4096). None uses OpenMP's current
-        maximum at the time of the call (``OMP_NUM_THREADS``, threadpoolctl's
-        limits).
+        The most threads to use (capped at 4096). None uses
+        `get_num_threads` at the time of the call: OpenMP's maximum in the
+        calling thread (``OMP_NUM_THREADS``), capped by the process-wide limit
+        (`set_num_threads`, threadpoolctl, the container's CPU quota).
     virtual_batch_size : int, optional
         Ghost batch norm (Hoffer et al. 2017): each slice of that many samples
         along axis 0 is normalized with its own statistics; ``save_mean`` and
@@ -221,8 +222,8 @@ def batch_norm_eval(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLik
     activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
         Applied to ``y`` in the same pass.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -290,8 +291,8 @@ def batch_norm_elemt(x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
         Applied to ``y`` in the same pass.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -372,8 +373,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
         The forward's output, required when ``activation`` is set: its sign
         is the activation's mask.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
     virtual_batch_size : int, optional
         Training only: the forward's ghost batch size; ``save_mean`` and
         ``save_invstd`` then have one row per ghost batch.
@@ -448,8 +449,8 @@ def batch_norm_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = Non
     axis : int, default 1
         The channel axis (negative counts from the end).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -551,8 +552,8 @@ def batch_norm_backward_reduce(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, 
     y : array_like, optional
         The forward's output, required with an activation (its mask).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -622,8 +623,8 @@ def batch_norm_backward_elemt(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invs
     y : array_like, optional
         The forward's output, required with an activation (its mask).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -705,8 +706,8 @@ def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: Ar
         this (default: the square root of the dtype's machine epsilon, about
         3.5e-4 for float32) and ``save_invstd`` finite and non-zero.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------

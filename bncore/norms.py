@@ -61,8 +61,8 @@ def layer_norm_train(x: ArrayLike, normalized_shape: int | tuple[int, ...],
     out : numpy.ndarray, optional
         Writable array of x's shape and dtype that receives ``y``.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -137,8 +137,8 @@ def layer_norm(x: ArrayLike, normalized_shape: int | tuple[int, ...],
     out : numpy.ndarray, optional
         Writable array of x's shape and dtype that receives ``y``.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -188,8 +188,8 @@ def layer_norm_backward(dy: ArrayLike, x: ArrayLike, normalized_shape: int | tup
         Writable array of x's shape and dtype that receives ``dx``; may be
         ``dy`` (in place).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -313,8 +313,8 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
     out : numpy.ndarray, optional
         Writable array of x's shape and dtype that receives ``y``.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -369,8 +369,8 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     out : numpy.ndarray, optional
         Writable array of x's shape and dtype that receives ``y``.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -421,8 +421,8 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: Arra
         Writable array of x's shape and dtype that receives ``dx``; may be
         ``dy`` (in place).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -491,8 +491,8 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
         Writable array of x's shape and dtype that receives ``y``; it must
         not overlap the running statistics.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -573,8 +573,8 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
     out : numpy.ndarray, optional
         Writable array of x's shape and dtype that receives ``y``.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -633,8 +633,8 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
         Writable array of x's shape and dtype that receives ``dx``; may be
         ``dy`` (in place).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------

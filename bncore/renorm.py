@@ -70,8 +70,8 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
     activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
         Applied to ``y`` in the same pass.
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------
@@ -162,8 +162,8 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     y : array_like, optional
         The forward's output, required with an activation (its mask).
     n_threads : int, optional
-        The most threads to use. None uses OpenMP's current maximum at the
-        time of the call.
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
 
     Returns
     -------

@@ -132,8 +132,8 @@ class Module:
             Writable array of x's shape and dtype that receives the output;
             it must not overlap ``x`` (the layer keeps x for its backward).
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
@@ -170,8 +170,8 @@ class Module:
         out : numpy.ndarray, optional
             Writable array of dy's shape and dtype that receives ``dx``.
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------

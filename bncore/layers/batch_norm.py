@@ -435,8 +435,8 @@ class InPlaceABN(BatchNorm):
             Writable input of the layer's layout, dtype float16, float32 or
             float64; it receives the output.
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
@@ -685,8 +685,8 @@ class RecurrentBatchNorm(Module):
             Writable array of x's shape and dtype that receives the output;
             it must not overlap x.
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
@@ -766,8 +766,8 @@ class RecurrentBatchNorm(Module):
         out : numpy.ndarray, optional
             Writable array of dy's shape and dtype that receives ``dx``.
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
@@ -1041,8 +1041,8 @@ class FrozenBatchNorm(Module):
             Writable array of x's shape and dtype that receives the output
             (``out=x`` works in place).
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
@@ -1085,8 +1085,8 @@ class FrozenBatchNorm(Module):
         out : numpy.ndarray, optional
             Writable array of dy's shape and dtype that receives ``dx``.
         n_threads : int, optional
-            The most threads to use. None uses OpenMP's current maximum at
-            the time of the call.
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
 
         Returns
         -------
