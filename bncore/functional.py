@@ -116,8 +116,8 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
 
     See Also
     --------
-    batch_norm_eval : normalization with the running statistics.
-    batch_norm_backward : the gradients of this function.
+    batch_norm_eval : Normalization with the running statistics.
+    batch_norm_backward : The gradients of this function.
 
     Examples
     --------

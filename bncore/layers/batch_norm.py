@@ -81,7 +81,7 @@ class BatchNorm(Module):
 
     See Also
     --------
-    batch_norm_train, batch_norm_eval, batch_norm_backward : the operations.
+    batch_norm_train, batch_norm_eval, batch_norm_backward : The operations.
 
     Examples
     --------
@@ -280,7 +280,7 @@ class BatchRenorm(BatchNorm):
 
     See Also
     --------
-    batch_renorm_train, batch_renorm_backward : the operations.
+    batch_renorm_train, batch_renorm_backward : The operations.
 
     Examples
     --------

@@ -46,7 +46,7 @@ class LayerNorm(Module):
 
     See Also
     --------
-    layer_norm_train, layer_norm_backward : the operations.
+    layer_norm_train, layer_norm_backward : The operations.
 
     Examples
     --------
@@ -115,7 +115,7 @@ class GroupNorm(Module):
 
     See Also
     --------
-    group_norm_train, group_norm_backward : the operations.
+    group_norm_train, group_norm_backward : The operations.
 
     Examples
     --------
@@ -186,7 +186,7 @@ class InstanceNorm(Module):
 
     See Also
     --------
-    instance_norm_train, instance_norm_backward : the operations.
+    instance_norm_train, instance_norm_backward : The operations.
 
     Examples
     --------
