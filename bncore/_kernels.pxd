@@ -22,10 +22,15 @@ cdef extern from *:
        threadpoolctl controller set it (libgomp's own setting is per thread).
        Exported for threadpoolctl, which calls these through ctypes. */
     static volatile int bn_thread_limit = 0;
+    static int bn_thread_cap = 0;  /* a new thread's OpenMP maximum, read at import */
     int bncore_get_num_threads(void) {
-        return bn_thread_limit > 0 ? bn_thread_limit : bn_default_threads();
+        return bn_thread_limit > 0 ? bn_thread_limit : bn_thread_cap;
     }
-    void bncore_set_num_threads(int n) { bn_thread_limit = n > 0 ? n : 0; }
+    /* a limit at or above what new threads get limits nothing: none is kept
+       (so threadpoolctl's restore of the value it read leaves none) */
+    void bncore_set_num_threads(int n) {
+        bn_thread_limit = n > 0 && n < bn_thread_cap ? n : 0;
+    }
     """
     ctypedef struct bn_shape:
         int64_t outer, channels, inner
@@ -37,6 +42,7 @@ cdef extern from *:
     const char *bn_build_info()
     int bn_default_threads()
     int bn_thread_limit
+    int bn_thread_cap
     int bncore_get_num_threads()
     void bncore_set_num_threads(int n)
     double bn_invstd(double var, double eps) nogil

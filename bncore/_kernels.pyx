@@ -28,6 +28,7 @@ cnp.import_array()
 
 MAX_THREADS = 4096  # n_threads above this are taken as this many (libgomp's limits)
 cdef int _MAX_THREADS = MAX_THREADS
+bn_thread_cap = bn_default_threads()
 
 
 def build_info():

@@ -50,7 +50,8 @@ def set_num_threads(n: int | None) -> int | None:
     ----------
     n : int or None
         The most threads a call may use (>= 1); ``None`` removes the limit
-        (OpenMP's setting in the calling thread alone then decides).
+        (OpenMP's setting in the calling thread alone then decides), and so
+        does a value at or above the count a new thread gets by default.
 
     Returns
     -------
