@@ -2,28 +2,20 @@
 forward and backward, against the same work done in two passes), in-place ABN
 (time and peak memory of a step) and folding into dense and conv weights.
 
-Self-contained (seeded data built in setup); shapes are logical N,C[,H,W].
+Seeded data from common.py; shapes are logical N,C[,H,W], channels first.
 """
 import numpy as np
 
 import bncore
 
+from . import common
+
 SHAPES = ["1x64x56x56", "32x64x56x56", "32x256x14x14", "256x4096"]
 THREADS = [1, 2]
 
 
-def _data(shape, seed=0):
-    dims = tuple(int(d) for d in shape.split("x"))
-    rng = np.random.default_rng(seed)
-    C = dims[1]
-    return {
-        "x": rng.standard_normal(dims, dtype=np.float32),
-        "dy": rng.standard_normal(dims, dtype=np.float32),
-        "weight": rng.uniform(0.5, 1.5, C).astype(np.float32),
-        "bias": rng.uniform(-0.5, 0.5, C).astype(np.float32),
-        "running_mean": rng.uniform(-0.1, 0.1, C).astype(np.float32),
-        "running_var": rng.uniform(0.8, 1.2, C).astype(np.float32),
-    }
+def _data(shape):
+    return common.data(shape, common.layout_of(shape), "float32")
 
 
 class FrozenBatchNorm:

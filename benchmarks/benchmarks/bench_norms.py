@@ -1,68 +1,67 @@
-"""Layer norm and group norm against PyTorch (asv).
+"""Layer norm and group norm (asv): bncore's own speed.
 
 Layer norm: rows of 768, 1024 and 4096 features, batch x sequence 8 x 512.
 Group norm: 32 groups on ResNet-50 activations. Each class runs over
-shape x n_threads; ``time_bncore`` allocates a fresh output, ``time_bncore_out``
-writes into a preallocated ``out=``, ``time_torch`` is the PyTorch peer
-(skipped when torch is missing), all on the same seeded float32 inputs.
+shape x n_threads; ``time_*`` allocate a fresh output, ``time_*_out`` write
+into a preallocated ``out=``. PyTorch as a peer: ``benchmarks/norms.py``.
 """
-from bncore import bench_norms as bn
+import bncore
 
-THREADS = [1, 2]
-LN = ["x".join(map(str, s)) for s in bn.LN_SHAPES]
-GN = ["x".join(map(str, s)) for s in bn.GN_SHAPES]
-
-
-def _torch(n_threads):
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(n_threads)
-    return torch
+from . import common
+from .common import EPS, GN_SHAPES, GROUPS, LN_SHAPES, THREADS
 
 
 class _Norm:
-    op = None
+    kind = None
     param_names = ["shape", "n_threads"]
     timeout = 180
 
     def setup(self, shape, n_threads):
-        case = bn.make_case(self.op, tuple(int(d) for d in shape.split("x")))
-        self.f = bn.impls(case, n_threads, _torch(n_threads))
-        for f in self.f.values():
-            f()  # warm-up, and every page of the output touched
-
-    def time_bncore(self, shape, n_threads):
-        self.f["bncore"]()
-
-    def time_bncore_out(self, shape, n_threads):
-        self.f["bncore_out"]()
-
-    def time_torch(self, shape, n_threads):
-        if "torch" not in self.f:
-            raise NotImplementedError("torch is not installed")
-        self.f["torch"]()
-
-    def peakmem_bncore(self, shape, n_threads):
-        self.f["bncore"]()
+        self.d = common.norm_data(self.kind, shape)
+        self.out = common.filled_like(self.d["x"])
+        self.nf = self.d["x"].shape[-1] if self.kind == "layer" else GROUPS
 
 
-class LayerNormForward(_Norm):
-    op = "layer_norm"
-    params = [LN, THREADS]
+class LayerNorm(_Norm):
+    kind = "layer"
+    params = [LN_SHAPES, THREADS]
+
+    def _forward(self, out, n_threads):
+        d = self.d
+        bncore.layer_norm(d["x"], self.nf, d["weight"], d["bias"], EPS, out=out,
+                          n_threads=n_threads)
+
+    def _backward(self, out, n_threads):
+        d = self.d
+        bncore.layer_norm_backward(d["dy"], d["x"], self.nf, d["mean"], d["invstd"],
+                                   d["weight"], out=out, n_threads=n_threads)
+
+    def time_forward(self, shape, n_threads):
+        self._forward(None, n_threads)
+
+    def time_forward_out(self, shape, n_threads):
+        self._forward(self.out, n_threads)
+
+    def time_backward(self, shape, n_threads):
+        self._backward(None, n_threads)
+
+    def time_backward_out(self, shape, n_threads):
+        self._backward(self.out, n_threads)
+
+    def peakmem_forward(self, shape, n_threads):
+        self._forward(None, n_threads)
 
 
-class LayerNormBackward(_Norm):
-    op = "layer_norm_backward"
-    params = [LN, THREADS]
+class GroupNorm(LayerNorm):
+    kind = "group"
+    params = [GN_SHAPES, THREADS]
 
+    def _forward(self, out, n_threads):
+        d = self.d
+        bncore.group_norm(d["x"], GROUPS, d["weight"], d["bias"], EPS, out=out,
+                          n_threads=n_threads)
 
-class GroupNormForward(_Norm):
-    op = "group_norm"
-    params = [GN, THREADS]
-
-
-class GroupNormBackward(_Norm):
-    op = "group_norm_backward"
-    params = [GN, THREADS]
+    def _backward(self, out, n_threads):
+        d = self.d
+        bncore.group_norm_backward(d["dy"], d["x"], GROUPS, d["mean"], d["invstd"],
+                                   d["weight"], out=out, n_threads=n_threads)

@@ -1,6 +1,9 @@
-"""Seeded, cached data builders and the parameter grid shared by the benchmarks.
+"""Seeded, cached data builders and the parameter grid shared by the asv suite
+and the peer harnesses beside it (``benchmarks/norms.py``, ``inference.py``).
 
-Shapes are the logical (N, C, ...) shapes of PERF.md's grid plus small calls.
+NumPy only at import (asv imports this to discover the suite); ``norm_data``
+calls bncore for the saved statistics. Shapes are the logical (N, C, ...)
+shapes of the bench grid plus small calls.
 Layouts: ``NCHW`` (axis=1), ``NHWC`` (the same tensor permuted to N,H,W,C and
 made contiguous, axis=-1) for 4-D shapes; ``NC`` (features, axis=1) for 2-D.
 Impossible (layout, shape) pairs raise NotImplementedError, which asv skips.
@@ -20,9 +23,14 @@ EPS = 1e-5
 
 DTYPES = ["float32", "float64"]
 LAYOUTS = ["NCHW", "NHWC", "NC"]
-SHAPES = ["32x64x56x56", "32x256x14x14", "8x512x7x7", "64x3x224x224",
+SHAPES = ["32x64x56x56", "32x256x14x14", "8x512x7x7", "128x64x56x56", "64x3x224x224",
           "256x4096", "8192x1024", "64x256"]
 THREADS = [1, 2]
+# layer norm: rows of 768, 1024 and 4096 features, batch x sequence 8 x 512;
+# group norm: GROUPS groups on ResNet-50 activations
+GROUPS = 32
+LN_SHAPES = ["8x512x768", "8x512x1024", "8x512x4096"]
+GN_SHAPES = ["32x64x56x56", "32x256x14x14", "32x512x7x7", "8x512x28x28"]
 
 
 def parse_shape(shape):
@@ -38,6 +46,11 @@ def check_layout(layout, shape):
 
 def axis_of(layout):
     return -1 if layout == "NHWC" else 1
+
+
+def layout_of(shape):
+    """The channels-first layout of a shape: NCHW for 4-D, NC for 2-D."""
+    return "NCHW" if len(parse_shape(shape)) == 4 else "NC"
 
 
 CACHE_DIR = os.environ.get("BNCORE_BENCH_CACHE",
@@ -110,3 +123,28 @@ def filled_like(a):
     out = np.empty_like(a)
     out.fill(0)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def norm_data(kind, shape, dtype="float32", seed=0):
+    """Inputs of layer norm (``kind="layer"``, over the last axis) or group norm
+    (``kind="group"``, GROUPS groups over axis 1): x (mean 1, std 2), dy,
+    weight, bias, and the saved mean and invstd of bncore's training forward.
+    Read-only, as ``data``'s."""
+    import bncore
+    dims = parse_shape(shape)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(dims, dtype=dtype) * 2 + 1
+    nf = dims[-1] if kind == "layer" else dims[1]
+    d = {"x": x, "dy": rng.standard_normal(dims, dtype=dtype),
+         "weight": rng.uniform(0.5, 1.5, nf).astype(dtype),
+         "bias": rng.uniform(-0.5, 0.5, nf).astype(dtype)}
+    if kind == "layer":
+        _, d["mean"], d["invstd"] = bncore.layer_norm_train(x, nf, d["weight"])
+    elif kind == "group":
+        _, d["mean"], d["invstd"] = bncore.group_norm_train(x, GROUPS, d["weight"])
+    else:
+        raise ValueError(f"kind: expected 'layer' or 'group', got {kind!r}")
+    for v in d.values():
+        v.flags.writeable = False
+    return d
