@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import platform
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -27,6 +27,14 @@ def config() -> dict[str, Any]:
         else "baseline",
     })
     return info
+
+
+@overload
+def show_config(mode: Literal["dicts"]) -> dict[str, Any]: ...
+@overload
+def show_config(mode: Literal["stdout"] = ...) -> None: ...
+@overload
+def show_config(mode: str) -> dict[str, Any] | None: ...
 
 
 def show_config(mode: str = "stdout") -> dict[str, Any] | None:
