@@ -39,7 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-import bncore
+from ._config import show_config
+from ._version import __version__
+from .functional import batch_norm_backward, batch_norm_eval, batch_norm_train
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -243,15 +245,15 @@ def bncore_impls(case, n_threads):
         rm, rv = case["running_mean"].copy(), case["running_var"].copy()
 
         def run(o):
-            return bncore.batch_norm_train(x, w, b, eps=EPS, running_mean=rm, running_var=rv,
+            return batch_norm_train(x, w, b, eps=EPS, running_mean=rm, running_var=rv,
                                            momentum=MOMENTUM, out=o, **kw)[:1]
     elif op == "eval":
         def run(o):
-            return (bncore.batch_norm_eval(x, case["running_mean"], case["running_var"], w, b,
+            return (batch_norm_eval(x, case["running_mean"], case["running_var"], w, b,
                                            eps=EPS, out=o, **kw),)
     else:
         def run(o):
-            return bncore.batch_norm_backward(dy, x, case["save_mean"], case["save_invstd"], w,
+            return batch_norm_backward(dy, x, case["save_mean"], case["save_invstd"], w,
                                               training=op == "backward", out=o, **kw)
     return {"bncore": lambda: run(None), "bncore_out": lambda: run(out)}
 
@@ -434,12 +436,12 @@ def machine_info(peers, llc):
         pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "llc_bytes": llc,
             "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": np.__version__, "bncore": bncore.__version__,
+            "numpy": np.__version__, "bncore": __version__,
             "torch": getattr(peers.get("torch"), "__version__", None),
             "onnxruntime": getattr(peers.get("ort"), "__version__", None),
             "env": {k: v for k, v in os.environ.items()
                     if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_"))},
-            "bncore_config": {k: str(v) for k, v in bncore.show_config(mode="dicts").items()}}
+            "bncore_config": {k: str(v) for k, v in show_config(mode="dicts").items()}}
 
 
 def _import(name):

@@ -565,15 +565,3 @@ def test_torch_state_dict_into_frozen_and_layer(rng):
     bn = bncore.BatchNorm(7, dtype=np.float64)
     bn.load_state_dict(tbn.state_dict())
     np.testing.assert_allclose(bn.eval()(x), want, rtol=1e-12, atol=1e-12)
-
-
-def test_bench_inference_smoke():
-    """The inference bench runs end to end (tiny settings; no timing is checked)."""
-    from bncore import bench_inference as bi
-    res = bi.run_inference_bench(quick=True, parts=("rps", "memory"), rps_duration=0.01,
-                                 rounds=1)
-    assert set(res["rps"]) == {1, 8}
-    assert all(v > 0 for per in res["rps"].values() for v in per.values())
-    assert res["memory"]["saving_fraction"] > 0.3  # one of two buffers per block
-    text = bi.report(res)
-    assert "requests/s" in text and "InPlaceABN" in text
