@@ -119,7 +119,7 @@ def dtype(d, name="dtype"):
     return dt
 
 
-def tensor(x, name="x", min_ndim=2):
+def tensor(x, name="x", min_ndim=2) -> np.ndarray:
     """x as an ndarray of a supported dtype with ndim >= min_ndim."""
     x = _array(x, name)
     if x.dtype not in FLOAT_DTYPES:
@@ -130,7 +130,7 @@ def tensor(x, name="x", min_ndim=2):
     return x
 
 
-def like(a, x, name):
+def like(a, x, name) -> np.ndarray:
     """a checked to match x in shape and dtype (dy, y)."""
     a = tensor(a, name, min(x.ndim, 1))
     if a.shape != x.shape:
@@ -446,7 +446,7 @@ def mask_source(y, x, act):
     return like(y, x, "y")
 
 
-def counts(v):
+def counts(v) -> np.ndarray:
     """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
     try:
         c = np.asarray(v, dtype=np.float64)
@@ -461,7 +461,7 @@ def counts(v):
     return c
 
 
-def part_rows(arrays, K):
+def part_rows(arrays, K) -> list[np.ndarray]:
     """(K, C) float64 arrays of per-part statistics, all of one shape."""
     shape, out = None, []
     for a, name in arrays:

@@ -11,8 +11,11 @@ effective-thread count does, unless ``OMP_NUM_THREADS`` is set. A call then
 uses min(limit, OpenMP's maximum in the calling thread); an explicit
 ``n_threads`` always wins.
 """
+from __future__ import annotations
+
 import math
 import os
+from typing import Any
 
 from . import _checks as chk
 from . import _kernels as _k
@@ -20,7 +23,7 @@ from . import _kernels as _k
 __all__ = ["get_num_threads", "set_num_threads"]
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a call with ``n_threads=None`` uses from this thread.
 
     Returns
@@ -40,7 +43,7 @@ def get_num_threads():
     return n if n > 0 else _k.default_threads()
 
 
-def set_num_threads(n):
+def set_num_threads(n: int | None) -> int | None:
     """Limit the threads of every call with ``n_threads=None``, from any thread.
 
     Parameters
@@ -74,9 +77,9 @@ def set_num_threads(n):
     return old or None
 
 
-def cgroup_cpus(root="/sys/fs/cgroup"):
+def cgroup_cpus(root: str = "/sys/fs/cgroup") -> int | None:
     """The CPU quota of this process's container in whole CPUs, or None."""
-    def read(*parts):
+    def read(*parts: str) -> list[Any] | None:
         try:
             with open(os.path.join(root, *parts)) as f:
                 return f.read().split()
@@ -94,14 +97,14 @@ def cgroup_cpus(root="/sys/fs/cgroup"):
     return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
 
 
-def _default_limit():
+def _default_limit() -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         cpus = cgroup_cpus()
         if cpus is not None and cpus < _k.default_threads():
             _k.set_thread_limit(cpus)
 
 
-def _register_threadpoolctl():
+def _register_threadpoolctl() -> None:
     try:
         import threadpoolctl
     except ImportError:

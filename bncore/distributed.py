@@ -26,6 +26,10 @@ Gradient convention: after ``backward`` every rank holds the *global*
 single-process ``BatchNorm``). Exclude them from a sum all-reduce of the other
 gradients (averaging them is harmless: the values are already equal).
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
 try:
@@ -39,6 +43,7 @@ from . import _checks as chk
 from . import _kernels as _k
 from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce, batch_norm_elemt,
                          batch_norm_stats, merge_stats, update_running)
+from ._typing import Array
 from .layers import BatchNorm
 from .layers.batch_norm import _Record
 
@@ -50,7 +55,7 @@ _DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2,
                 np.dtype(np.float64): 3}
 
 
-def _chan_reduce(inbuf, inoutbuf, datatype):
+def _chan_reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
     # inoutbuf = inbuf (lower ranks) merged with inoutbuf. A record is one
     # contiguous MPI element, so MPI never hands over part of one. Runs once
     # per reduction round: straight to the merge kernel, no re-validation.
@@ -69,11 +74,11 @@ def _chan_reduce(inbuf, inoutbuf, datatype):
                       max(ra[3], rb[3]))
 
 
-_CHAN_OP = None
-_RECORD_TYPES = {}
+_CHAN_OP: Any = None
+_RECORD_TYPES: dict[int, Any] = {}
 
 
-def _chan_op():
+def _chan_op() -> Any:
     global _CHAN_OP
     if _CHAN_OP is None:
         # Not commutative bitwise; ask MPI to keep rank order.
@@ -81,20 +86,20 @@ def _chan_op():
     return _CHAN_OP
 
 
-def _record_type(width):
+def _record_type(width: int) -> Any:
     # One record = one MPI element, so a reduction never splits it.
     if width not in _RECORD_TYPES:
         _RECORD_TYPES[width] = MPI.DOUBLE.Create_contiguous(width).Commit()
     return _RECORD_TYPES[width]
 
 
-def _check_out(out, x):
+def _check_out(out: Any, x: Any) -> None:
     # Checked before the exchange, so a bad `out` fails on every rank too.
     if out is not None:
         chk.output(out, x, chk.compute_dtype(x.dtype), (x,))
 
 
-def _check_comm(comm, reduction):
+def _check_comm(comm: Any, reduction: str) -> Any:
     if comm is None:
         comm = MPI.COMM_WORLD
     if not isinstance(comm, MPI.Intracomm):
@@ -116,10 +121,43 @@ class SyncBatchNorm(BatchNorm):
     are updated identically on every rank, and ``grad_weight``/``grad_bias``
     are the global sums on every rank. In eval mode with running statistics
     the forward is local; backward still sums the parameter gradients.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the same on every rank).
+    comm : mpi4py.MPI.Intracomm, optional
+        The ranks that share the batch; default ``MPI.COMM_WORLD``.
+    reduction : {'allgather', 'allreduce'}, default 'allgather'
+        How the statistics are exchanged (see the module docstring).
+    **kwargs
+        `bncore.BatchNorm`'s other arguments, except ``activation``.
+
+    Raises
+    ------
+    TypeError
+        If ``comm`` is not an intracommunicator, or as `bncore.BatchNorm`.
+    ValueError
+        If ``reduction`` is neither, ``activation`` is given, or as
+        `bncore.BatchNorm`.
+
+    Examples
+    --------
+    Run by every rank (``mpiexec -n P python script.py``); with one rank it
+    equals ``BatchNorm``:
+
+    >>> from bncore.distributed import SyncBatchNorm
+    >>> sbn = SyncBatchNorm(2, dtype=np.float64)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> np.array_equal(sbn(x), bncore.BatchNorm(2, dtype=np.float64)(x))
+    True
+    >>> dx = sbn.backward(np.ones_like(x))
+    >>> sbn.grad_bias  # the sum over every rank's batch
+    array([2., 2.])
     """
 
-    def __init__(self, num_features, *, comm=None, reduction="allgather",
-                 **kwargs):
+    def __init__(self, num_features: int, *, comm: Any = None, reduction: str = "allgather",
+                 **kwargs: Any):
         comm = _check_comm(comm, reduction)
         if kwargs.get("activation") is not None:
             chk.refuse("activation", "SyncBatchNorm does not fuse an activation; apply it "
@@ -128,14 +166,15 @@ class SyncBatchNorm(BatchNorm):
         self.comm = comm
         self.reduction = reduction
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)
                 [:-1] + f", ranks={self.comm.Get_size()}, "
                 f"reduction={self.reduction!r})")
 
     # -- collectives -------------------------------------------------------
 
-    def _raise_if_bad(self, n_bad, bad_ranks, local_error, what):
+    def _raise_if_bad(self, n_bad: Any, bad_ranks: list[int] | None,
+                      local_error: Exception | None, what: str) -> None:
         if n_bad == 0:
             return
         if local_error is not None:
@@ -145,7 +184,8 @@ class SyncBatchNorm(BatchNorm):
         raise ValueError(f"SyncBatchNorm.{what}: {where} of the communicator "
                          "rejected their input (see the error on that rank)")
 
-    def _exchange_stats(self, count, mean, m2, bad, code):
+    def _exchange_stats(self, count: int, mean: Any, m2: Any, bad: bool, code: int
+                        ) -> tuple[Any, Any, list[int] | None, bool]:
         c = self.num_features
         send = np.empty(_HEAD + 2 * c)
         send[:_HEAD] = (count, bad, code, code)
@@ -173,7 +213,8 @@ class SyncBatchNorm(BatchNorm):
                       recv[_HEAD + c:].copy())
         return merged, n_bad, bad_ranks, lo != hi
 
-    def _exchange_grads(self, sum_dy, sum_dy_xmu, bad):
+    def _exchange_grads(self, sum_dy: Any, sum_dy_xmu: Any, bad: bool
+                        ) -> tuple[Any, Any, Any, list[int] | None]:
         c = self.num_features
         send = np.empty(1 + 2 * c)
         send[0] = bad
@@ -192,7 +233,7 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward / backward ------------------------------------------------
 
-    def _same_width(self):
+    def _same_width(self) -> None:
         # Ranks with different channel counts would exchange buffers of
         # different sizes: every rank checks first, so every rank raises.
         c = self.num_features
@@ -203,13 +244,13 @@ class SyncBatchNorm(BatchNorm):
                              f"got {c} here and counts from {-widths[1]} to {widths[0]} "
                              f"across ranks")
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         if not self.training and self.track_running_stats:
             # Running statistics: nothing to exchange.
             return super()._forward(x, out, n_threads)
         c = self.num_features
         self._same_width()
-        error = None
+        error: Exception | None = None
         try:
             x = self._input(x, out)
             _check_out(out, x)
@@ -240,12 +281,12 @@ class SyncBatchNorm(BatchNorm):
             self.num_batches_tracked[...] = n
         return y, _Record(x, mean, invstd, True, extra=total)
 
-    def _backward(self, dy, r, out, n_threads):
+    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         """dx of the most recent forward; grad_weight and grad_bias are the
         global sums on every rank (one collective)."""
         c = self.num_features
         self._same_width()
-        error = None
+        error: Exception | None = None
         try:
             sum_dy, sum_dy_xmu = batch_norm_backward_reduce(
                 dy, r.x, r.mean, axis=self.axis, n_threads=n_threads)
@@ -267,8 +308,38 @@ class SyncBatchNorm(BatchNorm):
         return dx, sum_dy_xmu * r.invstd, sum_dy
 
     @classmethod
-    def from_batchnorm(cls, layer, comm=None, reduction="allgather"):
-        """A SyncBatchNorm sharing ``layer``'s parameter and running arrays."""
+    def from_batchnorm(cls, layer: BatchNorm, comm: Any = None,
+                       reduction: str = "allgather") -> SyncBatchNorm:
+        """A SyncBatchNorm sharing ``layer``'s parameter and running arrays.
+
+        Parameters
+        ----------
+        layer : bncore.BatchNorm
+            A layer without a fused activation; its settings and training
+            mode carry over and its arrays are shared, not copied.
+        comm : mpi4py.MPI.Intracomm, optional
+            Default ``MPI.COMM_WORLD``.
+        reduction : {'allgather', 'allreduce'}, default 'allgather'
+            How the statistics are exchanged.
+
+        Returns
+        -------
+        SyncBatchNorm
+
+        Raises
+        ------
+        TypeError
+            If ``comm`` is not an intracommunicator.
+        ValueError
+            If the layer fuses an activation or ``reduction`` is neither.
+
+        Examples
+        --------
+        >>> from bncore.distributed import SyncBatchNorm
+        >>> bn = bncore.BatchNorm(2)
+        >>> SyncBatchNorm.from_batchnorm(bn).weight is bn.weight
+        True
+        """
         if getattr(layer, "activation", None) is not None:
             chk.refuse("layer", f"SyncBatchNorm does not fuse an activation; got a BatchNorm "
                                 f"with activation={layer.activation!r}")
@@ -281,14 +352,42 @@ class SyncBatchNorm(BatchNorm):
         return sync
 
 
-def convert_sync_batchnorm(layers, comm=None, *, reduction="allgather"):
+def convert_sync_batchnorm(layers: Any, comm: Any = None, *,
+                           reduction: str = "allgather") -> Any:
     """Replace every ``BatchNorm`` in ``layers`` by a ``SyncBatchNorm``.
 
-    ``layers`` is a layer, or a list, tuple or dict of them (nested
-    containers are converted recursively); a new container of the same kind is
-    returned and anything that is not a ``BatchNorm`` is kept as is. The new
-    layers share the old ones' weight, bias and running arrays (an optimizer
-    holding them keeps working) and their training mode.
+    The new layers share the old ones' weight, bias and running arrays (an
+    optimizer holding them keeps working) and their training mode.
+
+    Parameters
+    ----------
+    layers : layer, list, tuple or dict
+        A layer, or a container of them (nested containers are converted
+        recursively).
+    comm : mpi4py.MPI.Intracomm, optional
+        Default ``MPI.COMM_WORLD``.
+    reduction : {'allgather', 'allreduce'}, default 'allgather'
+        How the statistics are exchanged.
+
+    Returns
+    -------
+    layer, list, tuple or dict
+        A new container of the same kind; anything that is not a
+        ``BatchNorm`` is kept as is.
+
+    Raises
+    ------
+    TypeError
+        If ``comm`` is not an intracommunicator.
+    ValueError
+        If a ``BatchNorm`` fuses an activation or ``reduction`` is neither.
+
+    Examples
+    --------
+    >>> from bncore.distributed import SyncBatchNorm, convert_sync_batchnorm
+    >>> layers = convert_sync_batchnorm({"bn": bncore.BatchNorm(2), "ln": bncore.LayerNorm(2)})
+    >>> type(layers["bn"]).__name__, type(layers["ln"]).__name__
+    ('SyncBatchNorm', 'LayerNorm')
     """
     if isinstance(layers, SyncBatchNorm):
         return layers

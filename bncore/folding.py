@@ -5,15 +5,20 @@ normalization; fold_into_linear and fold_into_conv fold it into the weights
 of the layer before it (or, for dense and unpadded convolutions, the layer
 after it).
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
+from ._typing import Array, ArrayLike, Float64Array
 
 __all__ = ["fold_batch_norm", "fold_into_linear", "fold_into_conv", "eval_coefficients"]
 
 
-def eval_coefficients(rm, rv, w, b, eps):
+def eval_coefficients(rm: Any, rv: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:
     """(center, scale, shift) of batch_norm_eval for checked float64 parameters:
     y = (x - center) * scale + shift, scale = weight * invstd (the kernels' rule)."""
     chk.variance(rv, eps)
@@ -21,10 +26,46 @@ def eval_coefficients(rm, rv, w, b, eps):
     return rm, (inv if w is None else w * inv), (np.zeros_like(rm) if b is None else b)
 
 
-def fold_batch_norm(running_mean, running_var, weight=None, bias=None, *, eps=1e-5):
-    """(scale, shift), float64, with BN_eval(x) = x * scale + shift per channel.
+def fold_batch_norm(running_mean: ArrayLike, running_var: ArrayLike,
+                    weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                    eps: float = 1e-5) -> tuple[Float64Array, Float64Array]:
+    """The per-channel (scale, shift) of an eval-mode batch norm.
 
-    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
+    ``batch_norm_eval(x) == x * scale + shift`` per channel, with
+    ``scale = weight / sqrt(running_var + eps)`` and
+    ``shift = bias - running_mean * scale``; scale is 0 where
+    ``running_var + eps == 0``.
+
+    Parameters
+    ----------
+    running_mean : array_like
+        1-D floating-point array; its length sets C.
+    running_var : array_like
+        Floating-point array of length C.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C (None means 1 and 0).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to ``running_var`` inside the square root.
+
+    Returns
+    -------
+    scale, shift : numpy.ndarray
+        float64 arrays of shape ``(C,)``.
+
+    Raises
+    ------
+    TypeError
+        If an array is not floating point.
+    ValueError
+        If a shape does not match, ``eps`` is negative or not finite, or
+        ``running_var + eps`` is negative.
+
+    Examples
+    --------
+    >>> scale, shift = bncore.fold_batch_norm(np.array([1.0, 2.0]), np.array([4.0, 16.0]),
+    ...                                       bias=np.array([0.0, 1.0]), eps=0.0)
+    >>> scale, shift
+    (array([0.5 , 0.25]), array([-0.5,  0.5]))
     """
     rm = chk.float_vector(running_mean, "running_mean")
     C = rm.shape[0]
@@ -36,7 +77,8 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, *, eps=1e
     return scale, shift - center * scale
 
 
-def _fold_args(W, bias, scale, shift, order, C_after, C_before):
+def _fold_args(W: Any, bias: Any, scale: Any, shift: Any, order: Any, C_after: int,
+               C_before: int) -> tuple[Any, Any, Any]:
     chk.choice(order, "order", {"layer_bn": "batch norm after the layer",
                                 "bn_layer": "batch norm before it"})
     C = C_after if order == "layer_bn" else C_before
@@ -46,13 +88,48 @@ def _fold_args(W, bias, scale, shift, order, C_after, C_before):
     return s, t, b
 
 
-def fold_into_linear(weight, bias, scale, shift, *, order="layer_bn"):
-    """Fold a batch norm (scale, shift) into a dense layer y = x @ weight.T + bias.
+def fold_into_linear(weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
+                     shift: ArrayLike, *, order: str = "layer_bn") -> tuple[Array, Array]:
+    """Fold a batch norm (scale, shift) into a dense layer ``y = x @ weight.T + bias``.
 
-    weight is (out_features, in_features), bias (out_features,) or None.
-    order='layer_bn': the batch norm follows the layer, BN(x @ W.T + b);
-    order='bn_layer': it precedes it, BN(x) @ W.T + b. Returns the folded
-    (weight, bias) in weight's dtype (computed in float64).
+    Parameters
+    ----------
+    weight : array_like
+        Floating-point array of shape ``(out_features, in_features)``.
+    bias : array_like or None
+        Shape ``(out_features,)``; None means zeros.
+    scale, shift : array_like
+        The batch norm's per-channel coefficients (`fold_batch_norm`): length
+        out_features for ``order='layer_bn'``, in_features for
+        ``order='bn_layer'``.
+    order : {'layer_bn', 'bn_layer'}, default 'layer_bn'
+        'layer_bn': the batch norm follows the layer, ``BN(x @ W.T + b)``;
+        'bn_layer': it precedes it, ``BN(x) @ W.T + b``.
+
+    Returns
+    -------
+    weight, bias : numpy.ndarray
+        The folded layer, in weight's dtype (computed in float64).
+
+    Raises
+    ------
+    TypeError
+        If ``weight`` or a vector is not floating point.
+    ValueError
+        If ``weight`` is not 2-D, a length does not match, or ``order`` is
+        not one of the two.
+
+    Examples
+    --------
+    >>> W, b = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, -1.0])
+    >>> scale, shift = np.array([2.0, 0.5]), np.array([0.0, 1.0])
+    >>> Wf, bf = bncore.fold_into_linear(W, b, scale, shift)
+    >>> Wf, bf
+    (array([[2. , 4. ],
+           [1.5, 2. ]]), array([2. , 0.5]))
+    >>> x = np.array([[1.0, 1.0]])
+    >>> np.allclose(x @ Wf.T + bf, (x @ W.T + b) * scale + shift)
+    True
     """
     W = chk.layer_weight(weight, 2, "a 2-D (out_features, in_features) array")
     s, t, b = _fold_args(W, bias, scale, shift, order, W.shape[0], W.shape[1])
@@ -64,15 +141,52 @@ def fold_into_linear(weight, bias, scale, shift, *, order="layer_bn"):
     return Wf.astype(W.dtype), bf.astype(W.dtype)
 
 
-def fold_into_conv(weight, bias, scale, shift, *, groups=1, order="layer_bn"):
+def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
+                   shift: ArrayLike, *, groups: int = 1, order: str = "layer_bn"
+                   ) -> tuple[Array, Array]:
     """Fold a batch norm (scale, shift) into a convolution.
 
-    weight is (out_channels, in_channels / groups, *kernel) (PyTorch's and
-    ONNX's layout, any number of spatial dims), bias (out_channels,) or None.
-    order='layer_bn' (BN after the convolution) is exact for any stride,
-    padding and dilation. order='bn_layer' (BN before it) is exact only without
-    zero padding: padding adds zeros after the batch norm, which the folded
-    convolution would see as -shift/scale. Returns the folded (weight, bias).
+    ``order='layer_bn'`` (BN after the convolution) is exact for any stride,
+    padding and dilation. ``order='bn_layer'`` (BN before it) is exact only
+    without zero padding: padding adds zeros after the batch norm, which the
+    folded convolution would see as ``-shift/scale``.
+
+    Parameters
+    ----------
+    weight : array_like
+        Floating-point array of shape ``(out_channels, in_channels / groups,
+        *kernel)`` (PyTorch's and ONNX's layout, any number of spatial dims).
+    bias : array_like or None
+        Shape ``(out_channels,)``; None means zeros.
+    scale, shift : array_like
+        The batch norm's per-channel coefficients (`fold_batch_norm`): length
+        out_channels for 'layer_bn', in_channels for 'bn_layer'.
+    groups : int, default 1
+        The convolution's groups: a positive divisor of out_channels.
+    order : {'layer_bn', 'bn_layer'}, default 'layer_bn'
+        Whether the batch norm follows the convolution or precedes it.
+
+    Returns
+    -------
+    weight, bias : numpy.ndarray
+        The folded convolution, in weight's dtype (computed in float64).
+
+    Raises
+    ------
+    TypeError
+        If ``weight`` or a vector is not floating point.
+    ValueError
+        If ``weight`` has fewer than 3 dims, ``groups`` does not divide
+        out_channels, a length does not match, or ``order`` is not one of
+        the two.
+
+    Examples
+    --------
+    >>> W = np.ones((2, 1, 3))  # a 1-D convolution: 2 output channels, kernel 3
+    >>> Wf, bf = bncore.fold_into_conv(W, None, np.array([2.0, 0.5]), np.array([1.0, 0.0]))
+    >>> Wf[:, 0], bf
+    (array([[2. , 2. , 2. ],
+           [0.5, 0.5, 0.5]]), array([1., 0.]))
     """
     W = chk.layer_weight(weight, 3, "(out_channels, in_channels / groups, *kernel)")
     groups = chk.divisor(groups, W.shape[0], "groups", "out_channels")

@@ -7,10 +7,15 @@ canonical call straight away. Otherwise every argument is checked
 Layouts: x is viewed as C-contiguous (outer, C, inner); inner == 1 is the
 channels-last path, which also serves (N, C).
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
+from ._typing import Activation, Array, ArrayLike, Float64Array, FloatArray
 
 __all__ = [
     "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
@@ -20,37 +25,129 @@ __all__ = [
 ]
 
 
-def batch_norm_train(x, weight=None, bias=None, *, axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, activation=None, n_threads=None,
-                     virtual_batch_size=None, running_var_unbiased=True,
-                     skip_nonfinite_update=False):
+def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
+                     bias: ArrayLike | None = None, *, axis: int = 1, eps: float = 1e-5,
+                     running_mean: Array | None = None, running_var: Array | None = None,
+                     momentum: float = 0.1, out: Array | None = None,
+                     activation: Activation = None, n_threads: int | None = None,
+                     virtual_batch_size: int | None = None, running_var_unbiased: bool = True,
+                     skip_nonfinite_update: bool = False) -> tuple[Array, FloatArray, FloatArray]:
     """Normalize with the batch statistics; update running statistics in place.
 
-    Returns (y, save_mean, save_invstd). `activation` (None, 'relu' or
-    ('leaky_relu', slope)) is fused into the same pass.
-    `virtual_batch_size` (ghost batch norm, Hoffer et al. 2017): each slice of
-    that many samples along axis 0 is normalized with its own statistics;
-    save_mean/save_invstd are then (K, C) for K ghost batches and the running
-    statistics move toward their average over the ghost batches.
-    running_var_unbiased=False updates running_var with the biased batch
-    variance (the Keras and ONNX convention) instead of PyTorch's n/(n-1).
+    Per channel ``c`` (the entries of ``x`` along ``axis``),
+    ``y = (x - mean_c) * invstd_c * weight_c + bias_c`` with the batch mean
+    and the biased batch variance ``var_c`` over every other axis, and
+    ``invstd_c = 1 / sqrt(var_c + eps)``. The statistics are accumulated in
+    float64 with shifted sums, so float32 input stays accurate when
+    ``|mean| >> std``. ``activation`` is fused into the same pass.
 
-    skip_nonfinite_update: when True and the batch mean or the batch variance
-    of any channel (of any ghost batch) is NaN or +-inf, running_mean and
-    running_var are left exactly as they were, for every channel (a NaN/inf
-    batch, e.g. an overflowed mixed-precision step, then does not poison the
-    running statistics; PyTorch issue 88474). y, save_mean and save_invstd are
-    still returned as computed. Off by default: the update is then PyTorch's,
-    and a non-finite channel makes that channel's running statistics non-finite.
+    Parameters
+    ----------
+    x : array_like
+        Input of dtype float16, float32 or float64 with ``ndim >= 2`` and more
+        than one value per channel. float16 is computed in float32 and
+        returned as float16.
+    weight, bias : array_like, optional
+        Per-channel scale and shift, floating point of length C. None means
+        1 and 0.
+    axis : int, default 1
+        The channel axis (negative counts from the end). ``axis=-1`` is
+        channels-last; ``(N, C)`` input takes ``axis=1``.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root. With
+        ``eps=0`` a channel of zero variance gets ``invstd`` 0 (its output is
+        ``bias``).
+    running_mean, running_var : numpy.ndarray, optional
+        Writable floating-point arrays of shape ``(C,)``, both or neither,
+        updated in place: ``running = (1 - momentum) * running + momentum *
+        batch`` (the batch variance with Bessel's correction n/(n-1) unless
+        ``running_var_unbiased=False``).
+    momentum : float, default 0.1
+        In ``[0, 1]``: the weight of the batch statistics in the update.
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y`` (``out=x``
+        normalizes in place); it must not overlap the running statistics.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Applied to ``y`` in the same pass; 'leaky_relu' alone has slope 0.01.
+    n_threads : int, optional
+        The most threads to use (capped at 4096). None uses
+        `get_num_threads` at the time of the call: OpenMP's maximum in the
+        calling thread (``OMP_NUM_THREADS``), capped by the process-wide limit
+        (`set_num_threads`, threadpoolctl, the container's CPU quota).
+    virtual_batch_size : int, optional
+        Ghost batch norm (Hoffer et al. 2017): each slice of that many samples
+        along axis 0 is normalized with its own statistics; ``save_mean`` and
+        ``save_invstd`` are then ``(K, C)`` for K ghost batches and the running
+        statistics move toward their average over the ghost batches. Every
+        ghost batch needs more than one value per channel, and ``axis`` must
+        not be 0.
+    running_var_unbiased : bool, default True
+        False updates ``running_var`` with the biased batch variance (the
+        Keras and ONNX convention) instead of PyTorch's n/(n-1) correction.
+    skip_nonfinite_update : bool, default False
+        When True and the batch mean or the batch variance of any channel (of
+        any ghost batch) is NaN or +-inf, ``running_mean`` and ``running_var``
+        are left exactly as they were, for every channel (a NaN/inf batch,
+        e.g. an overflowed mixed-precision step, then does not poison the
+        running statistics; PyTorch issue 88474). ``y``, ``save_mean`` and
+        ``save_invstd`` are still returned as computed. Off by default: the
+        update is then PyTorch's, and a non-finite channel makes that
+        channel's running statistics non-finite.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        The output, x's shape and dtype (``out`` when given).
+    save_mean, save_invstd : numpy.ndarray
+        The batch mean and ``1 / sqrt(var + eps)`` per channel, shape ``(C,)``
+        (``(K, C)`` with ghost batches); float64 for float64 input, float32
+        otherwise. They are what `batch_norm_backward` needs.
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter or ``out`` has an unsupported type or dtype, or
+        ``axis`` is not an int.
+    ValueError
+        If a shape does not match, a channel has only one value, ``eps``,
+        ``momentum``, ``activation``, ``n_threads`` or ``virtual_batch_size``
+        is out of range, or ``out`` is read-only or overlaps the running
+        statistics. Nothing is written when an argument is refused.
+
+    See Also
+    --------
+    batch_norm_eval : Normalization with the running statistics.
+    batch_norm_backward : The gradients of this function.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> y, mean, invstd = bncore.batch_norm_train(x, running_mean=rm, running_var=rv)
+    >>> np.round(y, 4)
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> mean
+    array([2., 4.], dtype=float32)
+    >>> np.round(rm, 4), np.round(rv, 4)
+    (array([0.2, 0.4], dtype=float32), array([1.1, 1.7], dtype=float32))
+
+    Channels last, with a fused ReLU:
+
+    >>> xt = np.ascontiguousarray(x.T)  # (N, C) with C last
+    >>> y, _, _ = bncore.batch_norm_train(xt, axis=-1, activation="relu")
+    >>> np.array_equal(y, np.maximum(bncore.batch_norm_train(x, axis=0)[0].T, 0))
+    True
     """
     return train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
                  activation, n_threads, virtual_batch_size, skip_nonfinite_update,
                  running_var_unbiased)[:3]
 
 
-def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, activation,
-          n_threads, virtual_batch_size=None, skip_nonfinite_update=False,
-          running_var_unbiased=True):
+def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any,
+          running_var: Any, momentum: Any, out: Any, activation: Any, n_threads: Any,
+          virtual_batch_size: Any = None, skip_nonfinite_update: Any = False,
+          running_var_unbiased: Any = True) -> Any:
     """batch_norm_train, plus whether the running statistics were updated."""
     r = _k.train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
                  activation, n_threads, running_var_unbiased, skip_nonfinite_update,
@@ -96,12 +193,60 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     running_var[...] = rv
 
 
-def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axis=1, eps=1e-5,
-                    out=None, activation=None, n_threads=None):
-    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+def batch_norm_eval(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
+                    weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                    axis: int = 1, eps: float = 1e-5, out: Array | None = None,
+                    activation: Activation = None, n_threads: int | None = None) -> Array:
+    """Normalize with given (running) statistics: the eval-mode batch norm.
 
-    invstd is 0 where running_var + eps == 0 (eps = 0 and a zero variance);
-    a negative running_var + eps raises ValueError."""
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per
+    channel, in one pass. invstd is 0 where ``running_var + eps == 0``
+    (``eps=0`` and a zero variance).
+
+    Parameters
+    ----------
+    x : array_like
+        Input of dtype float16, float32 or float64 with ``ndim >= 2``.
+        float16 is computed in float32 and returned as float16.
+    running_mean, running_var : array_like
+        Per-channel statistics, floating point of length C.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C. None means 1 and 0.
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to ``running_var`` inside the square root.
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``
+        (``out=x`` normalizes in place).
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Applied to ``y`` in the same pass.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If x, a statistic, a parameter or ``out`` has an unsupported type or
+        dtype, or ``axis`` is not an int.
+    ValueError
+        If a shape does not match, ``running_var + eps`` is negative in some
+        channel, or ``eps``, ``activation`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> bncore.batch_norm_eval(x, running_mean=np.array([1.0, 2.0]),
+    ...                        running_var=np.array([4.0, 16.0]), eps=0.0)
+    array([[0., 0.],
+           [1., 1.]])
+    """
     y = _k.evaluate(x, running_mean, running_var, weight, bias, axis, eps, out, activation,
                     n_threads)
     if y is not None:
@@ -120,9 +265,57 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, *, axi
     return chk.finish(y, final, L.x.dtype)
 
 
-def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None,
-                     activation=None, n_threads=None):
-    """y = (x - mean) * invstd * weight + bias with given statistics."""
+def batch_norm_elemt(x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                     weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                     axis: int = 1, out: Array | None = None, activation: Activation = None,
+                     n_threads: int | None = None) -> Array:
+    """Normalize with given statistics: ``y = (x - mean) * invstd * weight + bias``.
+
+    The elementwise step of synchronized batch norm: ``mean`` and ``invstd``
+    come from `merge_stats` over every shard.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of dtype float16, float32 or float64 with ``ndim >= 2``.
+        float16 is computed in float32 and returned as float16.
+    mean, invstd : array_like
+        Per-channel mean and inverse standard deviation, floating point of
+        length C.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C. None means 1 and 0.
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Applied to ``y`` in the same pass.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If x, a statistic, a parameter or ``out`` has an unsupported type or
+        dtype, or ``axis`` is not an int.
+    ValueError
+        If a shape does not match, or ``activation`` or ``n_threads`` is out
+        of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> bncore.batch_norm_elemt(x, mean=np.array([2.0, 4.0]), invstd=np.array([1.0, 0.5]),
+    ...                         bias=np.array([0.0, 10.0]))
+    array([[-1.,  9.],
+           [ 1., 11.]])
+    """
     y = _k.elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads)
     if y is not None:
         return y
@@ -138,14 +331,81 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1, out=Non
     return chk.finish(y, final, L.x.dtype)
 
 
-def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, training=True,
-                        out=None, activation=None, y=None, n_threads=None,
-                        virtual_batch_size=None):
-    """Gradients (dx, dweight, dbias) of batch_norm_train (training=True) or of
-    the eval-mode normalization (training=False). With a fused activation,
-    `y` is the forward output, whose sign gives the activation's mask.
-    `virtual_batch_size` (training only): the ghost batches of the forward,
-    save_mean/save_invstd of shape (K, C)."""
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None, *,
+                        axis: int = 1, training: bool = True, out: Array | None = None,
+                        activation: Activation = None, y: ArrayLike | None = None,
+                        n_threads: int | None = None, virtual_batch_size: int | None = None
+                        ) -> tuple[Array, FloatArray, FloatArray]:
+    """Gradients of `batch_norm_train` (``training=True``) or of the eval-mode
+    normalization (``training=False``).
+
+    With ``xhat = (x - save_mean) * save_invstd`` and ``g = dy * weight``
+    (times the activation's derivative), per channel over its n values:
+    ``dx = save_invstd * (g - mean(g) - xhat * mean(g * xhat))`` in training
+    mode, ``dx = g * save_invstd`` in eval mode; ``dweight = sum(dy * xhat)``
+    and ``dbias = sum(dy)``.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to the output: x's shape and dtype.
+    x : array_like
+        The forward's input, dtype float16, float32 or float64, ``ndim >= 2``.
+        float16 is computed in float32.
+    save_mean, save_invstd : array_like
+        The statistics the forward used: `batch_norm_train`'s ``save_mean``
+        and ``save_invstd`` (length C, or ``(K, C)`` with ghost batches), or
+        in eval mode the running mean and ``1 / sqrt(running_var + eps)``.
+    weight : array_like, optional
+        The forward's per-channel scale (None means 1).
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    training : bool, default True
+        True: the statistics depended on x (batch statistics). False: they
+        were constants (eval mode).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``dx`` (may be
+        ``dy``).
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        The activation fused into the forward.
+    y : array_like, optional
+        The forward's output, required when ``activation`` is set: its sign
+        is the activation's mask.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+    virtual_batch_size : int, optional
+        Training only: the forward's ghost batch size; ``save_mean`` and
+        ``save_invstd`` then have one row per ghost batch.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    dweight, dbias : numpy.ndarray
+        Per-channel gradients of shape ``(C,)``, returned even when ``weight``
+        is None; float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, ``dy`` or ``y`` differs
+        from x's dtype, or ``axis`` is not an int.
+    ValueError
+        If a shape does not match, ``y`` is missing with an activation, or
+        ``activation``, ``n_threads`` or ``virtual_batch_size`` is out of
+        range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y, mean, invstd = bncore.batch_norm_train(x, eps=0.0)
+    >>> dx, dweight, dbias = bncore.batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    >>> dx, dweight, dbias
+    (array([[0., 0.],
+           [0., 0.]]), array([0., 0.]), array([2., 2.]))
+    """
     r = _k.backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activation, y,
                     n_threads, virtual_batch_size)
     if r is not None:
@@ -174,11 +434,44 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, t
 
 # ---- building blocks for distributed (synchronized) batch norm --------------------------
 
-def batch_norm_stats(x, *, axis=1, n_threads=None):
+def batch_norm_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = None
+                     ) -> tuple[int, Float64Array, Float64Array]:
     """Local statistics (count, mean, M2) per channel, mean and M2 in float64.
 
-    M2 is the sum of squared deviations from the mean; a shard with no
-    samples gives count 0 (and zeros), which merge_stats ignores.
+    The first step of synchronized batch norm: each shard's triple goes to
+    `merge_stats`. M2 is the sum of squared deviations from the mean; a shard
+    with no samples gives count 0 (and zeros), which `merge_stats` ignores.
+
+    Parameters
+    ----------
+    x : array_like
+        A shard, dtype float16, float32 or float64 with ``ndim >= 2``.
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    count : int
+        Values per channel (the size of x over the other axes).
+    mean, m2 : numpy.ndarray
+        float64 arrays of shape ``(C,)``.
+
+    Raises
+    ------
+    TypeError
+        If x has an unsupported dtype or ``axis`` is not an int.
+    ValueError
+        If ``x.ndim < 2``, ``axis`` is out of range or ``n_threads`` is
+        invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
+    >>> bncore.batch_norm_stats(x)
+    (2, array([2., 4.]), array([2., 8.]))
     """
     L = chk.Layout(x, axis)
     nt = chk.threads(n_threads)
@@ -187,9 +480,45 @@ def batch_norm_stats(x, *, axis=1, n_threads=None):
     return L.count, mean, m2
 
 
-def merge_stats(counts, means, m2s):
-    """Chan's merge of K (count, mean, M2) triples: counts (K,), means and m2s
-    (K, C). Returns (count, mean, M2); merged in the given order in float64."""
+def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
+                ) -> tuple[int, Float64Array, Float64Array]:
+    """Chan's merge of K (count, mean, M2) triples, in the given order in float64.
+
+    Combines the `batch_norm_stats` of K shards into the statistics of their
+    concatenation; parts with count 0 are ignored. The biased variance of the
+    whole is ``M2 / count``.
+
+    Parameters
+    ----------
+    counts : array_like
+        Shape ``(K,)``: finite, non-negative counts.
+    means, m2s : array_like
+        Real arrays of shape ``(K, C)``: each part's mean and M2.
+
+    Returns
+    -------
+    count : int
+        The total count.
+    mean, m2 : numpy.ndarray
+        float64 arrays of shape ``(C,)`` (zeros for K = 0).
+
+    Raises
+    ------
+    TypeError
+        If ``counts`` is not numeric or ``means`` / ``m2s`` are not real.
+    ValueError
+        If ``counts`` is not 1-D or has a negative or non-finite entry, or
+        the shapes do not agree.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0], [3.0], [5.0], [7.0]])
+    >>> parts = [bncore.batch_norm_stats(x[:1]), bncore.batch_norm_stats(x[1:])]
+    >>> count, mean, m2 = bncore.merge_stats([p[0] for p in parts], [p[1] for p in parts],
+    ...                                      [p[2] for p in parts])
+    >>> count, mean, m2 / count, x.var(axis=0)
+    (4, array([4.]), array([5.]), array([5.]))
+    """
     counts = chk.counts(counts)
     means, m2s = chk.part_rows(((means, "means"), (m2s, "m2s")), counts.shape[0])
     C = means.shape[1]
@@ -199,8 +528,53 @@ def merge_stats(counts, means, m2s):
     return int(round(total)), mean, m2
 
 
-def batch_norm_backward_reduce(dy, x, mean, *, axis=1, activation=None, y=None, n_threads=None):
-    """Per channel (sum dy, sum dy*(x - mean)) in float64 (centered sums)."""
+def batch_norm_backward_reduce(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,
+                               activation: Activation = None, y: ArrayLike | None = None,
+                               n_threads: int | None = None) -> tuple[Float64Array, Float64Array]:
+    """Per channel ``(sum(dy), sum(dy * (x - mean)))`` in float64 (centered sums).
+
+    The local reduction of synchronized batch norm's backward: sum these over
+    every shard, then call `batch_norm_backward_elemt`. With an activation,
+    ``dy`` is first multiplied by its derivative (taken from ``y``).
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input (this shard), dtype float16, float32 or float64.
+    mean : array_like
+        The global per-channel mean used by the forward, length C.
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        The activation fused into the forward.
+    y : array_like, optional
+        The forward's output, required with an activation (its mask).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : numpy.ndarray
+        float64 arrays of shape ``(C,)``.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported dtype or ``dy`` differs from x's dtype.
+    ValueError
+        If a shape does not match, ``y`` is missing with an activation, or
+        ``activation`` or ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> dy = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> bncore.batch_norm_backward_reduce(dy, x, mean=np.array([2.0, 4.0]))
+    (array([3., 1.]), array([1., 2.]))
+    """
     L = chk.Layout(x, axis)
     dy = chk.like(dy, L.x, "dy")
     m = chk.vector(mean, L.C, "mean", required=True)
@@ -213,10 +587,69 @@ def batch_norm_backward_reduce(dy, x, mean, *, axis=1, activation=None, y=None, 
     return sum_dy, sum_dy_xmu
 
 
-def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, *, axis=1,
-                              out=None, activation=None, y=None, n_threads=None):
-    """dx from globally reduced sums over `count` elements per channel:
-    dx = w*invstd*(dy - sum_dy/count - (x-mean)*invstd^2*sum_dy_xmu/count)."""
+def batch_norm_backward_elemt(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                              weight: ArrayLike | None, sum_dy: ArrayLike,
+                              sum_dy_xmu: ArrayLike, count: float, *, axis: int = 1,
+                              out: Array | None = None, activation: Activation = None,
+                              y: ArrayLike | None = None, n_threads: int | None = None) -> Array:
+    """dx from globally reduced sums over ``count`` elements per channel.
+
+    ``dx = w * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 *
+    sum_dy_xmu / count)``, the last step of synchronized batch norm's
+    backward; with ``sum_dy`` and ``sum_dy_xmu`` summed over every shard it
+    equals `batch_norm_backward` on the whole batch.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input (this shard), dtype float16, float32 or float64.
+        float16 is computed in float32.
+    mean, invstd : array_like
+        The global per-channel statistics the forward used, length C.
+    weight : array_like or None
+        The forward's per-channel scale (None means 1).
+    sum_dy, sum_dy_xmu : array_like
+        The global sums of `batch_norm_backward_reduce`, length C.
+    count : float
+        Number of values per channel over every shard, ``>= 1``.
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``dx``.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        The activation fused into the forward.
+    y : array_like, optional
+        The forward's output, required with an activation (its mask).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``dx``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, or ``dy`` differs from
+        x's dtype.
+    ValueError
+        If a shape does not match, ``count < 1``, ``y`` is missing with an
+        activation, or ``activation`` or ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> dy = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> _, mean, invstd = bncore.batch_norm_train(x, eps=0.0)
+    >>> sums = bncore.batch_norm_backward_reduce(dy, x, mean)
+    >>> dx = bncore.batch_norm_backward_elemt(dy, x, mean, invstd, None, *sums, count=2)
+    >>> np.allclose(dx, bncore.batch_norm_backward(dy, x, mean, invstd)[0])
+    True
+    """
     L = chk.Layout(x, axis)
     dy = chk.like(dy, L.x, "dy")
     m = chk.vector(mean, L.C, "mean", required=True)
@@ -235,18 +668,76 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, c
     return chk.finish(buf, final, L.x.dtype)
 
 
-def batch_norm_backward_from_output(dy, y, save_invstd, weight=None, bias=None, *, axis=1,
-                                    training=True, activation=None, out=None,
-                                    min_abs_weight=None, n_threads=None):
-    """(dx, dweight, dbias) of batch_norm_train(x, ..., out=x) from its output alone.
+def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: ArrayLike,
+                                    weight: ArrayLike | None = None,
+                                    bias: ArrayLike | None = None, *, axis: int = 1,
+                                    training: bool = True, activation: Activation = None,
+                                    out: Array | None = None, min_abs_weight: float | None = None,
+                                    n_threads: int | None = None
+                                    ) -> tuple[Array, FloatArray, FloatArray]:
+    """(dx, dweight, dbias) of ``batch_norm_train(x, ..., out=x)`` from its output alone.
 
     The normalized input is rebuilt inside the backward passes as
-    xhat = (act^-1(y) - bias) / weight, so the forward may overwrite x with y
-    (Inplace-ABN): one activation buffer is saved per layer. activation is
-    None or ('leaky_relu', slope > 0). Rebuilding divides by weight: every
-    |weight| must be at least min_abs_weight (default sqrt of the dtype's
-    machine epsilon: about 3.5e-4 for float32), or ValueError. `out` may be
-    dy or y (the saved output is not needed afterwards).
+    ``xhat = (act^-1(y) - bias) / weight``, so the forward may overwrite x
+    with y (Inplace-ABN): one activation buffer is saved per layer.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: y's shape and dtype.
+    y : array_like
+        The forward's output, dtype float16, float32 or float64,
+        ``ndim >= 2``. float16 is computed in float32.
+    save_invstd : array_like
+        The forward's per-channel ``1 / sqrt(var + eps)``, length C.
+    weight, bias : array_like, optional
+        The forward's per-channel scale and shift (None means 1 and 0).
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+    training : bool, default True
+        Whether the forward used batch statistics (True) or constants.
+    activation : None or ('leaky_relu', slope), optional
+        The forward's activation; it must be invertible (slope > 0).
+    out : numpy.ndarray, optional
+        Writable array of y's shape and dtype that receives ``dx``; may be
+        ``dy`` or ``y`` (the saved output is not needed afterwards).
+    min_abs_weight : float, optional
+        Rebuilding divides by weight: every ``abs(weight)`` must be at least
+        this (default: the square root of the dtype's machine epsilon, about
+        3.5e-4 for float32) and ``save_invstd`` finite and non-zero.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        y's shape and dtype (``out`` when given).
+    dweight, dbias : numpy.ndarray
+        Per-channel gradients of shape ``(C,)``; float64 for float64 input,
+        float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, or ``dy`` differs from
+        y's dtype.
+    ValueError
+        If a shape does not match, ``activation`` is not invertible (e.g.
+        'relu'), some ``abs(weight)`` is below ``min_abs_weight`` or some
+        ``save_invstd`` is zero or not finite, or ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> dy = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> _, mean, invstd = bncore.batch_norm_train(x)
+    >>> expected = bncore.batch_norm_backward(dy, x, mean, invstd)
+    >>> bncore.batch_norm_train(x, out=x)[0] is x  # the input is overwritten
+    True
+    >>> dx, dweight, dbias = bncore.batch_norm_backward_from_output(dy, x, invstd)
+    >>> np.allclose(dx, expected[0]), np.allclose(dweight, expected[1])
+    (True, True)
     """
     L = chk.Layout(y, axis, "y")
     dy = chk.like(dy, L.x, "dy")

@@ -1,17 +1,23 @@
 """Parameters from other frameworks: batch_norm_from_keras and
 batch_norm_from_onnx build a BatchNorm with their conventions (eps,
 momentum, biased running variance)."""
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _checks as chk
+from ._typing import ArrayLike
 from .layers import BatchNorm
 
 __all__ = ["batch_norm_from_keras", "batch_norm_from_onnx"]
 
 
-def _layer_from(params, *, eps, momentum, axis, dtype, training=False):
+def _layer_from(params: Mapping[str, Any], *, eps: float, momentum: float, axis: int,
+                dtype: Any, training: bool = False) -> BatchNorm:
     """A BatchNorm with the biased running-variance convention of Keras and ONNX;
     params maps weight, bias, running_mean, running_var (float arrays)."""
     rm = chk.float_vector(params["running_mean"], "running_mean")
@@ -28,17 +34,61 @@ def _layer_from(params, *, eps, momentum, axis, dtype, training=False):
     return layer.train(training)
 
 
-def batch_norm_from_keras(weights, *, epsilon=1e-3, momentum=0.99, axis=-1, center=True,
-                          scale=True, dtype=None):
+def batch_norm_from_keras(weights: Sequence[ArrayLike] | Mapping[str, ArrayLike], *,
+                          epsilon: float = 1e-3, momentum: float = 0.99, axis: int = -1,
+                          center: bool = True, scale: bool = True,
+                          dtype: Any = None) -> BatchNorm:
     """A BatchNorm (eval mode) from a Keras BatchNormalization's weights.
 
-    weights: the list layer.get_weights() returns ([gamma] if scale, [beta]
-    if center, moving_mean, moving_variance), or a mapping with those names.
     Keras's conventions carry over: epsilon (default 1e-3) inside the square
-    root, channels last (axis=-1), and in training
-    moving = moving * momentum + batch * (1 - momentum) with the biased batch
-    variance; so the layer gets momentum = 1 - momentum and
-    running_var_unbiased=False. Call .train() to continue training.
+    root, channels last (``axis=-1``), and in training
+    ``moving = moving * momentum + batch * (1 - momentum)`` with the biased
+    batch variance; so the layer gets ``momentum = 1 - momentum`` and
+    ``running_var_unbiased=False``. Call ``.train()`` to continue training.
+
+    Parameters
+    ----------
+    weights : sequence or mapping of array_like
+        The list ``layer.get_weights()`` returns (``[gamma]`` if scale,
+        ``[beta]`` if center, moving_mean, moving_variance), or a mapping
+        with those names.
+    epsilon : float, default 1e-3
+        The Keras layer's ``epsilon`` (finite, ``>= 0``).
+    momentum : float, default 0.99
+        The Keras layer's ``momentum``, in ``[0, 1]``.
+    axis : int, default -1
+        The channel axis.
+    center, scale : bool, default True
+        Whether the Keras layer has beta and gamma (otherwise bias 0 and
+        weight 1).
+    dtype : float16, float32 or float64, optional
+        The layer's dtype; default the moving mean's floating dtype, else
+        float32.
+
+    Returns
+    -------
+    BatchNorm
+        In eval mode, with the Keras layer's parameters and statistics.
+
+    Raises
+    ------
+    KeyError
+        If a mapping lacks one of the names.
+    ValueError
+        If the list has the wrong length, a shape does not match, or
+        ``epsilon`` or ``momentum`` is out of range.
+    TypeError
+        If an array is not floating point or ``dtype`` is not supported.
+
+    Examples
+    --------
+    >>> gamma, beta = np.array([1.0, 2.0]), np.array([0.0, 1.0])
+    >>> mean, var = np.array([1.0, 2.0]), np.array([4.0, 16.0])
+    >>> bn = bncore.batch_norm_from_keras([gamma, beta, mean, var], epsilon=0.0)
+    >>> bn.training, bn.momentum, bn.axis
+    (False, 0.010000000000000009, -1)
+    >>> bn(np.array([[3.0, 6.0]]))
+    array([[1., 3.]])
     """
     names = (["gamma"] if scale else []) + (["beta"] if center else []) + \
         ["moving_mean", "moving_variance"]
@@ -50,17 +100,55 @@ def batch_norm_from_keras(weights, *, epsilon=1e-3, momentum=0.99, axis=-1, cent
                        axis=axis, dtype=dtype)
 
 
-def batch_norm_from_onnx(model, node_name=None, *, dtype=None):
+def batch_norm_from_onnx(model: Any, node_name: str | None = None, *,
+                         dtype: Any = None) -> BatchNorm:
     """A BatchNorm from an ONNX BatchNormalization node (needs the onnx package).
 
-    model: an onnx.ModelProto, GraphProto, serialized bytes or a file path;
-    node_name picks the node when the graph has several. scale, B, input_mean
-    and input_var must be initializers or Constant nodes. ONNX's conventions
-    carry over: channel axis 1, epsilon (default 1e-5), and in training
-    running = running * momentum + batch * (1 - momentum) (default 0.9) with
-    the biased batch variance: the layer gets momentum = 1 - momentum and
-    running_var_unbiased=False. The layer is in training mode if the node has
-    training_mode=1, else in eval mode.
+    ONNX's conventions carry over: channel axis 1, epsilon (default 1e-5),
+    and in training ``running = running * momentum + batch * (1 - momentum)``
+    (default 0.9) with the biased batch variance: the layer gets
+    ``momentum = 1 - momentum`` and ``running_var_unbiased=False``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto, onnx.GraphProto, bytes, str or os.PathLike
+        The model, serialized bytes or a file path. The node's scale, B,
+        input_mean and input_var must be initializers or Constant nodes.
+    node_name : str, optional
+        Picks the node when the graph has several.
+    dtype : float16, float32 or float64, optional
+        The layer's dtype; default the mean's floating dtype, else float32.
+
+    Returns
+    -------
+    BatchNorm
+        In training mode if the node has ``training_mode=1``, else in eval
+        mode.
+
+    Raises
+    ------
+    ImportError
+        If the onnx package is missing.
+    ValueError
+        If the graph has no or several matching nodes, the node has
+        ``spatial=0``, a parameter is not a constant, or a shape or
+        attribute is out of range.
+    TypeError
+        If a parameter is not floating point or ``dtype`` is not supported.
+
+    Examples
+    --------
+    >>> from onnx import helper, numpy_helper
+    >>> consts = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in
+    ...           [("s", [1, 2]), ("b", [0, 1]), ("m", [1, 2]), ("v", [4, 16])]]
+    >>> node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+    ...                         epsilon=0.0)
+    >>> graph = helper.make_graph([node], "g", [], [], initializer=consts)
+    >>> bn = bncore.batch_norm_from_onnx(graph)
+    >>> bn
+    BatchNorm(2, eps=0.0, momentum=0.09999999999999998, affine=True, track_running_stats=True, axis=1)
+    >>> bn(np.array([[3.0, 6.0]], np.float32))
+    array([[1., 3.]], dtype=float32)
     """
     try:
         import onnx

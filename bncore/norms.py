@@ -12,12 +12,16 @@ the affine map while the row is still in cache; rows too long for that are
 split across threads through bn_stats / bn_apply on the (1, rows, length)
 view. Instance norm is group norm with one channel per group.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
+from ._typing import Array, ArrayLike, FloatArray
 from .functional import batch_norm_eval, update_running
 
 __all__ = [
@@ -29,14 +33,66 @@ __all__ = [
 
 # ---- layer norm ------------------------------------------------------------------------
 
-def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-                     n_threads=None):
-    """Layer normalization over the trailing dims `normalized_shape`, as
-    torch.nn.functional.layer_norm; returns (y, mean, invstd).
+def layer_norm_train(x: ArrayLike, normalized_shape: int | tuple[int, ...],
+                     weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+                     eps: float = 1e-5, *, out: Array | None = None,
+                     n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+    """Layer normalization over the trailing dims ``normalized_shape``, with
+    its statistics.
 
-    mean and invstd have shape x.shape[:-k] + (1,)*k (k = len(normalized_shape),
-    like torch.native_layer_norm) and are float32 for float16/float32 input,
-    float64 for float64 input. weight and bias have shape normalized_shape.
+    As ``torch.nn.functional.layer_norm`` (and ``torch.native_layer_norm``
+    for the statistics): each row of ``prod(normalized_shape)`` trailing
+    values is normalized with its own mean and biased variance,
+    ``y = (x - mean) * invstd * weight + bias``.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of dtype float16, float32 or float64 with ``ndim >= 1``.
+        float16 is computed in float32 and returned as float16.
+    normalized_shape : int or tuple of int
+        The trailing dims of x to normalize over.
+    weight, bias : array_like, optional
+        Elementwise scale and shift of shape ``normalized_shape`` (None means
+        1 and 0).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root
+        (``eps=0`` with a zero variance gives invstd 0).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    mean, invstd : numpy.ndarray
+        Shape ``x.shape[:-k] + (1,) * k`` with ``k = len(normalized_shape)``;
+        float64 for float64 input, float32 otherwise. Rows of no elements get
+        mean 0 and invstd NaN, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter or ``out`` has an unsupported type or dtype, or
+        ``normalized_shape`` is not an int or a tuple of ints.
+    ValueError
+        If ``normalized_shape`` does not match x's trailing dims, a shape does
+        not match, or ``eps`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 3.0], [2.0, 6.0]])
+    >>> y, mean, invstd = bncore.layer_norm_train(x, 2, eps=0.0)
+    >>> y
+    array([[-1.,  1.],
+           [-1.,  1.]])
+    >>> mean, invstd
+    (array([[2.],
+           [4.]]), array([[1. ],
+           [0.5]]))
     """
     x = chk.tensor(x, "x", 1)
     ns = chk.normalized_shape(normalized_shape, x)
@@ -59,21 +115,107 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, o
             invstd.astype(sd, copy=False).reshape(stat_shape))
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               n_threads=None):
-    """torch.nn.functional.layer_norm: the normalized output only."""
+def layer_norm(x: ArrayLike, normalized_shape: int | tuple[int, ...],
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               eps: float = 1e-5, *, out: Array | None = None,
+               n_threads: int | None = None) -> Array:
+    """Layer normalization, as ``torch.nn.functional.layer_norm``: the output only.
+
+    `layer_norm_train` without the statistics.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of dtype float16, float32 or float64 with ``ndim >= 1``.
+        float16 is computed in float32 and returned as float16.
+    normalized_shape : int or tuple of int
+        The trailing dims of x to normalize over.
+    weight, bias : array_like, optional
+        Elementwise scale and shift of shape ``normalized_shape``.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter or ``out`` has an unsupported type or dtype.
+    ValueError
+        If a shape does not match, or ``eps`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0, 3.0, 6.0]], dtype=np.float32)
+    >>> np.round(bncore.layer_norm(x, (4,), bias=np.full(4, 10.0)), 3)
+    array([[ 8.931,  9.465, 10.   , 11.604]], dtype=float32)
+    """
     return layer_norm_train(x, normalized_shape, weight, bias, eps, out=out,
                             n_threads=n_threads)[0]
 
 
-def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None, *, out=None,
-                        n_threads=None):
-    """Gradient of layer_norm_train: (dx, dweight, dbias).
+def layer_norm_backward(dy: ArrayLike, x: ArrayLike, normalized_shape: int | tuple[int, ...],
+                        mean: ArrayLike, invstd: ArrayLike, weight: ArrayLike | None = None,
+                        *, out: Array | None = None, n_threads: int | None = None
+                        ) -> tuple[Array, FloatArray, FloatArray]:
+    """Gradient of `layer_norm_train`: (dx, dweight, dbias).
 
-    With g = dy * weight and xhat = (x - mean) * invstd per row,
-    dx = invstd * (g - mean(g) - xhat * mean(g * xhat)), dweight = sum(dy * xhat)
-    and dbias = sum(dy) over the rows (shape normalized_shape, returned even when
-    weight is None). `out` may be dy (in place).
+    With ``g = dy * weight`` and ``xhat = (x - mean) * invstd`` per row,
+    ``dx = invstd * (g - mean(g) - xhat * mean(g * xhat))``,
+    ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` over the rows.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input, dtype float16, float32 or float64.
+    normalized_shape : int or tuple of int
+        The forward's ``normalized_shape``.
+    mean, invstd : array_like
+        The forward's statistics: one value per row, any shape.
+    weight : array_like, optional
+        The forward's elementwise scale (None means 1).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``dx``; may be
+        ``dy`` (in place).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    dweight, dbias : numpy.ndarray
+        Shape ``normalized_shape``, returned even when ``weight`` is None;
+        float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, or ``dy`` differs from
+        x's dtype.
+    ValueError
+        If a shape or the number of saved statistics does not match, or
+        ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 3.0], [2.0, 6.0]])
+    >>> y, mean, invstd = bncore.layer_norm_train(x, 2)
+    >>> dx, dweight, dbias = bncore.layer_norm_backward(np.ones_like(x), x, 2, mean, invstd)
+    >>> dx, np.round(dweight, 4), dbias
+    (array([[0., 0.],
+           [0., 0.]]), array([-2.,  2.]), array([2., 2.]))
     """
     x = chk.tensor(x, "x", 1)
     dy = chk.like(dy, x, "dy")
@@ -113,7 +255,8 @@ class _Groups:
         return chk.contiguous(a, self.cd).reshape(-1)
 
 
-def _group_forward(L, weight, bias, eps, out, n_threads):
+def _group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any, n_threads: Any
+                   ) -> tuple[Any, Any, Any]:
     """(y, mean, invstd) with mean/invstd flat float64 per (n, group)."""
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
@@ -128,7 +271,8 @@ def _group_forward(L, weight, bias, eps, out, n_threads):
     return chk.finish(buf, final, L.x.dtype), mean, invstd
 
 
-def _group_backward(L, dy, mean, invstd, weight, out, n_threads):
+def _group_backward(L: _Groups, dy: Any, mean: Any, invstd: Any, weight: Any, out: Any,
+                    n_threads: Any) -> tuple[Any, Any, Any]:
     dy = chk.like(dy, L.x, "dy")
     m = chk.saved(mean, L.N * L.G, "mean")
     inv = chk.saved(invstd, L.N * L.G, "invstd")
@@ -143,29 +287,171 @@ def _group_backward(L, dy, mean, invstd, weight, out, n_threads):
             db.astype(L.sd, copy=False))
 
 
-def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
-                     n_threads=None):
-    """Group normalization of x (N, C, *), as torch.nn.functional.group_norm;
-    returns (y, mean, invstd) with mean and invstd of shape (N, num_groups)."""
+def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
+                     bias: ArrayLike | None = None, eps: float = 1e-5, *,
+                     out: Array | None = None, n_threads: int | None = None
+                     ) -> tuple[Array, FloatArray, FloatArray]:
+    """Group normalization of x (N, C, \\*), with its statistics.
+
+    As ``torch.nn.functional.group_norm``: the C channels of each sample are
+    split into ``num_groups`` groups of consecutive channels, each normalized
+    with its own mean and biased variance over its channels and spatial
+    positions; then ``weight`` and ``bias`` apply per channel.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of shape (N, C, ...), dtype float16, float32 or float64.
+        float16 is computed in float32 and returned as float16.
+    num_groups : int
+        A positive divisor of C.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C (None means 1 and 0).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root
+        (``eps=0`` with a zero variance gives invstd 0).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    mean, invstd : numpy.ndarray
+        Shape ``(N, num_groups)``; float64 for float64 input, float32
+        otherwise.
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter or ``out`` has an unsupported type or dtype.
+    ValueError
+        If ``num_groups`` does not divide C, a shape does not match, or
+        ``eps`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 3.0], [5.0, 7.0], [0.0, 0.0], [2.0, 2.0]]])  # (1, 4, 2)
+    >>> y, mean, invstd = bncore.group_norm_train(x, 2, eps=0.0)
+    >>> mean, invstd
+    (array([[4., 1.]]), array([[0.4472136, 1.       ]]))
+    >>> y[0, 2:]
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    """
     L = _Groups(x, num_groups)
     y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
     return (y, mean.astype(L.sd, copy=False).reshape(L.N, L.G),
             invstd.astype(L.sd, copy=False).reshape(L.N, L.G))
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, n_threads=None):
-    """torch.nn.functional.group_norm: the normalized output only."""
+def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, eps: float = 1e-5, *, out: Array | None = None,
+               n_threads: int | None = None) -> Array:
+    """Group normalization, as ``torch.nn.functional.group_norm``: the output only.
+
+    `group_norm_train` without the statistics.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of shape (N, C, ...), dtype float16, float32 or float64.
+    num_groups : int
+        A positive divisor of C.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C (None means 1 and 0).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root
+        (``eps=0`` with a zero variance gives invstd 0).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter or ``out`` has an unsupported type or dtype.
+    ValueError
+        If ``num_groups`` does not divide C, a shape does not match, or
+        ``eps`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.arange(8.0).reshape(1, 4, 2)
+    >>> np.round(bncore.group_norm(x, 2).reshape(2, 4), 4)
+    array([[-1.3416, -0.4472,  0.4472,  1.3416],
+           [-1.3416, -0.4472,  0.4472,  1.3416]])
+    """
     return group_norm_train(x, num_groups, weight, bias, eps, out=out, n_threads=n_threads)[0]
 
 
-def group_norm_backward(dy, x, num_groups, mean, invstd, weight=None, *, out=None,
-                        n_threads=None):
-    """Gradient of group_norm_train: (dx, dweight, dbias), dweight/dbias of shape (C,).
-    `out` may be dy (in place)."""
+def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: ArrayLike,
+                        invstd: ArrayLike, weight: ArrayLike | None = None, *,
+                        out: Array | None = None, n_threads: int | None = None
+                        ) -> tuple[Array, FloatArray, FloatArray]:
+    """Gradient of `group_norm_train`: (dx, dweight, dbias).
+
+    Per group, with ``g = dy * weight`` and ``xhat = (x - mean) * invstd``:
+    ``dx = invstd * (g - mean(g) - xhat * mean(g * xhat))``; per channel
+    ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)``.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input, shape (N, C, ...).
+    num_groups : int
+        The forward's ``num_groups``.
+    mean, invstd : array_like
+        The forward's statistics: N * num_groups values, any shape.
+    weight : array_like, optional
+        The forward's per-channel scale (None means 1).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``dx``; may be
+        ``dy`` (in place).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    dweight, dbias : numpy.ndarray
+        Shape ``(C,)``; float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, or ``dy`` differs from
+        x's dtype.
+    ValueError
+        If ``num_groups`` does not divide C, a shape or the number of saved
+        statistics does not match, or ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.arange(8.0).reshape(1, 4, 2)
+    >>> y, mean, invstd = bncore.group_norm_train(x, 2)
+    >>> dx, dweight, dbias = bncore.group_norm_backward(np.ones_like(x), x, 2, mean, invstd)
+    >>> np.allclose(dx, 0), dbias
+    (True, array([2., 2., 2., 2.]))
+    """
     return _group_backward(_Groups(x, num_groups), dy, mean, invstd, weight, out, n_threads)
 
 
-def _instances(x):
+def _instances(x: Any) -> _Groups:
     """x (N, C, *) as N*C groups of one channel."""
     x = chk.tensor(x, "x")
     L = _Groups(x, max(x.shape[1], 1))
@@ -174,12 +460,69 @@ def _instances(x):
     return L
 
 
-def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, running_mean=None,
-                        running_var=None, momentum=0.1, out=None, n_threads=None):
-    """Instance normalization of x (N, C, *) with each instance's statistics;
-    returns (y, mean, invstd) of shape (N, C). Running statistics, when given,
-    are updated in place as PyTorch does: with the average over the batch of
-    each instance's mean and unbiased variance."""
+def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
+                        bias: ArrayLike | None = None, *, eps: float = 1e-5,
+                        running_mean: Array | None = None, running_var: Array | None = None,
+                        momentum: float = 0.1, out: Array | None = None,
+                        n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+    """Instance normalization of x (N, C, \\*) with each instance's statistics.
+
+    Each (sample, channel) is normalized over its spatial positions. Running
+    statistics, when given, are updated in place as PyTorch does: with the
+    average over the batch of each instance's mean and unbiased variance.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of shape (N, C, ...) with more than one spatial element per
+        channel, dtype float16, float32 or float64. float16 is computed in
+        float32 and returned as float16.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C (None means 1 and 0).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root
+        (``eps=0`` with a zero variance gives invstd 0).
+    running_mean, running_var : numpy.ndarray, optional
+        Writable floating-point arrays of shape ``(C,)``, both or neither,
+        updated in place (x then needs at least one sample).
+    momentum : float, default 0.1
+        In ``[0, 1]``: the weight of the batch in the running update.
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``; it must
+        not overlap the running statistics.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    mean, invstd : numpy.ndarray
+        Shape ``(N, C)``; float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If x, a parameter, a running statistic or ``out`` has an unsupported
+        type or dtype.
+    ValueError
+        If a shape does not match, a channel has one spatial element, the
+        running statistics are given for an empty batch, or ``eps``,
+        ``momentum`` or ``n_threads`` is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 3.0], [2.0, 6.0]]])  # (N=1, C=2, L=2)
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> y, mean, invstd = bncore.instance_norm_train(x, eps=0.0, running_mean=rm,
+    ...                                              running_var=rv)
+    >>> y
+    array([[[-1.,  1.],
+            [-1.,  1.]]])
+    >>> mean, rm, rv
+    (array([[2., 4.]]), array([0.2, 0.4]), array([1.1, 1.7]))
+    """
     L = _instances(x)
     chk.running(running_mean, running_var, L.C)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
@@ -200,24 +543,123 @@ def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, running_mean=Non
             invstd.astype(L.sd, copy=False).reshape(L.N, L.C))
 
 
-def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None, n_threads=None):
-    """torch.nn.functional.instance_norm: normalize with each instance's
-    statistics (use_input_stats=True, updating running statistics when given)
-    or with the running statistics (use_input_stats=False)."""
+def instance_norm(x: ArrayLike, running_mean: Array | None = None,
+                  running_var: Array | None = None, weight: ArrayLike | None = None,
+                  bias: ArrayLike | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, out: Array | None = None,
+                  n_threads: int | None = None) -> Array:
+    """Instance normalization, as ``torch.nn.functional.instance_norm``.
+
+    Normalizes with each instance's statistics (``use_input_stats=True``,
+    updating the running statistics when given, see `instance_norm_train`)
+    or with the running statistics (``use_input_stats=False``, see
+    `batch_norm_eval`).
+
+    Parameters
+    ----------
+    x : array_like
+        Input of shape (N, C, ...), dtype float16, float32 or float64.
+    running_mean, running_var : numpy.ndarray, optional
+        Per-channel running statistics of shape ``(C,)``: updated in place
+        with ``use_input_stats=True``, required and used with False.
+    weight, bias : array_like, optional
+        Per-channel scale and shift of length C (None means 1 and 0).
+    use_input_stats : bool, default True
+        Whether to normalize with each instance's statistics.
+    momentum : float, default 0.1
+        In ``[0, 1]``: the weight of the batch in the running update.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``y``.
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``y``, x's shape and dtype (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype.
+    ValueError
+        If the running statistics are missing with ``use_input_stats=False``,
+        or as `instance_norm_train` and `batch_norm_eval`.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 3.0], [2.0, 6.0]]])
+    >>> np.round(bncore.instance_norm(x), 4)
+    array([[[-1.,  1.],
+            [-1.,  1.]]])
+    >>> bncore.instance_norm(x, np.array([1.0, 2.0]), np.array([1.0, 4.0]),
+    ...                      use_input_stats=False, eps=0.0)
+    array([[[0., 2.],
+            [0., 2.]]])
+    """
     if use_input_stats:
         return instance_norm_train(x, weight, bias, eps=eps, running_mean=running_mean,
                                    running_var=running_var, momentum=momentum, out=out,
                                    n_threads=n_threads)[0]
     chk.required(running_mean, "running_mean", "required when use_input_stats is False")
     chk.required(running_var, "running_var", "required when use_input_stats is False")
-    return batch_norm_eval(x, running_mean, running_var, weight, bias, axis=1, eps=eps,
-                           out=out, n_threads=n_threads)
+    # both are arrays here: chk.required refused None
+    return batch_norm_eval(x, running_mean, running_var, weight, bias, axis=1,  # type: ignore[arg-type]
+                           eps=eps, out=out, n_threads=n_threads)
 
 
-def instance_norm_backward(dy, x, mean, invstd, weight=None, *, out=None, n_threads=None):
-    """Gradient of instance_norm_train: (dx, dweight, dbias). For
-    use_input_stats=False use batch_norm_backward(..., training=False)."""
+def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                           weight: ArrayLike | None = None, *, out: Array | None = None,
+                           n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+    """Gradient of `instance_norm_train`: (dx, dweight, dbias).
+
+    For ``use_input_stats=False`` use ``batch_norm_backward(...,
+    training=False)``.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input, shape (N, C, ...).
+    mean, invstd : array_like
+        The forward's statistics: N * C values, any shape.
+    weight : array_like, optional
+        The forward's per-channel scale (None means 1).
+    out : numpy.ndarray, optional
+        Writable array of x's shape and dtype that receives ``dx``; may be
+        ``dy`` (in place).
+    n_threads : int, optional
+        The most threads to use. None uses `get_num_threads` at
+        the time of the call.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        x's shape and dtype (``out`` when given).
+    dweight, dbias : numpy.ndarray
+        Shape ``(C,)``; float64 for float64 input, float32 otherwise.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported type or dtype, or ``dy`` differs from
+        x's dtype.
+    ValueError
+        If a shape or the number of saved statistics does not match, or
+        ``n_threads`` is invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 3.0], [2.0, 6.0]]])
+    >>> y, mean, invstd = bncore.instance_norm_train(x)
+    >>> dx, dweight, dbias = bncore.instance_norm_backward(y, x, mean, invstd)
+    >>> np.allclose(dx, 0, atol=1e-4), np.round(dweight, 4), dbias
+    (True, array([2., 2.]), array([0., 0.]))
+    """
     L = _instances(x)
     return _group_backward(L, dy, mean, invstd, weight, out, n_threads)
 

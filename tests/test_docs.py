@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 PUBLIC = [n for n in bncore.__all__ if n != "__version__"]
 WRITTEN_BY_THE_DEMO = {"gallery.md"}  # docs/gallery.md, with the demo's figures
+# takes no argument and only reads two settings: it has no Raises section to give
+RAISES_NOTHING = {"get_num_threads"}
 
 
 def _read(*parts):
@@ -73,7 +75,7 @@ def test_numpydoc_sections(name):
         missing.append(f"Parameters {undocumented}")
     if not is_class and not doc["Returns"] and not doc["Yields"]:
         missing.append("Returns")
-    if not doc["Raises"]:
+    if not doc["Raises"] and name not in RAISES_NOTHING:
         missing.append("Raises")
     if not "".join(doc["Examples"]).strip():
         missing.append("Examples")
@@ -296,7 +298,9 @@ def test_browser_renders_batch_norm_train(html_dir):
     sig = inspect.signature(bncore.batch_norm_train)
     shown = page.text.replace("\u200b", "")
     # x, weight=None, bias=None, *, axis=1, ...
-    first = list(sig.parameters.values())[:3]
+    # the page shows no annotations (autodoc_typehints = "none": the parameter
+    # table carries the types), so neither does the expected signature
+    first = [p.replace(annotation=p.empty) for p in list(sig.parameters.values())[:3]]
     head = "batch_norm_train(" + ", ".join(map(str, first)) + ", *,"
     assert re.sub(r"\s", "", head) in re.sub(r"\s", "", shown), \
         f"signature not shown; expected it to start with {head!r}"

@@ -17,6 +17,7 @@ backward pass is ``bncore.BatchNorm``. Run it with ``python -m bncore demo``
 ``pip install "bncore[demo]"`` (matplotlib, tqdm, mlxtend).
 """
 
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def train(net, data, *, steps, lr, batch_size, seed, checkpoints=(), progress=No
     x_train, x_test = x_train.astype(dtype), x_test.astype(dtype)
     batches = shuffled_batches(rng, len(y_train), batch_size)
     checkpoints = set(checkpoints) | {0, steps}
-    history = {"steps": [], "accuracy": [], "percentiles": []}
+    history: dict[str, Any] = {"steps": [], "accuracy": [], "percentiles": []}
 
     # a diverging plain net may overflow; its accuracy then shows it
     with np.errstate(over="ignore", invalid="ignore"):

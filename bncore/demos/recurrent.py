@@ -18,6 +18,7 @@ NumPy. Every ``BN(.; t)`` is ``bncore.RecurrentBatchNorm``.
 ``LSTM`` takes the three normalizations as arguments, so the layer-norm demo
 reuses it with layer normalization in their place.
 """
+from typing import Any
 
 import numpy as np
 
@@ -211,7 +212,7 @@ def train(net, data, *, steps, lr, seed, checkpoints=(), progress=None, batch_si
     batches = shuffled_batches(rng, len(y_train), batch_size)
     opt = Adam(lr, max_norm=1.0)
     checkpoints = set(checkpoints) | {0, steps}
-    history = {"steps": [], "accuracy": [], "batch_stat_accuracy": [], "loss": []}
+    history: dict[str, Any] = {"steps": [], "accuracy": [], "batch_stat_accuracy": [], "loss": []}
     for step in range(steps + 1):
         if step in checkpoints:
             history["steps"].append(step)

@@ -25,6 +25,7 @@ norm's dependence on the batch shows. Renorm follows the paper's schedule
 (rmax = 1 and dmax = 0, plain batch norm, for a warm-up, then linear ramps to
 rmax = 3 and dmax = 5), compressed so rmax reaches 3 halfway through the run.
 """
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def train(net, data, *, steps, lr, group, n_classes, seed, checkpoints=(), progr
     batches = (shuffled_batches(rng, len(y_train), BATCH) if n_classes is None
                else class_batches(rng, y_train, BATCH, n_classes))
     checkpoints = set(checkpoints) | {0, steps}
-    history = {"steps": [], "accuracy": []}
+    history: dict[str, Any] = {"steps": [], "accuracy": []}
     losses = []
     for step in range(steps + 1):
         if step in checkpoints:

@@ -1,8 +1,14 @@
 """Batch normalization layers: BatchNorm (PyTorch's behaviour and state_dict
 keys), BatchRenorm, RecurrentBatchNorm, InPlaceABN and FrozenBatchNorm."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from .. import _checks as chk
+from .._typing import Activation, Array, FloatArray
 from .. import _kernels as _k
 from ..folding import eval_coefficients
 from ..functional import (batch_norm_backward, batch_norm_backward_from_output,
@@ -17,34 +23,93 @@ class _Record:
     """What backward needs of one forward call."""
     __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
 
-    def __init__(self, x, mean, invstd, training, ghost=None, y=None, extra=None):
+    def __init__(self, x: Any, mean: Any, invstd: Any, training: bool, ghost: int | None = None,
+                 y: Any = None, extra: Any = None):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
         self.ghost, self.y, self.extra = ghost, y, extra
 
 
 class BatchNorm(Module):
-    """Batch normalization over channel axis `axis`, like torch.nn.BatchNorm{1,2,3}d.
+    """Batch normalization over channel axis ``axis``, like ``torch.nn.BatchNorm{1,2,3}d``.
 
-    forward(x) normalizes with the batch statistics in training mode (and
+    ``forward(x)`` normalizes with the batch statistics in training mode (and
     updates the running statistics) and with the running statistics in eval
-    mode; backward(dy) returns dx for the most recent forward call and sets
-    grad_weight / grad_bias. momentum=None is the cumulative moving average;
-    track_running_stats=False uses batch statistics in eval mode too.
-    virtual_batch_size (ghost batch norm): in training mode each slice of that
-    many samples along axis 0 is normalized with its own statistics.
-    activation (None, 'relu', ('leaky_relu', slope)) is fused into forward and
-    backward; running_var_unbiased=False keeps the biased running variance
-    (Keras, ONNX). freeze() returns the eval-mode layer as a FrozenBatchNorm.
+    mode; ``backward(dy)`` returns dx for the most recent forward call and
+    sets ``grad_weight`` / ``grad_bias``. ``freeze()`` returns the eval-mode
+    layer as a `FrozenBatchNorm`. Parameters and buffers are NumPy arrays of
+    the layer's dtype under PyTorch's names (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``).
 
-    skip_nonfinite_update=True leaves running_mean, running_var and
-    num_batches_tracked untouched on a training step whose batch mean or
-    variance is NaN or inf in any channel (see batch_norm_train); the step's
-    output is still returned. Off by default, as in PyTorch.
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    momentum : float or None, default 0.1
+        In ``[0, 1]``: the running statistics' update rate. None is the
+        cumulative moving average (rate ``1 / num_batches_tracked``).
+    affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Whether the layer keeps running statistics; False uses batch
+        statistics in eval mode too.
+    axis : int, default 1
+        The channel axis of the input (-1 for channels last).
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+    virtual_batch_size : int, optional
+        Ghost batch norm: in training mode each slice of that many samples
+        along axis 0 is normalized with its own statistics.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Fused into forward and backward.
+    running_var_unbiased : bool, default True
+        False keeps the biased running variance (Keras, ONNX).
+    skip_nonfinite_update : bool, default False
+        True leaves ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` untouched on a training step whose batch mean
+        or variance is NaN or inf in any channel (see `batch_norm_train`);
+        the step's output is still returned. Off by default, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not float16, float32 or float64.
+    ValueError
+        If ``num_features``, ``eps``, ``momentum``, ``activation`` or
+        ``virtual_batch_size`` is out of range.
+
+    See Also
+    --------
+    batch_norm_train, batch_norm_eval, batch_norm_backward : The operations.
+
+    Examples
+    --------
+    >>> bn = bncore.BatchNorm(2, dtype=np.float64)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> np.round(bn(x), 4)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> bn.running_mean, bn.running_var, int(bn.num_batches_tracked)
+    (array([0.2, 0.4]), array([1.1, 1.7]), 1)
+    >>> dx = bn.backward(np.ones_like(x))
+    >>> bn.grad_bias
+    array([2., 2.])
+    >>> np.round(bn.eval()(x), 4)
+    array([[0.7628, 1.2271],
+           [2.6697, 4.295 ]])
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, virtual_batch_size=None,
-                 activation=None, running_var_unbiased=True, skip_nonfinite_update=False):
+    # arrays, or None when track_running_stats is False (checked where used)
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, axis: int = 1,
+                 dtype: Any = np.float32, virtual_batch_size: int | None = None,
+                 activation: Activation = None, running_var_unbiased: bool = True,
+                 skip_nonfinite_update: bool = False):
         self._setup(dtype, eps)
         self.num_features = C = chk.positive_int(num_features, "num_features")
         self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
@@ -66,25 +131,42 @@ class BatchNorm(Module):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}{act})")
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
+        """Reset the running statistics: mean 0, variance 1, count 0.
+
+        Nothing happens without running statistics
+        (``track_running_stats=False``).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2)
+        >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
+        >>> bn.reset_running_stats()
+        >>> bn.running_mean, int(bn.num_batches_tracked)
+        (array([0., 0.], dtype=float32), 0)
+        """
         if self.track_running_stats:
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
 
-    def _input(self, x, out):
+    def _input(self, x: Any, out: Any) -> Any:
         """x checked to have this layer's channels, and out separate from it."""
         L = chk.Layout(x, self.axis).channels(self.num_features)
         chk.separate_from_input(out, L.x)
         return L.x
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         x = self._input(x, out)
         if self.training or not self.track_running_stats:
             ghost = self.virtual_batch_size if self.training else None
@@ -112,13 +194,34 @@ class BatchNorm(Module):
         record.y = y if self.activation is not None else None
         return y, record
 
-    def _backward(self, dy, r, out, n_threads):
+    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward(dy, r.x, r.mean, r.invstd, self.weight, axis=self.axis,
                                    training=r.training, out=out, activation=self.activation,
                                    y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost)
 
-    def freeze(self):
-        """A FrozenBatchNorm with copies of this layer's eval-mode parameters."""
+    def freeze(self) -> FrozenBatchNorm:
+        """A FrozenBatchNorm with copies of this layer's eval-mode parameters.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            With this layer's weight, bias, running statistics, eps, axis,
+            activation and dtype.
+
+        Raises
+        ------
+        ValueError
+            If the layer has no running statistics
+            (``track_running_stats=False``).
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2, dtype=np.float64)
+        >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+        >>> _ = bn(x)
+        >>> np.array_equal(bn.freeze()(x), bn.eval()(x))
+        True
+        """
         if not self.track_running_stats:
             chk.refuse("freeze", "the layer has no running statistics to freeze "
                                  "(track_running_stats=False)")
@@ -126,7 +229,7 @@ class BatchNorm(Module):
             self.state_dict(), eps=self.eps, axis=self.axis, activation=self.activation,
             dtype=self.dtype)
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         names = ["weight", "bias"] if self.affine else []
         if self.track_running_stats:
             names += ["running_mean", "running_var", "num_batches_tracked"]
@@ -144,11 +247,57 @@ class BatchRenorm(BatchNorm):
     warmup_steps=0, rmax_ramp_steps=0, dmax_ramp_steps=0 for fixed limits.
     momentum (default 0.01) is the moving statistics' update rate; None is the
     cumulative average as in BatchNorm.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variances inside the square roots.
+    momentum : float or None, default 0.01
+        In ``[0, 1]``, or None for the cumulative average.
+    affine : bool, default True
+        Whether the layer has ``weight`` and ``bias``.
+    axis : int, default 1
+        The channel axis of the input.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+    rmax : float, default 3.0
+        ``>= 1``: the final bound on r.
+    dmax : float, default 5.0
+        ``>= 0``: the final bound on d.
+    warmup_steps : int, default 5000
+        Training steps of plain batch norm (rmax=1, dmax=0), ``>= 0``.
+    rmax_ramp_steps, dmax_ramp_steps : int, default 35000 and 20000
+        Steps of linear relaxation after the warm-up, ``>= 0``.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If a number is out of range.
+
+    See Also
+    --------
+    batch_renorm_train, batch_renorm_backward : The operations.
+
+    Examples
+    --------
+    >>> brn = bncore.BatchRenorm(2, dtype=np.float64, warmup_steps=0, rmax_ramp_steps=0,
+    ...                          dmax_ramp_steps=0, momentum=0.1)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> np.round(brn(x), 4)  # running mean 0, variance 1: r and d undo the normalization
+    array([[1., 2.],
+           [3., 6.]])
+    >>> brn.running_mean
+    array([0.2, 0.4])
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.01, affine=True, axis=1,
-                 dtype=np.float32, rmax=3.0, dmax=5.0, warmup_steps=5000,
-                 rmax_ramp_steps=35000, dmax_ramp_steps=20000):
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.01,
+                 affine: bool = True, axis: int = 1, dtype: Any = np.float32,
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 5000,
+                 rmax_ramp_steps: int = 35000, dmax_ramp_steps: int = 20000):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, axis=axis, dtype=dtype)
         self.rmax = chk.real(rmax, "rmax", 1.0)
@@ -157,25 +306,44 @@ class BatchRenorm(BatchNorm):
         self.rmax_ramp_steps = chk.integer(rmax_ramp_steps, "rmax_ramp_steps")
         self.dmax_ramp_steps = chk.integer(dmax_ramp_steps, "dmax_ramp_steps")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
                 f"axis={self.axis})")
 
-    def limits(self, step=None):
-        """(rmax, dmax) in force at training step `step` (default: the next one)."""
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """(rmax, dmax) in force at training step ``step`` (default: the next one).
+
+        Parameters
+        ----------
+        step : int, optional
+            A training step (0 is the first); default ``num_batches_tracked``.
+
+        Returns
+        -------
+        rmax, dmax : float
+            1 and 0 during the warm-up, then relaxed linearly to the
+            layer's ``rmax`` and ``dmax``.
+
+        Examples
+        --------
+        >>> brn = bncore.BatchRenorm(2, warmup_steps=10, rmax_ramp_steps=20,
+        ...                          dmax_ramp_steps=10)
+        >>> brn.limits(0), brn.limits(20), brn.limits(100)
+        ((1.0, 0.0), (2.0, 5.0), (3.0, 5.0))
+        """
         step = int(self.num_batches_tracked) if step is None else step
         if step < self.warmup_steps:
             return 1.0, 0.0
 
-        def ramp(target, start, length):
+        def ramp(target: float, start: float, length: int) -> float:
             frac = 1.0 if length == 0 else min(1.0, (step - self.warmup_steps) / length)
             return start + (target - start) * frac
 
         return (ramp(self.rmax, 1.0, self.rmax_ramp_steps),
                 ramp(self.dmax, 0.0, self.dmax_ramp_steps))
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         if not self.training:
             return super()._forward(x, out, n_threads)
         x = self._input(x, out)
@@ -189,10 +357,11 @@ class BatchRenorm(BatchNorm):
         self.num_batches_tracked[...] = n
         return y, _Record(x, mean, invstd, True, extra=(r, d))
 
-    def _backward(self, dy, rec, out, n_threads):
+    def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         if rec.extra is None:
             return super()._backward(dy, rec, out, n_threads)
-        return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, *rec.extra, self.weight,
+        r, d = rec.extra
+        return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, r, d, self.weight,
                                      axis=self.axis, out=out, n_threads=n_threads)
 
 
@@ -205,10 +374,44 @@ class InPlaceABN(BatchNorm):
     activation is None or ('leaky_relu', slope > 0) (default slope 0.01);
     other arguments as BatchNorm. x must be a writable ndarray; forward
     returns x (filled with y) and the caller must not need x afterwards.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    activation : None or ('leaky_relu', slope), default ('leaky_relu', 0.01)
+        An invertible activation (slope > 0).
+    min_abs_weight : float, optional
+        The backward's bound on ``abs(weight)`` (see
+        `batch_norm_backward_from_output`).
+    **kwargs
+        `BatchNorm`'s other arguments, except ``virtual_batch_size``.
+
+    Raises
+    ------
+    ValueError
+        If ``activation`` is not invertible (e.g. 'relu'),
+        ``virtual_batch_size`` is given, or as `BatchNorm`.
+    TypeError
+        As `BatchNorm`.
+
+    Examples
+    --------
+    >>> abn = bncore.InPlaceABN(2, dtype=np.float64)
+    >>> bn = bncore.BatchNorm(2, dtype=np.float64, activation=("leaky_relu", 0.01))
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y_bn = bn(x.copy())  # bn keeps its input for backward; abn overwrites x
+    >>> y = abn(x)
+    >>> y is x, np.round(x, 4)
+    (True, array([[-0.01, -0.01],
+           [ 1.  ,  1.  ]]))
+    >>> dy = np.array([[1.0, 0.0], [2.0, 1.0]])
+    >>> np.allclose(abn.backward(dy), bn.backward(dy))
+    True
     """
 
-    def __init__(self, num_features, *, activation=("leaky_relu", 0.01), min_abs_weight=None,
-                 **kwargs):
+    def __init__(self, num_features: int, *, activation: Activation = ("leaky_relu", 0.01),
+                 min_abs_weight: float | None = None, **kwargs: Any):
         chk.invertible(activation)
         if kwargs.get("virtual_batch_size") is not None:
             chk.refuse("virtual_batch_size", "not supported by InPlaceABN (its backward "
@@ -217,21 +420,55 @@ class InPlaceABN(BatchNorm):
         self.min_abs_weight = (None if min_abs_weight is None else
                                chk.real(min_abs_weight, "min_abs_weight", 0.0))
 
-    def _input(self, x, out):
+    def _input(self, x: Any, out: Any) -> Any:
         chk.writable_input(x, "InPlaceABN")
         return chk.Layout(x, self.axis).channels(self.num_features).x
 
-    def forward(self, x, *, n_threads=None):
+    # forward writes into x: it takes no out=
+    def forward(self, x: Array, *, n_threads: int | None = None  # type: ignore[override]
+                ) -> Array:
+        """Normalize ``x`` in place: x is overwritten with the output.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Writable input of the layer's layout, dtype float16, float32 or
+            float64; it receives the output.
+        n_threads : int, optional
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``x``, holding the output.
+
+        Raises
+        ------
+        ValueError
+            If x is not a writable ndarray, its shape does not fit the layer,
+            or ``n_threads`` is invalid.
+        TypeError
+            If x has an unsupported dtype.
+
+        Examples
+        --------
+        >>> abn = bncore.InPlaceABN(1, activation=None, dtype=np.float64)
+        >>> x = np.array([[1.0], [3.0]])
+        >>> abn.forward(x) is x, np.round(x, 4)
+        (True, array([[-1.],
+               [ 1.]]))
+        """
         y, record = self._forward(x, x, n_threads)
         self._saved = record
         return y
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         y, record = super()._forward(x, out, n_threads)
         record.x, record.y = None, y  # x is gone: y is all backward has
         return y, record
 
-    def _backward(self, dy, r, out, n_threads):
+    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward_from_output(
             dy, r.y, r.invstd, self.weight, self.bias, axis=self.axis, training=r.training,
             activation=self.activation, out=out, min_abs_weight=self.min_abs_weight,
@@ -258,12 +495,56 @@ class RecurrentBatchNorm(Module):
     kept: training steps until their backward, and in eval mode the latest
     max(max_steps, EVAL_HISTORY = 64) steps, enough for backpropagation
     through an eval-mode sequence while an endless stream stays bounded.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of features (positive).
+    max_steps : int
+        The number of per-step running-statistics slots (positive); steps
+        past it share the last slot.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    momentum : float, default 0.1
+        In ``[0, 1]``: the running statistics' update rate.
+    affine : bool, default True
+        Whether the layer has ``weight`` (gamma) and ``bias`` (beta).
+    gamma_init : float, default 0.1
+        The initial value of every gamma (finite).
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If a number is out of range.
+
+    Examples
+    --------
+    >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=3, dtype=np.float64)
+    >>> seq = np.array([[[1.0, 2.0], [3.0, 6.0]],
+    ...                 [[0.0, 0.0], [2.0, 4.0]]])  # (T=2, N=2, C=2)
+    >>> np.round(rbn(seq), 4)  # gamma 0.1
+    array([[[-0.1, -0.1],
+            [ 0.1,  0.1]],
+    <BLANKLINE>
+           [[-0.1, -0.1],
+            [ 0.1,  0.1]]])
+    >>> rbn.running_mean[:2], int(rbn.trained_steps)
+    (array([[0.2, 0.4],
+           [0.1, 0.2]]), 2)
+    >>> dx = rbn.backward(np.ones_like(seq))
+    >>> rbn.grad_bias
+    array([4., 4.])
     """
 
     EVAL_HISTORY = 64
 
-    def __init__(self, num_features, max_steps, *, eps=1e-5, momentum=0.1, affine=True,
-                 gamma_init=0.1, dtype=np.float32):
+    def __init__(self, num_features: int, max_steps: int, *, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, gamma_init: float = 0.1,
+                 dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.num_features = C = chk.positive_int(num_features, "num_features")
         self.max_steps = S = chk.positive_int(max_steps, "max_steps")
@@ -275,41 +556,159 @@ class RecurrentBatchNorm(Module):
         self.running_mean = np.zeros((S, C), self.dtype)
         self.running_var = np.ones((S, C), self.dtype)
         self.trained_steps = np.array(0, dtype=np.int64)
-        self._steps = {}
+        self._steps: dict[int, _Record] = {}
         self.zero_grad()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"RecurrentBatchNorm({self.num_features}, max_steps={self.max_steps}, "
                 f"eps={self.eps}, momentum={self.momentum}, affine={self.affine})")
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return super()._state_names() + ["running_mean", "running_var", "trained_steps"]
 
-    def _assign(self, staged):
+    def _assign(self, staged: dict[str, Any]) -> None:
         if "trained_steps" in staged:
             chk.count_in(staged["trained_steps"], "trained_steps", self.max_steps)
         super()._assign(staged)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
+        """Set grad_weight and grad_bias to zeros (backward adds to them).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=1)
+        >>> rbn.zero_grad()
+        >>> rbn.grad_weight
+        array([0., 0.], dtype=float32)
+        """
         if self.affine:
             self.grad_weight = np.zeros(self.num_features, self.dtype)
             self.grad_bias = np.zeros(self.num_features, self.dtype)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
+        """Reset every slot's running statistics (mean 0, variance 1) and
+        ``trained_steps`` (0).
+
+        Returns
+        -------
+        None
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=2)
+        >>> _ = rbn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), 0)
+        >>> rbn.reset_running_stats()
+        >>> int(rbn.trained_steps), rbn.running_mean[0]
+        (0, array([0., 0.], dtype=float32))
+        """
         self.running_mean[...] = 0
         self.running_var[...] = 1
         self.trained_steps[...] = 0
 
-    def slot(self, t):
-        """Index of the running statistics used at step t (in eval mode, steps
-        past the trained ones use the last trained slot)."""
+    def slot(self, t: int) -> int:
+        """Index of the running statistics used at step t.
+
+        In training mode ``min(t, max_steps - 1)``; in eval mode, steps past
+        the trained ones use the last trained slot.
+
+        Parameters
+        ----------
+        t : int
+            A time step (``>= 0``).
+
+        Returns
+        -------
+        int
+            The slot: a row of ``running_mean`` and ``running_var``.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=5)
+        >>> _ = rbn(np.ones((2, 4, 2), np.float32) * np.arange(4.0)[:, None])  # steps 0, 1
+        >>> rbn.slot(3), rbn.eval().slot(3)
+        (3, 1)
+        """
         last = self.max_steps if self.training else max(int(self.trained_steps), 1)
         return min(t, last - 1)
 
-    def __call__(self, x, t=None, **kwargs):
+    def __call__(self, x: Any, t: int | None = None, **kwargs: Any) -> Array:
+        """Call `forward`: ``layer(x, t)`` is ``layer.forward(x, t)``.
+
+        Parameters
+        ----------
+        x : array_like
+            One step (N, C) or a sequence (T, N, C).
+        t : int, optional
+            The (first) time step; required for a single step.
+        **kwargs
+            `forward`'s keyword arguments (``out``, ``n_threads``).
+
+        Returns
+        -------
+        numpy.ndarray
+            `forward`'s output.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As `forward`.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(2, max_steps=2)
+        >>> rbn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32), 0).shape
+        (2, 2)
+        """
         return self.forward(x, t, **kwargs)
 
-    def forward(self, x, t=None, *, out=None, n_threads=None):
+    def forward(self, x: Any, t: int | None = None, *, out: Array | None = None,
+                n_threads: int | None = None) -> Array:
+        """Normalize one step (N, C) at step t, or a sequence (T, N, C) from step t.
+
+        In training mode each step uses its batch statistics and updates its
+        slot's running statistics; a forward at step 0 starts a new sequence
+        (the saved steps are forgotten and the gradients zeroed).
+
+        Parameters
+        ----------
+        x : array_like
+            One step (N, C) or a sequence (T, N, C), dtype float16, float32
+            or float64; N > 1 in training mode.
+        t : int, optional
+            The (first) time step, ``>= 0``; required for a single step,
+            default 0 for a sequence.
+        out : numpy.ndarray, optional
+            Writable array of x's shape and dtype that receives the output;
+            it must not overlap x.
+        n_threads : int, optional
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If x or ``out`` has an unsupported type or dtype.
+        ValueError
+            If x's shape does not fit, ``t`` is missing for a single step or
+            negative, a training step has one sample, ``out`` overlaps x, or
+            ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(1, max_steps=4, gamma_init=1.0, dtype=np.float64)
+        >>> rbn.forward(np.array([[1.0], [3.0]]), 0)
+        array([[-0.999995],
+               [ 0.999995]])
+        """
         x, t = chk.steps(x, "x", self.num_features, t)
         chk.separate_from_input(out, x)
         chk.n_threads(n_threads)
@@ -336,7 +735,7 @@ class RecurrentBatchNorm(Module):
             self.trained_steps[...] = max(int(self.trained_steps), reached)
         return y if x.ndim == 3 else y[0]
 
-    def _step(self, x, t, out, n_threads):
+    def _step(self, x: Any, t: int, out: Any, n_threads: Any) -> _Record:
         s = self.slot(t)
         rm, rv = self.running_mean[s], self.running_var[s]
         if self.training:
@@ -349,9 +748,52 @@ class RecurrentBatchNorm(Module):
             mean, invstd = rm.astype(np.float64), _k.invstd(rv, self.eps)
         return _Record(x, mean, invstd, self.training)
 
-    def backward(self, dy, t=None, *, out=None, n_threads=None):
-        """dx of step t (dy (N, C)) or of the sequence starting at t (dy (T, N, C));
-        adds the parameter gradients to grad_weight and grad_bias."""
+    def backward(self, dy: Any, t: int | None = None, *, out: Array | None = None,
+                 n_threads: int | None = None) -> Array:
+        """dx of step t (dy (N, C)) or of the sequence starting at t (dy (T, N, C)).
+
+        Adds the parameter gradients to grad_weight and grad_bias
+        (backpropagation through time); a training step's record is consumed.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the output of step t (N, C), or of steps t, t+1, ...
+            (T, N, C); the shape and dtype of those steps' inputs.
+        t : int, optional
+            The (first) time step; required for a single step, default 0 for
+            a sequence.
+        out : numpy.ndarray, optional
+            Writable array of dy's shape and dtype that receives ``dx``.
+        n_threads : int, optional
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, dy's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        RuntimeError
+            If a step has no saved forward (or its backward already ran).
+        TypeError
+            If dy has an unsupported dtype.
+        ValueError
+            If dy's shape or dtype differs from the steps' inputs, or ``t``
+            is missing for a single step.
+
+        Examples
+        --------
+        >>> rbn = bncore.RecurrentBatchNorm(1, max_steps=4, dtype=np.float64)
+        >>> y0 = rbn(np.array([[1.0], [3.0]]), 0)
+        >>> y1 = rbn(np.array([[2.0], [2.5]]), 1)
+        >>> dx1 = rbn.backward(np.array([[1.0], [0.0]]), 1)
+        >>> dx0 = rbn.backward(np.array([[0.0], [1.0]]), 0)
+        >>> rbn.grad_bias  # summed over both steps
+        array([2.])
+        """
         dy, t = chk.steps(dy, "dy", self.num_features, t)
         steps = range(t, t + (dy.shape[0] if dy.ndim == 3 else 1))
         missing = [s for s in steps if s not in self._steps]
@@ -384,18 +826,49 @@ class FrozenBatchNorm(Module):
     set, and a call is one fused pass over x, bitwise the same as
     batch_norm_eval. Keeping running_mean as the center (instead of the folded
     x * scale + shift) costs nothing in a memory-bound pass and keeps float32
-    exact when |mean| >> std; `scale` and `shift` give the folded form.
+    exact when ``|mean| >> std``; `scale` and `shift` give the folded form.
 
     Parameters are read-only arrays: change them with load_state_dict, which
     recomputes the coefficients. Calls keep no state, so one instance serves
     any number of threads at once. backward(dy, y=...) is dx = dy * scale
     (times the activation's derivative, taken from the output y); nothing is
     trained.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to ``running_var`` inside the square root.
+    axis : int, default 1
+        The channel axis of the input.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        Fused into the call.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If ``num_features``, ``eps`` or ``activation`` is out of range.
+
+    Examples
+    --------
+    >>> state = {"weight": np.array([1.0, 2.0]), "bias": np.array([0.0, 1.0]),
+    ...          "running_mean": np.array([1.0, 2.0]), "running_var": np.array([4.0, 16.0])}
+    >>> frozen = bncore.FrozenBatchNorm.from_state_dict(state, eps=0.0)
+    >>> frozen(np.array([[3.0, 6.0]]))
+    array([[1., 3.]])
+    >>> frozen.scale, frozen.shift
+    (array([0.5, 0.5]), array([-0.5,  0. ]))
     """
 
     training = False
 
-    def __init__(self, num_features, *, eps=1e-5, axis=1, activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, *, eps: float = 1e-5, axis: int = 1,
+                 activation: Activation = None, dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.training = False
         self.num_features = C = chk.positive_int(num_features, "num_features")
@@ -405,9 +878,47 @@ class FrozenBatchNorm(Module):
         self._set(np.ones(C, d), np.zeros(C, d), np.zeros(C, d), np.ones(C, d))
 
     @classmethod
-    def from_state_dict(cls, state, *, eps=1e-5, axis=1, activation=None, dtype=None):
-        """From PyTorch-style keys (weight, bias, running_mean, running_var;
-        num_batches_tracked is ignored; weight/bias may be absent: affine=False)."""
+    def from_state_dict(cls, state: Mapping[str, Any], *, eps: float = 1e-5, axis: int = 1,
+                        activation: Activation = None, dtype: Any = None) -> FrozenBatchNorm:
+        """From PyTorch-style keys (weight, bias, running_mean, running_var).
+
+        ``num_batches_tracked`` is ignored; weight and bias may be absent (a
+        layer with ``affine=False``: 1 and 0), running_var too (1).
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            A ``BatchNorm`` state dict (bncore's or a CPU PyTorch one).
+        eps : float, default 1e-5
+            Finite, ``>= 0``.
+        axis : int, default 1
+            The channel axis of the input.
+        activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+            Fused into the call.
+        dtype : float16, float32 or float64, optional
+            Default: running_mean's floating dtype, else float32.
+
+        Returns
+        -------
+        FrozenBatchNorm
+
+        Raises
+        ------
+        KeyError
+            If ``running_mean`` is missing or a key is unexpected.
+        TypeError
+            If ``state`` is not a mapping, or an array or ``dtype`` is not
+            supported.
+        ValueError
+            If a shape does not match or ``running_var + eps`` is negative.
+
+        Examples
+        --------
+        >>> bn = bncore.BatchNorm(2)
+        >>> frozen = bncore.FrozenBatchNorm.from_state_dict(bn.state_dict())
+        >>> frozen
+        FrozenBatchNorm(2, eps=1e-05, axis=1)
+        """
         chk.state_keys(state, ("running_mean",), False, optional=(
             "weight", "bias", "running_var", "num_batches_tracked"))
         if "running_mean" not in state:
@@ -420,10 +931,10 @@ class FrozenBatchNorm(Module):
         layer.load_state_dict(state, strict=False)
         return layer
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return ["weight", "bias", "running_mean", "running_var"]
 
-    def _set(self, w, b, rm, rv):
+    def _set(self, w: Any, b: Any, rm: Any, rv: Any) -> None:
         params = []
         for a, name in zip((w, b, rm, rv), self._state_names()):
             a = chk.vector(a, self.num_features, name, required=True).astype(self.dtype)
@@ -437,33 +948,120 @@ class FrozenBatchNorm(Module):
         self._invstd, self._w64 = _k.invstd(rv, self.eps), w
         self._center, self._scale, self._shift = center, scale, shift
 
-    def load_state_dict(self, state, strict=True):
-        """Sets any of weight, bias, running_mean, running_var (missing keys keep
-        their values unless strict); checked fully before anything changes."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Sets any of weight, bias, running_mean, running_var; recomputes the
+        coefficients.
+
+        Checked fully before anything changes.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Entries under those keys (``num_batches_tracked`` is accepted and
+            ignored).
+        strict : bool, default True
+            Whether all four keys are required; otherwise missing keys keep
+            their values.
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        KeyError
+            If keys are missing (strict) or unexpected.
+        TypeError
+            If ``state`` is not a mapping or an entry is not floating point.
+        ValueError
+            If a shape does not match or ``running_var + eps`` is negative.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm(2, dtype=np.float64)
+        >>> frozen.load_state_dict({"running_var": np.array([4.0, 4.0])}, strict=False)
+        >>> np.round(frozen.scale, 4)
+        array([0.5, 0.5])
+        """
         names = self._state_names()
         chk.state_keys(state, names, strict, optional=("num_batches_tracked",))
         self._set(*(state.get(k, getattr(self, k)) for k in names))
 
     @property
-    def scale(self):
+    def scale(self) -> FloatArray:
         """Folded per-channel scale (float64): weight / sqrt(running_var + eps)."""
         return self._scale.copy()
 
     @property
-    def shift(self):
+    def shift(self) -> FloatArray:
         """Folded per-channel shift (float64): bias - running_mean * scale."""
         return self._shift - self._center * self._scale
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         act = "" if self.activation is None else f", activation={self.activation!r}"
         return f"FrozenBatchNorm({self.num_features}, eps={self.eps}, axis={self.axis}{act})"
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
+        """Refuse training mode: ``train(False)`` (and `eval`) return the layer.
+
+        Parameters
+        ----------
+        mode : bool, default True
+            Must be False.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            The layer itself.
+
+        Raises
+        ------
+        ValueError
+            If ``mode`` is true.
+
+        Examples
+        --------
+        >>> bncore.FrozenBatchNorm(2).train(False).training
+        False
+        """
         if mode:
             chk.refuse("mode", "a FrozenBatchNorm has no training mode (use BatchNorm)")
         return self
 
-    def forward(self, x, *, out=None, n_threads=None):
+    def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
+                ) -> Array:
+        """``act((x - running_mean) * scale + bias)`` in one pass; keeps no state.
+
+        Parameters
+        ----------
+        x : array_like
+            Input with C channels on ``axis``, dtype float16, float32 or
+            float64.
+        out : numpy.ndarray, optional
+            Writable array of x's shape and dtype that receives the output
+            (``out=x`` works in place).
+        n_threads : int, optional
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If x or ``out`` has an unsupported type or dtype.
+        ValueError
+            If x's channels do not match, or ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm(2, dtype=np.float64)
+        >>> np.round(frozen.forward(np.array([[3.0, -6.0]])), 4)
+        array([[ 3., -6.]])
+        """
         # stateless: nothing is recorded, so calls may run in parallel
         y = _k.elemt(x, self._center, self._invstd, self._w64, self._shift, self.axis, out,
                      self.activation, n_threads)
@@ -474,9 +1072,42 @@ class FrozenBatchNorm(Module):
                                  n_threads=n_threads)
         return y
 
-    def backward(self, dy, *, y=None, out=None, n_threads=None):
-        """dx = act'(y) * dy * scale; y (the forward output) is needed only with
-        an activation, as its mask."""
+    def backward(self, dy: Any, *, y: Any = None, out: Array | None = None,
+                 n_threads: int | None = None) -> Array:
+        """``dx = act'(y) * dy * scale``.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the output, dtype float16, float32 or float64.
+        y : array_like, optional
+            The forward's output, needed only with an activation (its mask).
+        out : numpy.ndarray, optional
+            Writable array of dy's shape and dtype that receives ``dx``.
+        n_threads : int, optional
+            The most threads to use. None uses `get_num_threads`
+            at the time of the call.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``dx``, dy's shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        TypeError
+            If an array has an unsupported type or dtype.
+        ValueError
+            If dy's channels do not match, ``y`` is missing with an
+            activation, or ``n_threads`` is invalid.
+
+        Examples
+        --------
+        >>> frozen = bncore.FrozenBatchNorm.from_state_dict(
+        ...     {"running_mean": np.zeros(2), "running_var": np.array([4.0, 16.0])}, eps=0.0)
+        >>> frozen.backward(np.ones((1, 2)))
+        array([[0.5 , 0.25]])
+        """
         L = chk.Layout(dy, self.axis, "dy").channels(self.num_features, "dy")
         code, slope = chk.activation_code(self.activation)
         y = chk.mask_source(y, L.x, self.activation if code else None)

@@ -1,7 +1,12 @@
 """Layer, group and instance normalization layers, like torch.nn's."""
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
 from .. import _checks as chk
+from .._typing import Array
 from .. import _kernels as _k
 from ..functional import batch_norm_backward, batch_norm_eval
 from ..norms import (group_norm_backward, group_norm_train, instance_norm_backward,
@@ -17,39 +22,112 @@ class LayerNorm(Module):
     weight (ones) and bias (zeros) have shape normalized_shape; training and
     eval mode behave the same. backward(dy) returns dx of the most recent
     forward and sets grad_weight / grad_bias.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        The trailing dims of the input to normalize over.
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (and ``bias``).
+    bias : bool, default True
+        Whether an affine layer has ``bias``.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        If ``normalized_shape`` or ``dtype`` is not supported.
+    ValueError
+        If ``normalized_shape`` has a negative entry or ``eps`` is out of
+        range.
+
+    See Also
+    --------
+    layer_norm_train, layer_norm_backward : The operations.
+
+    Examples
+    --------
+    >>> ln = bncore.LayerNorm(2, eps=0.0, dtype=np.float64)
+    >>> x = np.array([[1.0, 3.0], [2.0, 6.0]])
+    >>> ln(x)
+    array([[-1.,  1.],
+           [-1.,  1.]])
+    >>> dx = ln.backward(np.ones_like(x))
+    >>> ln.grad_weight, ln.grad_bias
+    (array([-2.,  2.]), array([2., 2.]))
     """
 
-    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, bias=True,
-                 dtype=np.float32):
+    def __init__(self, normalized_shape: int | tuple[int, ...], *, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.normalized_shape = chk.normalized_shape(normalized_shape)
         self.elementwise_affine = affine = bool(elementwise_affine)
         self.weight = np.ones(self.normalized_shape, self.dtype) if affine else None
         self.bias = np.zeros(self.normalized_shape, self.dtype) if affine and bias else None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None})")
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
         x = chk.tensor(x, "x", 1)
         chk.separate_from_input(out, x)
         y, mean, invstd = layer_norm_train(x, self.normalized_shape, self.weight, self.bias,
                                            self.eps, out=out, n_threads=n_threads)
         return y, (x, mean, invstd)
 
-    def _backward(self, dy, record, out, n_threads):
+    def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         x, mean, invstd = record
         return layer_norm_backward(dy, x, self.normalized_shape, mean, invstd, self.weight,
                                    out=out, n_threads=n_threads)
 
 
 class GroupNorm(Module):
-    """Group normalization of (N, C, *) input, like torch.nn.GroupNorm:
-    num_groups groups of num_channels/num_groups channels, per-channel weight
-    (ones) and bias (zeros) when affine."""
+    """Group normalization of (N, C, \\*) input, like torch.nn.GroupNorm.
 
-    def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, dtype=np.float32):
+    num_groups groups of num_channels/num_groups channels, per-channel weight
+    (ones) and bias (zeros) when affine; training and eval mode behave the
+    same.
+
+    Parameters
+    ----------
+    num_groups : int
+        A positive divisor of ``num_channels``.
+    num_channels : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    affine : bool, default True
+        Whether the layer has ``weight`` and ``bias``.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If ``num_groups`` does not divide ``num_channels`` or ``eps`` is out
+        of range.
+
+    See Also
+    --------
+    group_norm_train, group_norm_backward : The operations.
+
+    Examples
+    --------
+    >>> gn = bncore.GroupNorm(2, 4, dtype=np.float64)
+    >>> y = gn(np.arange(8.0).reshape(1, 4, 2))
+    >>> np.round(y.reshape(2, 4), 4)
+    array([[-1.3416, -0.4472,  0.4472,  1.3416],
+           [-1.3416, -0.4472,  0.4472,  1.3416]])
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
+                 affine: bool = True, dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.num_channels = C = chk.positive_int(num_channels, "num_channels")
         self.num_groups = chk.divisor(num_groups, C, "num_groups", "num_channels")
@@ -57,25 +135,25 @@ class GroupNorm(Module):
         self.weight = np.ones(C, self.dtype) if affine else None
         self.bias = np.zeros(C, self.dtype) if affine else None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
                 f"affine={self.affine})")
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
         x = chk.Layout(x, 1).channels(self.num_channels).x
         chk.separate_from_input(out, x)
         y, mean, invstd = group_norm_train(x, self.num_groups, self.weight, self.bias, self.eps,
                                            out=out, n_threads=n_threads)
         return y, (x, mean, invstd)
 
-    def _backward(self, dy, record, out, n_threads):
+    def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         x, mean, invstd = record
         return group_norm_backward(dy, x, self.num_groups, mean, invstd, self.weight, out=out,
                                    n_threads=n_threads)
 
 
 class InstanceNorm(Module):
-    """Instance normalization of (N, C, *) input, like torch.nn.InstanceNorm{1,2,3}d
+    """Instance normalization of (N, C, \\*) input, like torch.nn.InstanceNorm{1,2,3}d
     (affine=False and track_running_stats=False by default).
 
     Training mode, or no running statistics: each instance's own statistics
@@ -83,10 +161,52 @@ class InstanceNorm(Module):
     instance's mean and unbiased variance, as PyTorch does). Eval mode with
     tracked statistics: the running statistics. momentum=None means 0
     (running statistics stay put), as in PyTorch.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (positive).
+    eps : float, default 1e-5
+        Finite, ``>= 0``; added to the variance inside the square root.
+    momentum : float or None, default 0.1
+        In ``[0, 1]``: the running statistics' update rate (None: 0).
+    affine : bool, default False
+        Whether the layer has ``weight`` and ``bias``.
+    track_running_stats : bool, default False
+        Whether the layer keeps running statistics.
+    dtype : float16, float32 or float64, default float32
+        The dtype of the parameters and buffers.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is not supported.
+    ValueError
+        If ``num_features``, ``eps`` or ``momentum`` is out of range.
+
+    See Also
+    --------
+    instance_norm_train, instance_norm_backward : The operations.
+
+    Examples
+    --------
+    >>> inorm = bncore.InstanceNorm(2, eps=0.0, track_running_stats=True, dtype=np.float64)
+    >>> x = np.array([[[1.0, 3.0], [2.0, 6.0]]])  # (N=1, C=2, L=2)
+    >>> inorm(x)
+    array([[[-1.,  1.],
+            [-1.,  1.]]])
+    >>> inorm.running_mean, inorm.running_var
+    (array([0.2, 0.4]), array([1.1, 1.7]))
     """
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32):
+    # arrays, or None when track_running_stats is False (checked where used)
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False,
+                 dtype: Any = np.float32):
         self._setup(dtype, eps)
         self.num_features = C = chk.positive_int(num_features, "num_features")
         self.momentum = None if momentum is None else chk.real(momentum, "momentum", 0.0, 1.0)
@@ -101,17 +221,17 @@ class InstanceNorm(Module):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats})")
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         names = ["weight", "bias"] if self.affine else []
         if self.track_running_stats:
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names
 
-    def _forward(self, x, out, n_threads):
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
         x = chk.Layout(x, 1).channels(self.num_features).x
         chk.separate_from_input(out, x)
         if self.training or not self.track_running_stats:
@@ -128,7 +248,7 @@ class InstanceNorm(Module):
         return y, (x, self.running_mean.astype(np.float64),
                    _k.invstd(self.running_var, self.eps), False)
 
-    def _backward(self, dy, record, out, n_threads):
+    def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         x, mean, invstd, per_instance = record
         if per_instance:
             return instance_norm_backward(dy, x, mean, invstd, self.weight, out=out,
