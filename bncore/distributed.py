@@ -167,8 +167,8 @@ class SyncBatchNorm(BatchNorm):
         self.reduction = reduction
 
     def __repr__(self) -> str:
-        return (super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)
-                [:-1] + f", ranks={self.comm.Get_size()}, "
+        # BatchNorm's repr already names the class
+        return (super().__repr__()[:-1] + f", ranks={self.comm.Get_size()}, "
                 f"reduction={self.reduction!r})")
 
     # -- collectives -------------------------------------------------------

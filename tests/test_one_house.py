@@ -219,3 +219,10 @@ def test_instance_norm_running_variance_is_exact(rng):
     bncore.instance_norm_train(x, running_mean=rm, running_var=rv, momentum=1.0, eps=1.0)
     np.testing.assert_allclose(rv, x.var(2, ddof=1).mean(0), rtol=1e-10)
     np.testing.assert_allclose(rm, x.mean(2).mean(0), rtol=1e-14)
+
+
+def test_sync_batch_norm_repr_names_its_class_once():
+    mpi = pytest.importorskip("mpi4py.MPI")
+    from bncore.distributed import SyncBatchNorm
+    r = repr(SyncBatchNorm(3, comm=mpi.COMM_SELF))
+    assert r.startswith("SyncBatchNorm(3, ") and "SyncSync" not in r and "ranks=1" in r
