@@ -31,6 +31,14 @@ __all__ = [
 ]
 
 
+def _saved_as(a, sd, shape):
+    """Saved statistics in their dtype: an invstd beyond float32's range (a
+    spread below FLT_MIN with eps = 0) saturates to inf there, as batch
+    norm's does; the output itself was computed in double."""
+    with np.errstate(over="ignore"):
+        return a.astype(sd, copy=False).reshape(shape)
+
+
 # ---- layer norm ------------------------------------------------------------------------
 
 def layer_norm_train(x: ArrayLike, normalized_shape: int | tuple[int, ...],
@@ -111,8 +119,8 @@ def layer_norm_train(x: ArrayLike, normalized_shape: int | tuple[int, ...],
     else:  # as torch: mean 0 and invstd nan over no elements
         mean[:], invstd[:] = 0.0, np.nan
     stat_shape = lead + (1,) * len(ns)
-    return (chk.finish(buf, final, x.dtype), mean.astype(sd, copy=False).reshape(stat_shape),
-            invstd.astype(sd, copy=False).reshape(stat_shape))
+    return (chk.finish(buf, final, x.dtype), _saved_as(mean, sd, stat_shape),
+            _saved_as(invstd, sd, stat_shape))
 
 
 def layer_norm(x: ArrayLike, normalized_shape: int | tuple[int, ...],
@@ -344,8 +352,7 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
     """
     L = _Groups(x, num_groups)
     y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
-    return (y, mean.astype(L.sd, copy=False).reshape(L.N, L.G),
-            invstd.astype(L.sd, copy=False).reshape(L.N, L.G))
+    return y, _saved_as(mean, L.sd, (L.N, L.G)), _saved_as(invstd, L.sd, (L.N, L.G))
 
 
 def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
@@ -539,8 +546,7 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     if running_mean is not None:
         update_running(running_mean, running_var, m.reshape(L.N, L.C),
                        (m2 / L.HW).reshape(L.N, L.C), L.HW, momentum)
-    return (y, mean.astype(L.sd, copy=False).reshape(L.N, L.C),
-            invstd.astype(L.sd, copy=False).reshape(L.N, L.C))
+    return y, _saved_as(mean, L.sd, (L.N, L.C)), _saved_as(invstd, L.sd, (L.N, L.C))
 
 
 def instance_norm(x: ArrayLike, running_mean: Array | None = None,

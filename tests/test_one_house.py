@@ -226,3 +226,18 @@ def test_sync_batch_norm_repr_names_its_class_once():
     from bncore.distributed import SyncBatchNorm
     r = repr(SyncBatchNorm(3, comm=mpi.COMM_SELF))
     assert r.startswith("SyncBatchNorm(3, ") and "SyncSync" not in r and "ranks=1" in r
+
+
+# 7. a float32 spread below FLT_MIN with eps = 0: the float64 answer, not +-inf
+def test_subnormal_spread_float32_gives_the_float64_answer(rng):
+    x = (2e-39 + rng.standard_normal((16, 3, 5)) * 1e-39).astype(np.float32)  # subnormal
+    x64 = x.astype(np.float64)
+    assert np.std(x64, axis=(0, 2)).max() < 1e-38
+    y = bncore.batch_norm_train(x, eps=0.0)[0]
+    np.testing.assert_allclose(y, ref.train(x64, eps=0.0)[0], rtol=1e-5, atol=1e-5)
+    y = bncore.layer_norm(x, (3, 5), eps=0.0)
+    want = (x64 - x64.mean((1, 2), keepdims=True)) / x64.std((1, 2), keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    y = bncore.group_norm(x, 3, eps=0.0)
+    want = (x64 - x64.mean(2, keepdims=True)) / x64.std(2, keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
