@@ -100,6 +100,10 @@ def test_docstring_examples(test):
     """The Examples section of every public docstring runs and prints what it shows."""
     if test is None:
         pytest.skip("no public docstring has examples yet")
+    for line in (e.source for e in test.examples):  # optional packages an example imports
+        for module in re.findall(r"^(?:import|from) (\w+)", line):
+            if module not in ("numpy", "bncore"):
+                pytest.importorskip(module)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     with np.printoptions(legacy=False):
         result = runner.run(test, out=sys.stdout.write)
