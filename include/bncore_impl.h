@@ -77,6 +77,11 @@ static int bn_cpu_nt(void) { return 0; }
 #define BN_SEG_COLS 1024           /* ... and up to this many columns per unit */
 #endif
 #define BN_SEG_MAXN (BN_SEG_COLS / BN_MIN_SEG)  /* segments per unit, at most */
+#ifndef BN_COEF_BYTES
+#define BN_COEF_BYTES 2048         /* row layout, elementwise passes: bytes of each per-column
+                                    * coefficient array per sweep: 6 of 8 KB (2048 floats) left L1
+                                    * (forward 0.8x, backward 0.9x at 4096 channels; 4 KB 5% slower) */
+#endif
 #define BN_FOLD_COLS 64            /* channels-last: fold rows of fewer channels up to this width */
 #ifndef BN_GROUP_BYTES
 #define BN_GROUP_BYTES (2 << 20)   /* bytes per round, still in L2/L3 for the 2nd pass

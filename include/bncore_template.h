@@ -150,16 +150,22 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
                                      bn_act act, T slope)
 {
     BN_OPAQUE(T, one, 1);
-    for (int64_t r = 0; r < nr; r++) {
-        const T *xr = x + r * ld;
-        T *o = y + r * ld;
-        if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) o[j] = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
-        else
-            for (int64_t j = 0; j < nc; j++) {
-                T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
-                o[j] = v * (v < 0 ? slope : one);
-            }
+    /* in blocks of BN_COEF_BYTES per coefficient array, all rows at a time,
+     * so the coefficients stay in L1 beside the row data */
+    for (int64_t j0 = 0, bw = BN_COEF_BYTES / (int64_t)sizeof(T); j0 < nc; j0 += bw) {
+        int64_t w = bn_min64(bw, nc - j0);
+        for (int64_t r = 0; r < nr; r++) {
+            const T *xr = x + r * ld + j0;
+            T *o = y + r * ld + j0;
+            const T *mb = m + j0, *lb = ml + j0, *ab = a + j0, *bb = b + j0;
+            if (act == BN_ACT_NONE)
+                for (int64_t j = 0; j < w; j++) o[j] = ((xr[j] - mb[j]) - lb[j]) * ab[j] + bb[j];
+            else
+                for (int64_t j = 0; j < w; j++) {
+                    T v = ((xr[j] - mb[j]) - lb[j]) * ab[j] + bb[j];
+                    o[j] = v * (v < 0 ? slope : one);
+                }
+        }
     }
 }
 
@@ -339,16 +345,22 @@ static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n, T 
 
 /* Per-column dx over an nr x nc tile. */
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
-                                  int64_t nc, int64_t ld, const T *BN_RESTRICT m,
-                                  const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
-                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c,
-                                  const T *BN_RESTRICT k, bn_act act, T slope, T xneg)
+                                  int64_t nc, int64_t ld, const T *BN_RESTRICT m0,
+                                  const T *BN_RESTRICT ml0, const T *BN_RESTRICT a0,
+                                  const T *BN_RESTRICT b0, const T *BN_RESTRICT c0,
+                                  const T *BN_RESTRICT k0, bn_act act, T slope, T xneg)
 {
     BN_OPAQUE(T, one, 1);
     BN_OPAQUE(T, zero, 0);
-    for (int64_t r = 0; r < nr; r++) {
-        const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
-        T *o = dx + r * ld;
+    /* column blocks as in tile_apply: six coefficient arrays */
+    for (int64_t j0 = 0, bw = BN_COEF_BYTES / (int64_t)sizeof(T); j0 < nc; j0 += bw)
+    for (int64_t r = 0, w = bn_min64(bw, nc - j0); r < nr; r++) {
+        const T *dr = dy + r * ld + j0, *xr = x ? x + r * ld + j0 : NULL;
+        const T *yr = y ? y + r * ld + j0 : NULL;
+        const T *m = m0 + j0, *ml = ml0 + j0, *a = a0 + j0, *b = b0 + j0, *c = c0 + j0,
+                *k = k0 + j0;
+        T *o = dx + r * ld + j0;
+        int64_t nc = w;
         if (!xr && act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j];
         else if (!xr)
