@@ -150,16 +150,22 @@ BN_CLONES static void FN(tile_apply)(const T *x, T *y, int64_t nr, int64_t nc, i
                                      bn_act act, T slope)
 {
     BN_OPAQUE(T, one, 1);
-    for (int64_t r = 0; r < nr; r++) {
-        const T *xr = x + r * ld;
-        T *o = y + r * ld;
-        if (act == BN_ACT_NONE)
-            for (int64_t j = 0; j < nc; j++) o[j] = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
-        else
-            for (int64_t j = 0; j < nc; j++) {
-                T v = ((xr[j] - m[j]) - ml[j]) * a[j] + b[j];
-                o[j] = v * (v < 0 ? slope : one);
-            }
+    /* in blocks of BN_COEF_BYTES per coefficient array, all rows at a time,
+     * so the coefficients stay in L1 beside the row data */
+    for (int64_t j0 = 0, bw = BN_COEF_BYTES / (int64_t)sizeof(T); j0 < nc; j0 += bw) {
+        int64_t w = bn_min64(bw, nc - j0);
+        for (int64_t r = 0; r < nr; r++) {
+            const T *xr = x + r * ld + j0;
+            T *o = y + r * ld + j0;
+            const T *mb = m + j0, *lb = ml + j0, *ab = a + j0, *bb = b + j0;
+            if (act == BN_ACT_NONE)
+                for (int64_t j = 0; j < w; j++) o[j] = ((xr[j] - mb[j]) - lb[j]) * ab[j] + bb[j];
+            else
+                for (int64_t j = 0; j < w; j++) {
+                    T v = ((xr[j] - mb[j]) - lb[j]) * ab[j] + bb[j];
+                    o[j] = v * (v < 0 ? slope : one);
+                }
+        }
     }
 }
 
@@ -225,11 +231,14 @@ BN_CLONES static void FN(run_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT 
 }
 
 /* Per-column {sum g, sum g * (x - m[j])} over an nr x nc tile, in strips of
- * BN_STRIP columns and two rows per sweep, as tile_moments. */
+ * BN_STRIP columns and two rows per sweep, as tile_moments. dx != NULL (eval
+ * mode, act NONE, dx apart from dy and x): also dx = dy * ka[j], as tile_dx,
+ * in the same sweep, so dy is read once. */
 BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
                                    const T *BN_RESTRICT y, int64_t nr, int64_t nc,
                                    int64_t ld, const double *BN_RESTRICT m,
-                                   bn_act act, double slope, double xneg, double *BN_RESTRICT out)
+                                   bn_act act, double slope, double xneg, double *BN_RESTRICT out,
+                                   T *BN_RESTRICT dx, const T *BN_RESTRICT ka)
 {
     double a1[BN_STRIP], a2[BN_STRIP];
     BN_OPAQUE(double, one, 1);
@@ -238,6 +247,31 @@ BN_CLONES static void FN(tile_dot)(const T *BN_RESTRICT dy, const T *BN_RESTRICT
         int64_t w = bn_min64(BN_STRIP, nc - j0), r = 0;
         const double *ms = m + j0;
         for (int64_t j = 0; j < w; j++) a1[j] = a2[j] = 0;
+        if (dx) {
+            const T *ks = ka + j0;
+            for (; r + 2 <= nr; r += 2) {
+                const T *d0 = dy + r * ld + j0, *x0 = x + r * ld + j0;
+                const T *d1 = d0 + ld, *x1 = x0 + ld;
+                T *o0 = dx + r * ld + j0, *o1 = o0 + ld;
+                for (int64_t j = 0; j < w; j++) {
+                    double g0 = d0[j], g1 = d1[j];
+                    a1[j] += g0 + g1;
+                    a2[j] += g0 * ((double)x0[j] - ms[j]) + g1 * ((double)x1[j] - ms[j]);
+                    o0[j] = d0[j] * ks[j];
+                    o1[j] = d1[j] * ks[j];
+                }
+            }
+            for (; r < nr; r++) {
+                const T *dr = dy + r * ld + j0, *xr = x + r * ld + j0;
+                T *o = dx + r * ld + j0;
+                for (int64_t j = 0; j < w; j++) {
+                    double g = dr[j];
+                    a1[j] += g;
+                    a2[j] += g * ((double)xr[j] - ms[j]);
+                    o[j] = dr[j] * ks[j];
+                }
+            }
+        }
         if (act == BN_ACT_NONE)
             for (; r + 2 <= nr; r += 2) {
                 const T *d0 = dy + r * ld + j0, *x0 = x + r * ld + j0;
@@ -311,16 +345,22 @@ static void FN(run_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t n, T 
 
 /* Per-column dx over an nr x nc tile. */
 BN_CLONES static void FN(tile_dx)(const T *dy, const T *x, const T *y, T *dx, int64_t nr,
-                                  int64_t nc, int64_t ld, const T *BN_RESTRICT m,
-                                  const T *BN_RESTRICT ml, const T *BN_RESTRICT a,
-                                  const T *BN_RESTRICT b, const T *BN_RESTRICT c,
-                                  const T *BN_RESTRICT k, bn_act act, T slope, T xneg)
+                                  int64_t nc, int64_t ld, const T *BN_RESTRICT m0,
+                                  const T *BN_RESTRICT ml0, const T *BN_RESTRICT a0,
+                                  const T *BN_RESTRICT b0, const T *BN_RESTRICT c0,
+                                  const T *BN_RESTRICT k0, bn_act act, T slope, T xneg)
 {
     BN_OPAQUE(T, one, 1);
     BN_OPAQUE(T, zero, 0);
-    for (int64_t r = 0; r < nr; r++) {
-        const T *dr = dy + r * ld, *xr = x ? x + r * ld : NULL, *yr = y ? y + r * ld : NULL;
-        T *o = dx + r * ld;
+    /* column blocks as in tile_apply: six coefficient arrays */
+    for (int64_t j0 = 0, bw = BN_COEF_BYTES / (int64_t)sizeof(T); j0 < nc; j0 += bw)
+    for (int64_t r = 0, w = bn_min64(bw, nc - j0); r < nr; r++) {
+        const T *dr = dy + r * ld + j0, *xr = x ? x + r * ld + j0 : NULL;
+        const T *yr = y ? y + r * ld + j0 : NULL;
+        const T *m = m0 + j0, *ml = ml0 + j0, *a = a0 + j0, *b = b0 + j0, *c = c0 + j0,
+                *k = k0 + j0;
+        T *o = dx + r * ld + j0;
+        int64_t nc = w;
         if (!xr && act == BN_ACT_NONE)
             for (int64_t j = 0; j < nc; j++) o[j] = dr[j] * a[j];
         else if (!xr)
@@ -639,17 +679,23 @@ static void FN(unit_moments)(const bn_plan *p, const T *x, int64_t u, double *pa
     }
 }
 
-static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
-                         const double *mean, bn_act act, double slope, double xneg,
-                         int64_t u, double *part)
+/* dx != NULL (eval mode: dx = dy * ka, ka = weight * invstd): also writes the
+ * unit's dx where one sweep can (channels-last columns, act NONE, dx apart
+ * from dy and x, ka within T's range) and returns 1; 0: dx is left to
+ * unit_elementwise. */
+static int FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
+                        const double *mean, bn_act act, double slope, double xneg,
+                        int64_t u, double *part, T *dx, const double *ka)
 {
     if (!p->rows) {
         int64_t off, len, np, c;
         bn_run_of(p, u, &off, &len, &np, &c);
         FN(run_dot)(dy + off, x + off, y ? y + off : NULL, len, np, p->s.channels * p->s.inner,
                     mean[c], act, slope, xneg, part + 2 * u);
+        return 0;
     } else {
         double mc[BN_MAX_COLS];
+        T tk[BN_MAX_COLS], tu;
         int64_t ch[BN_MAX_COLS], r0, nr, c0, nc, o, ns;
         bn_tile_of(p, u, &r0, &nr, &c0, &nc);
         o = r0 * p->width + c0;
@@ -660,12 +706,17 @@ static void FN(unit_dot)(const bn_plan *p, const T *dy, const T *x, const T *y,
             bn_channels_of(p, c0, nc, ch);
         for (int64_t j = 0; j < ns; j++) mc[j] = mean[ch[j]];
         double *out = part + 2 * ((u % p->nrb) * (p->width / p->seg) + c0 / p->seg);
+        int fuse = dx && p->seg == 1 && act == BN_ACT_NONE && dx != dy && dx != x;
+        /* the coefficients as unit_elementwise rounds them (dx_coefs) */
+        for (int64_t j = 0; fuse && j < nc; j++)
+            fuse = !FN(dx_coefs)(ka, NULL, NULL, ch[j], &tk[j], &tu, &tu, &tu);
         if (p->seg > 1)
             FN(seg_dot)(dy + o, x + o, y ? y + o : NULL, nr, ns, p->seg, p->width, mc, act,
                         slope, xneg, out);
         else
             FN(tile_dot)(dy + o, x + o, y ? y + o : NULL, nr, nc, p->width, mc, act, slope,
-                         xneg, out);
+                         xneg, out, fuse ? dx + o : NULL, tk);
+        return fuse;
     }
 }
 
@@ -885,7 +936,7 @@ int FN(bn_backward_reduce)(const T *dy, const T *x, const T *y, bn_shape s, cons
     {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < p.nunits; u++)
-            FN(unit_dot)(&p, dy, x, y, mean, act, slope, 1, u, part);
+            FN(unit_dot)(&p, dy, x, y, mean, act, slope, 1, u, part, NULL, NULL);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nt; t++) {
             int64_t a, b;
@@ -945,8 +996,9 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
         {
 #pragma omp for schedule(static)
             for (int64_t u = 0; u < p.nunits; u++) {
-                FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
-                FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, NULL, cc, act, slope, xneg, u);
+                if (!FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part, dx, ca))
+                    FN(unit_elementwise)(&p, dy, x, y, dx, mean, ca, NULL, cc, act, slope, xneg,
+                                         u);
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < nt; t++) {
@@ -966,7 +1018,7 @@ static int FN(backward_impl)(const T *dy, const T *x, const T *y, T *dx, bn_shap
         bn_round(&p, r, &u0, &u1, &c0, &c1);
 #pragma omp for schedule(static)
         for (int64_t u = u0; u < u1; u++)
-            FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part);
+            FN(unit_dot)(&p, dy, x, y, mean, act, slope, xneg, u, part, NULL, NULL);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nt; t++) {
             int64_t a, b;
