@@ -92,12 +92,6 @@ def activation_code(act):
     return _k.activation_code(activation(act))
 
 
-def flag(v, name):
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    return bool(v)
-
-
 # ---- arrays ----------------------------------------------------------------------------------
 
 def _array(a, name):
