@@ -67,12 +67,6 @@ cdef extern from *:
     int bn_train_f64(const double *x, double *y, bn_shape s, const double *weight,
                      const double *bias, double eps, double *save_mean, double *save_invstd,
                      double *batch_var, bn_act act, double slope, int nt) nogil
-    int bn_eval_f32(const float *x, float *y, bn_shape s, const double *running_mean,
-                    const double *running_var, const double *weight, const double *bias,
-                    double eps, bn_act act, double slope, int nt) nogil
-    int bn_eval_f64(const double *x, double *y, bn_shape s, const double *running_mean,
-                    const double *running_var, const double *weight, const double *bias,
-                    double eps, bn_act act, double slope, int nt) nogil
     int bn_backward_reduce_f32(const float *dy, const float *x, const float *y, bn_shape s,
                                const double *mean, bn_act act, double slope, double *sum_dy,
                                double *sum_dy_xmu, int nt) nogil

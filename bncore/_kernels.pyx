@@ -458,58 +458,12 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
         free(buf)
 
 
-def evaluate(x, running_mean, running_var, weight, bias, axis, eps, out, activation,
-             n_threads):
-    """batch_norm_eval on canonical arguments: y, or None (also when a
-    running_var + eps is negative: the Python layer says which)."""
-    cdef bn_shape s
-    cdef double slope, e
-    cdef int k = _geometry(x, axis, &s), act = _act(activation, &slope), nt = threads(n_threads)
-    if k == NOPE or act < 0 or nt < 0 or not real_in(eps, 0.0, float("inf")):
-        return None
-    e = eps
-    cdef int64_t C = s.channels, c
-    cdef double *buf = <double *>malloc(sizeof(double) * (4 * C + 1))
-    if buf == NULL:
-        raise MemoryError("bncore: could not allocate kernel scratch space")
-    cdef double *rm = buf
-    cdef double *rv = buf + C
-    cdef double *w = buf + 2 * C
-    cdef double *b = buf + 3 * C
-    cdef int hw, hb, err = 0
-    cdef void *px
-    cdef void *py
-    try:
-        if _vec(running_mean, C, rm) != 1 or _vec(running_var, C, rv) != 1:
-            return None
-        for c in range(C):
-            if rv[c] + e < 0:
-                return None
-        hw, hb = _vec(weight, C, w), _vec(bias, C, b)
-        if hw < 0 or hb < 0:
-            return None
-        y = _output(out, x, k, (x,))
-        if y is None:
-            return None
-        px, py = cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y)
-        with nogil:
-            if k == F32:
-                err = bn_eval_f32(<float *>px, <float *>py, s, rm, rv, w if hw else NULL,
-                                  b if hb else NULL, e, <bn_act>act, slope, nt)
-            else:
-                err = bn_eval_f64(<double *>px, <double *>py, s, rm, rv, w if hw else NULL,
-                                  b if hb else NULL, e, <bn_act>act, slope, nt)
-        if err == BN_EINVAL:
-            return None
-        _check(err)
-        return y
-    finally:
-        free(buf)
-
-
-def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
-    """batch_norm_elemt on canonical arguments: y = (x - mean) * (invstd * weight)
-    + bias, or None."""
+cdef object _affine(x, center, stat, weight, bias, axis, out, activation, n_threads,
+                    double eps, bint from_var):
+    """y = (x - center) * (weight * invstd) + bias through bn_apply, on canonical
+    arguments; invstd is `stat`, or bn_invstd(stat, eps) with from_var (the
+    eval-mode rule, as bn_eval computes it). None when not canonical (or a
+    variance + eps is negative)."""
     cdef bn_shape s
     cdef double slope
     cdef int k = _geometry(x, axis, &s), act = _act(activation, &slope), nt = threads(n_threads)
@@ -527,8 +481,13 @@ def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
     cdef void *px
     cdef void *py
     try:
-        if _vec(mean, C, m) != 1 or _vec(invstd, C, inv) != 1:
+        if _vec(center, C, m) != 1 or _vec(stat, C, inv) != 1:
             return None
+        if from_var:
+            for c in range(C):
+                if inv[c] + eps < 0:
+                    return None
+                inv[c] = bn_invstd(inv[c], eps)
         hw, hb = _vec(weight, C, w), _vec(bias, C, b)
         if hw < 0 or hb < 0:
             return None
@@ -551,6 +510,23 @@ def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
         return y
     finally:
         free(buf)
+
+
+def evaluate(x, running_mean, running_var, weight, bias, axis, eps, out, activation,
+             n_threads):
+    """batch_norm_eval on canonical arguments: y, or None (also when a
+    running_var + eps is negative: the Python layer says which)."""
+    if not real_in(eps, 0.0, float("inf")):
+        return None
+    return _affine(x, running_mean, running_var, weight, bias, axis, out, activation,
+                   n_threads, eps, True)
+
+
+def elemt(x, mean, invstd, weight, bias, axis, out, activation, n_threads):
+    """batch_norm_elemt on canonical arguments: y = (x - mean) * (invstd * weight)
+    + bias, or None."""
+    return _affine(x, mean, invstd, weight, bias, axis, out, activation, n_threads, 0.0,
+                   False)
 
 
 cdef int _backward_kernel(int k, const void *dy, const void *x, const void *y, void *dx,
