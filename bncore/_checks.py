@@ -441,17 +441,19 @@ def mask_source(y, x, act):
 
 
 def counts(v) -> np.ndarray:
-    """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
+    """Part counts for merge_stats: finite counts >= 0, one per part (K,) or
+    one per part and channel (K, C)."""
     try:
         c = np.asarray(v, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"counts: expected real numbers, got {v!r:.80}") from None
-    if c.ndim != 1:
-        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {c.shape}")
+    if c.ndim not in (1, 2):
+        raise ValueError(f"counts: expected shape (K,) (one count per part) or (K, C) (per "
+                         f"part and channel), got shape {c.shape}")
     bad = (c < 0) | ~np.isfinite(c)
     if bad.any():
         raise ValueError(f"counts: expected finite non-negative counts, got {c[bad][0]} "
-                         f"at index {np.flatnonzero(bad)[0]}")
+                         f"at index {np.argwhere(bad)[0].tolist()}")
     return c
 
 

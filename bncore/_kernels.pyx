@@ -310,16 +310,28 @@ def invstd(var, double eps):
     return v
 
 
+cdef void _moved(int64_t C, int64_t W, const double *mean, const double *var,
+                 const double *count, double momentum, double *rm, double *rv) noexcept nogil:
+    """bn_update_running with one count for all channels (W == 1) or one per
+    channel (W == C: masked statistics)."""
+    cdef int64_t c
+    if W == 1:
+        bn_update_running(C, mean, var, count[0], momentum, rm, rv)
+        return
+    for c in range(C):
+        bn_update_running(1, mean + c, var + c, count[c], momentum, rm + c, rv + c)
+
+
 cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
-                  const double *count, double momentum, double *rm, double *rv,
+                  const double *count, int64_t W, double momentum, double *rm, double *rv,
                   double *tmp) noexcept nogil:
     """The running-statistics update from K parts (ghost batches, instances):
     the average over the parts of each part's mean and (Bessel-corrected for
-    count > 1) variance, moved in with momentum by bn_update_running. tmp:
-    scratch of 4*C doubles (K > 1)."""
+    count > 1) variance, moved in with momentum by bn_update_running. count:
+    K x W (W = 1 or C, see _moved). tmp: scratch of 4*C doubles (K > 1)."""
     cdef int64_t k, c
     if K == 1:
-        bn_update_running(C, mean, var, count[0], momentum, rm, rv)
+        _moved(C, W, mean, var, count, momentum, rm, rv)
         return
     cdef double *am = tmp + 2 * C
     cdef double *av = tmp + 3 * C
@@ -329,7 +341,7 @@ cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
         for c in range(2 * C):
             tmp[c] = 0.0
         # momentum 1 yields the part's own mean and corrected variance
-        bn_update_running(C, mean + k * C, var + k * C, count[k], 1.0, tmp, tmp + C)
+        _moved(C, W, mean + k * C, var + k * C, count + k * W, 1.0, tmp, tmp + C)
         for c in range(C):
             am[c] += tmp[c]
             av[c] += tmp[C + c]
@@ -340,15 +352,16 @@ cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
 
 
 def update_running(const double[:, ::1] mean, const double[:, ::1] var,
-                   const double[::1] count, double momentum, double[::1] running_mean,
+                   const double[:, ::1] count, double momentum, double[::1] running_mean,
                    double[::1] running_var):
-    """_update on float64 arrays: mean, var (K, C), count (K,); running (C,)."""
+    """_update on float64 arrays: mean, var (K, C), count (K, 1) or (K, C);
+    running (C,)."""
     cdef double *tmp = <double *>malloc(sizeof(double) * (4 * mean.shape[1] + 1))
     if tmp == NULL:
         raise MemoryError("bncore: could not allocate kernel scratch space")
     with nogil:
-        _update(mean.shape[0], mean.shape[1], &mean[0, 0], &var[0, 0], &count[0], momentum,
-                &running_mean[0], &running_var[0], tmp)
+        _update(mean.shape[0], mean.shape[1], &mean[0, 0], &var[0, 0], &count[0, 0],
+                count.shape[1], momentum, &running_mean[0], &running_var[0], tmp)
     free(tmp)
 
 
@@ -449,7 +462,7 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
             if not unbiased:
                 for i in range(K):
                     count[i] = 1.0
-            _update(K, C, mean, var, count, mom, rm, rv, count + K)
+            _update(K, C, mean, var, count, 1, mom, rm, rv, count + K)
             _store(running_mean, rm, C)
             _store(running_var, rv, C)
         rows = virtual_batch_size is not None
@@ -652,12 +665,34 @@ def stats(const floating[::1] x, tuple shape, double[::1] mean, double[::1] m2, 
     _check(err)
 
 
-def merge_stats(const double[::1] count, const double[:, ::1] mean, const double[:, ::1] m2,
-                double[::1] out_mean, double[::1] out_m2):
-    cdef double total
+def merge_stats(const double[:, ::1] count, const double[:, ::1] mean,
+                const double[:, ::1] m2, double[::1] out_mean, double[::1] out_m2,
+                double[::1] out_count):
+    """bn_merge_stats of K parts: count (K, 1), one per part, or (K, C), one
+    per part and channel (masked statistics: channel by channel). Writes the
+    merged count of each channel to out_count (C,); returns the total."""
+    cdef int64_t K = mean.shape[0], C = mean.shape[1], j, c
+    cdef double total = 0
+    cdef double *col
+    if count.shape[1] == 1:
+        with nogil:
+            bn_merge_stats(K, C, &count[0, 0], &mean[0, 0], &m2[0, 0], &total,
+                           &out_mean[0] if C else NULL, &out_m2[0] if C else NULL)
+            for c in range(C):
+                out_count[c] = total
+        return total
+    col = <double *>malloc(sizeof(double) * (3 * K + 1))
+    if col == NULL:
+        raise MemoryError("bncore: could not allocate kernel scratch space")
     with nogil:
-        bn_merge_stats(mean.shape[0], mean.shape[1], &count[0], &mean[0, 0], &m2[0, 0],
-                       &total, &out_mean[0], &out_m2[0])
+        for c in range(C):
+            for j in range(K):
+                col[j] = count[j, c]
+                col[K + j] = mean[j, c]
+                col[2 * K + j] = m2[j, c]
+            bn_merge_stats(K, 1, col, col + K, col + 2 * K, &out_count[c], &out_mean[c],
+                           &out_m2[c])
+    free(col)
     return total
 
 
