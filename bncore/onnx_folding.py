@@ -13,6 +13,7 @@ when the function is called.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from typing import Any
 
@@ -305,7 +306,7 @@ def _row_bias(c: np.ndarray | None, N: int) -> np.ndarray | None:
 def _plan_layer_bn(G: _Graph, bn: Any, scale: Any, shift: Any) -> tuple[_Plan | None, str]:
     """The batch norm folded into the layer that produces its input."""
     onnx, x = G.onnx, bn.input[0]
-    layer = G.producer.get(x)
+    layer: Any = G.producer.get(x)
     if layer is None:
         return None, "its input comes from no node"
     add = None
@@ -474,10 +475,11 @@ def _run(onnx: Any, G: _Graph, nodes: list[Any], inits: dict[str, np.ndarray], d
     m = h.make_model(graph, opset_imports=list(G.model.opset_import))
     m.ir_version = G.model.ir_version
     try:
-        import onnxruntime as ort
+        ort = importlib.import_module("onnxruntime")
     except ImportError:
         from onnx.reference import ReferenceEvaluator
-        return np.asarray(ReferenceEvaluator(m).run(None, {data_in: x})[0])
+        res: Any = ReferenceEvaluator(m).run(None, {data_in: x})
+        return np.asarray(res[0])
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
