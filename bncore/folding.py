@@ -156,7 +156,7 @@ _CONV_T_WEIGHT = "(in_channels, out_channels / groups, *kernel)"
 def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
                    shift: ArrayLike, *, groups: int = 1, order: str = "layer_bn",
                    layout: str = "OI") -> tuple[Array, Array]:
-    """Fold a batch norm into a Conv whose weight is (out_channels, in_channels / groups, *kernel).
+    """Fold a batch norm into a Conv with weight ``(out_channels, in_channels / groups, *kernel)``.
 
     .. warning::
        This is the layout of a *convolution* (PyTorch ``Conv*d``, ONNX
@@ -244,7 +244,7 @@ def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
 def fold_into_conv_transpose(weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike,
                              shift: ArrayLike, *, groups: int = 1, order: str = "layer_bn",
                              layout: str = "IO") -> tuple[Array, Array]:
-    """Fold a batch norm into a ConvTranspose whose weight is (in_channels, out_channels / groups, *kernel).
+    """Fold a batch norm into a ConvTranspose with weight ``(in_channels, out_channels / groups, *kernel)``.
 
     .. warning::
        This is the layout of a *transposed* convolution (PyTorch

@@ -31,13 +31,34 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class FoldRecord:
     """What `fold_onnx_model` did with one BatchNormalization node.
 
-    Attributes: ``bn`` and ``layer`` (node names, or ``op(output)`` for an
-    unnamed node; layer None when no neighbour qualified), ``kind`` (the
-    layer's op type), ``order`` ('layer_bn': the batch norm follows the layer,
-    'bn_layer': it precedes it), ``folded``, ``exact`` (whether the fold is
-    exact in exact arithmetic; None when not decided), ``max_abs_error`` (the
-    largest difference between the original and the folded nodes on random
-    input; None when not verified) and ``reason`` (why not folded, or a note).
+    Parameters
+    ----------
+    bn : str
+        The batch norm's node name (``op(output)`` for an unnamed node).
+    layer : str or None
+        The layer it was (or would be) folded into; None when no neighbour
+        qualified.
+    kind : str or None
+        The layer's op type: 'Conv', 'ConvTranspose', 'Gemm' or 'MatMul'.
+    order : {'layer_bn', 'bn_layer'} or None
+        'layer_bn': the batch norm follows the layer; 'bn_layer': it
+        precedes it.
+    folded : bool
+        Whether the fold was made.
+    exact : bool or None
+        Whether the fold is exact in exact arithmetic (None when no fold was
+        planned).
+    max_abs_error : float or None
+        The largest difference between the original and the folded nodes on
+        random input (None when not verified).
+    reason : str
+        Why it was not folded, or a note on an inexact fold.
+
+    Examples
+    --------
+    >>> from bncore.onnx_folding import FoldRecord
+    >>> print(FoldRecord("bn1", "conv1", "Conv", "layer_bn", True, True, 2.4e-07))
+    conv1 -> bn1 (Conv, layer_bn): folded, exact, max abs error 2.4e-07
     """
 
     bn: str
@@ -63,7 +84,20 @@ class FoldRecord:
 
 class FoldReport(list):
     """The list of `FoldRecord` of `fold_onnx_model`, one per BatchNormalization
-    node, in graph order; ``str()`` gives a readable summary."""
+    node in graph order; ``str()`` is a readable summary.
+
+    Examples
+    --------
+    >>> from bncore.onnx_folding import FoldRecord, FoldReport
+    >>> report = FoldReport([FoldRecord("bn1", "conv1", "Conv", "layer_bn", True, True),
+    ...                      FoldRecord("bn2", reason="not foldable: training_mode=1")])
+    >>> print(report)
+    1 of 2 BatchNormalization nodes folded
+      conv1 -> bn1 (Conv, layer_bn): folded, exact
+      bn2: not folded: not foldable: training_mode=1
+    >>> [r.bn for r in report.folded]
+    ['bn1']
+    """
 
     @property
     def folded(self) -> list[FoldRecord]:
