@@ -370,3 +370,37 @@ def test_torch_exported_model(rng, tmp_path):
     with torch.no_grad():
         want = net(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,elem,tol", [(np.float64, TensorProto.DOUBLE, 1e-10),
+                                            (np.float16, TensorProto.FLOAT16, 2e-2)])
+def test_other_dtypes(rng, dtype, elem, tol):
+    """float64 and float16 models: the folded weights keep the model's dtype."""
+    def params(prefix, C):
+        vals = [rng.uniform(0.5, 1.5, C), rng.standard_normal(C), rng.standard_normal(C),
+                rng.uniform(0.3, 2.0, C)]
+        return [numpy_helper.from_array(np.asarray(v, dtype), f"{prefix}{k}")
+                for k, v in zip("sbmv", vals)]
+    inits = (params("p", 4) + params("q", 3)
+             + [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) / 5).astype(dtype), "W"),
+                numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(dtype), "W2")])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "ps", "pb", "pm", "pv"], ["y"], name="bn"),
+             helper.make_node("BatchNormalization", ["x", "qs", "qb", "qm", "qv"], ["u"], name="bn2"),
+             helper.make_node("ConvTranspose", ["u", "W2"], ["z"], name="ct")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, [2, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", elem, [2, 4, 6, 6]),
+                           helper.make_tensor_value_info("z", elem, [2, 2, 6, 6])],
+                          initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    folded, report = bncore.fold_onnx_model(model)
+    assert [(r.order, r.folded, r.exact) for r in report] == [("layer_bn", True, True),
+                                                              ("bn_layer", True, True)]
+    assert {numpy_helper.to_array(t).dtype for t in folded.graph.initializer} == {np.dtype(dtype)}
+    onnx.checker.check_model(folded)
+    from onnx.reference import ReferenceEvaluator  # onnxruntime lacks some float64 kernels
+    x = rng.standard_normal((2, 3, 6, 6)).astype(dtype)
+    for a, b in zip(ReferenceEvaluator(model).run(None, {"x": x}),
+                    ReferenceEvaluator(folded).run(None, {"x": x})):
+        np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), rtol=tol,
+                                   atol=tol)
