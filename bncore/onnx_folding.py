@@ -142,6 +142,7 @@ class _Graph:
         self.names |= {t for n in self.g.node for t in list(n.input) + list(n.output)}
         self.node_names = {n.name for n in self.g.node}
         self.touched: set[str] = set()  # tensors whose last user a fold may have removed
+        self.cache: dict[str, np.ndarray] = {}
         try:
             inferred = onnx.shape_inference.infer_shapes(model).graph
         except Exception:  # inference is a help, not a requirement
@@ -155,15 +156,13 @@ class _Graph:
         self.refresh()
 
     def refresh(self) -> None:
-        self.consts: dict[str, np.ndarray] = {t.name: self.to_array(t) for t in self.g.initializer}
+        # constants are read when asked for (a tensor name is never reused for another value)
+        self.const_protos: dict[str, Any] = {t.name: t for t in self.g.initializer}
         for n in self.g.node:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1:
                 a = n.attribute[0]
-                if a.name == "value":
-                    self.consts[n.output[0]] = self.to_array(a.t)
-                elif a.name in ("value_float", "value_floats"):
-                    self.consts[n.output[0]] = np.array(
-                        self.onnx.helper.get_attribute_value(a), np.float32)
+                if a.name in ("value", "value_float", "value_floats"):
+                    self.const_protos[n.output[0]] = a
         self.producer = {o: n for n in self.g.node for o in n.output if o}
         self.consumers: dict[str, list[Any]] = {}
         for n in self.g.node:
@@ -173,7 +172,18 @@ class _Graph:
         self.in_subgraphs = _subgraph_inputs(self.onnx, self.g, set())
 
     def const(self, name: str) -> np.ndarray | None:
-        return self.consts.get(name) if name else None
+        if name in self.cache:
+            return self.cache[name]
+        p = self.const_protos.get(name) if name else None
+        if p is None:
+            return None
+        if isinstance(p, self.onnx.AttributeProto):
+            a = self.to_array(p.t) if p.name == "value" else np.array(
+                self.onnx.helper.get_attribute_value(p), np.float32)
+        else:
+            a = self.to_array(p)
+        self.cache[name] = a
+        return a
 
     def only_feeds(self, tensor: str, node: Any) -> str | None:
         """Why `tensor` cannot be folded away (None when node is its only user)."""
@@ -182,7 +192,7 @@ class _Graph:
             return f"{tensor!r} is a graph output"
         if tensor in self.in_subgraphs:
             return f"{tensor!r} is used inside a subgraph"
-        if len(users) != 1 or users[0] is not node:
+        if len(users) != 1 or users[0] != node:
             return f"{tensor!r} has {len(users)} consumers"
         return None
 
@@ -201,7 +211,7 @@ class _Graph:
 
     def node_index(self, node: Any) -> int:
         for i, n in enumerate(self.g.node):
-            if n is node:
+            if n == node:  # by value: a node's outputs are unique in the graph
                 return i
         raise ValueError(f"model: node {_label(node)!r} is not in the graph")
 
@@ -500,7 +510,11 @@ def _run(onnx: Any, G: _Graph, nodes: list[Any], inits: dict[str, np.ndarray], d
     h = onnx.helper
     made = {o for n in nodes for o in n.output}
     needed = {i for n in nodes for i in n.input if i and i != data_in and i not in made}
-    inits = {**{k: G.consts[k] for k in needed if k not in inits}, **inits}
+    old = {k: G.const(k) for k in needed if k not in inits}
+    missing = [k for k, v in old.items() if v is None]
+    if missing:
+        raise ValueError(f"inputs {missing} are not constants")
+    inits = {**{k: v for k, v in old.items() if v is not None}, **inits}
     elem = h.np_dtype_to_tensor_dtype(x.dtype)  # the layers' output type is their input's
     graph = h.make_graph(
         nodes, "fold_check", [h.make_tensor_value_info(data_in, elem, list(x.shape))],
