@@ -404,3 +404,19 @@ def test_other_dtypes(rng, dtype, elem, tol):
                     ReferenceEvaluator(folded).run(None, {"x": x})):
         np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), rtol=tol,
                                    atol=tol)
+
+
+def test_batch_norms_on_both_sides_of_one_conv(rng):
+    """BN -> Conv (unpadded) -> BN: both fold into the one convolution; the
+    intermediate weights of the first fold are dropped."""
+    bn1, i1 = _bn(rng, "bn1", "x", "b", 3)
+    bn2, i2 = _bn(rng, "bn2", "c", "y", 5)
+    nodes = [bn1, helper.make_node("Conv", ["b", "W", "B"], ["c"], name="conv"), bn2]
+    inits = [_w(rng, "W", (5, 3, 3, 3)),
+             numpy_helper.from_array(_f32(rng.standard_normal(5)), "B")] + i1 + i2
+    model = _model(nodes, inits, [("x", [2, 3, 7, 7])], ["y"])
+    folded, report = bncore.fold_onnx_model(model)
+    assert [(r.order, r.folded) for r in report] == [("bn_layer", True), ("layer_bn", True)]
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert len(folded.graph.initializer) == 2  # the final weight and bias only
+    _check_same(model, folded, rng, [("x", (2, 3, 7, 7))])
