@@ -20,7 +20,7 @@ except ImportError as e:  # an unbuilt source tree
 from ._config import show_config
 from ._include import get_include
 from ._threads import get_num_threads, set_num_threads
-from .folding import fold_batch_norm, fold_into_conv, fold_into_linear
+from .folding import fold_batch_norm, fold_into_conv, fold_into_conv_transpose, fold_into_linear
 from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_from_output, batch_norm_backward_reduce,
                          batch_norm_elemt, batch_norm_eval, batch_norm_stats, batch_norm_train,
@@ -28,6 +28,7 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
 from .interop import batch_norm_from_keras, batch_norm_from_onnx
 from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
                      InstanceNorm, LayerNorm, RecurrentBatchNorm)
+from .onnx_folding import fold_onnx_model
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
                     instance_norm_backward, instance_norm_train, layer_norm,
                     layer_norm_backward, layer_norm_train)
@@ -48,4 +49,5 @@ __all__ = [
     # inference services
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
+    "fold_into_conv_transpose", "fold_onnx_model",
 ]

@@ -579,3 +579,59 @@ def step_grads(dy, saved, first):
 def count_in(v, key, hi):
     if not 0 <= int(v) <= hi:
         raise ValueError(f"state[{key!r}]: expected a count in [0, {hi}], got {int(v)}")
+
+
+# ---- folding: weight layouts and the ONNX pass --------------------------------------------
+
+WEIGHT_LAYOUTS = {"OI": ("fold_into_conv", "a Conv weight (out_channels, in_channels / groups, "
+                         "*kernel)"),
+                  "IO": ("fold_into_conv_transpose", "a ConvTranspose weight (in_channels, "
+                         "out_channels / groups, *kernel)")}
+
+
+def weight_layout(layout, expected):
+    """The stated weight layout of a convolution fold: 'OI' (Conv) or 'IO'
+    (ConvTranspose); the other one names the function that takes it."""
+    if layout == expected:
+        return layout
+    if isinstance(layout, str) and layout in WEIGHT_LAYOUTS:
+        fn, what = WEIGHT_LAYOUTS[layout]
+        raise ValueError(f"layout: {layout!r} is {what}, which "
+                         f"{WEIGHT_LAYOUTS[expected][0]} does not take: call bncore.{fn}")
+    raise ValueError(f"layout: expected {expected!r} ({WEIGHT_LAYOUTS[expected][1]}), "
+                     f"got {layout!r}")
+
+
+def fold_coefficient(v, C, name, other_C, hint):
+    """A batch norm coefficient of length C; a length equal to other_C (what the
+    other weight layout would need) adds a hint on the layout to the message."""
+    a = _array(v, name) if v is not None else None
+    if a is not None and a.ndim == 1 and a.shape[0] == other_C != C:
+        raise ValueError(f"{name}: expected shape ({C},), one value per channel, got "
+                         f"{a.shape} ({hint})")
+    return vector(v, C, name, required=True)
+
+
+def flag(v, name):
+    """A bool argument (True/False, not a truthy object)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {v!r}")
+    return bool(v)
+
+
+def onnx_model_source(model, model_type):
+    """An onnx.ModelProto, a path (str or os.PathLike) or serialized bytes."""
+    import os
+    if not isinstance(model, (model_type, str, bytes, os.PathLike)):
+        raise TypeError(f"model: expected an onnx.ModelProto, a path or serialized bytes, got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def optional_path(p, name):
+    """None or a str / os.PathLike file path."""
+    import os
+    if p is not None and not isinstance(p, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected None or a file path (str or os.PathLike), got "
+                        f"{type(p).__name__}")
+    return p

@@ -324,3 +324,70 @@ def keras_batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum, tra
     else:
         mean, var = moving_mean, moving_var
     return gamma * (x - mean) / np.sqrt(var + eps) + beta, moving_mean, moving_var
+
+
+def _per_dim(v, nd):
+    return (v,) * nd if np.isscalar(v) else tuple(v)
+
+
+def conv_nd(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Convolution (cross-correlation) of x (N, C_in, *spatial) with W (C_out,
+    C_in / groups, *kernel): per spatial dim a stride, a dilation and a zero
+    padding, either one int for both sides or a (begin, end) pair."""
+    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    nd = W.ndim - 2
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
+    pads = [(p, p) if np.isscalar(p) else tuple(p)
+            for p in (padding if isinstance(padding, (list, tuple)) else (padding,) * nd)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    K = W.shape[2:]
+    L = [(xp.shape[2 + i] - dilation[i] * (K[i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    cin_g, cout_g = W.shape[1], W.shape[0] // groups
+    out = np.zeros((x.shape[0], W.shape[0], *L))
+    for k in np.ndindex(*K):
+        win = xp[(slice(None), slice(None)) + tuple(
+            slice(k[i] * dilation[i], k[i] * dilation[i] + (L[i] - 1) * stride[i] + 1, stride[i])
+            for i in range(nd))]
+        for g in range(groups):
+            xs = win[:, g * cin_g:(g + 1) * cin_g]              # (N, cin_g, *L)
+            ws = W[g * cout_g:(g + 1) * cout_g, :][(...,) + k]  # (cout_g, cin_g)
+            out[:, g * cout_g:(g + 1) * cout_g] += np.moveaxis(
+                np.tensordot(xs, ws, axes=([1], [1])), -1, 1)
+    if b is not None:
+        out += np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
+    return out
+
+
+def conv_transpose_nd(x, W, b=None, stride=1, padding=0, output_padding=0, dilation=1,
+                      groups=1):
+    """Transposed convolution of x (N, C_in, *spatial) with W (C_in, C_out /
+    groups, *kernel), by its definition: every input value, times the kernel,
+    is added at stride * position + dilation * tap of the full output (length
+    (L - 1) * stride + dilation * (K - 1) + 1, plus output_padding zeros at the
+    end), which is then cropped by the padding (an int for both sides or a
+    (begin, end) pair per dim). Input channel i of group g = i // (C_in /
+    groups) feeds output channels g * (C_out / groups) + j through W[i, j]."""
+    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    nd = W.ndim - 2
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
+    opad = _per_dim(output_padding, nd)
+    pads = [(p, p) if np.isscalar(p) else tuple(p)
+            for p in (padding if isinstance(padding, (list, tuple)) else (padding,) * nd)]
+    K, Lin = W.shape[2:], x.shape[2:]
+    full = [(Lin[i] - 1) * stride[i] + dilation[i] * (K[i] - 1) + 1 + opad[i] for i in range(nd)]
+    cin_g, cout_g = W.shape[0] // groups, W.shape[1]
+    out = np.zeros((x.shape[0], groups * cout_g, *full))
+    for k in np.ndindex(*K):
+        dst = (slice(None),) + tuple(
+            slice(k[i] * dilation[i], k[i] * dilation[i] + (Lin[i] - 1) * stride[i] + 1, stride[i])
+            for i in range(nd))
+        for g in range(groups):
+            xs = x[:, g * cin_g:(g + 1) * cin_g]              # (N, cin_g, *Lin)
+            ws = W[g * cin_g:(g + 1) * cin_g][(slice(None), slice(None)) + k]  # (cin_g, cout_g)
+            out[(slice(None), slice(g * cout_g, (g + 1) * cout_g)) + dst[1:]] += np.moveaxis(
+                np.tensordot(xs, ws, axes=([1], [0])), -1, 1)
+    out = out[(slice(None), slice(None)) + tuple(
+        slice(pads[i][0], full[i] - pads[i][1]) for i in range(nd))]
+    if b is not None:
+        out = out + np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
+    return out
