@@ -27,10 +27,11 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          merge_stats)
 from .interop import batch_norm_from_keras, batch_norm_from_onnx
 from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
-                     InstanceNorm, LayerNorm, RecurrentBatchNorm)
+                     InstanceNorm, LayerNorm, RecurrentBatchNorm, RMSNorm)
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
                     instance_norm_backward, instance_norm_train, layer_norm,
-                    layer_norm_backward, layer_norm_train)
+                    layer_norm_backward, layer_norm_train, rms_norm, rms_norm_backward,
+                    rms_norm_train)
 from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "group_norm", "group_norm_train", "group_norm_backward",
     "instance_norm", "instance_norm_train", "instance_norm_backward",
     "batch_renorm_train", "batch_renorm_backward",
+    "RMSNorm", "rms_norm", "rms_norm_train", "rms_norm_backward",
     # inference services
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
