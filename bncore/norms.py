@@ -1,16 +1,21 @@
-"""Layer, group and instance normalization with PyTorch's semantics: the operations.
+"""Layer, group, instance and RMS normalization with PyTorch's semantics: the operations.
 
 Each op comes as a functional form returning the output (`layer_norm`,
-`group_norm`, `instance_norm`), a training form that also returns the saved
-statistics (`*_train -> (y, mean, invstd)`) and the gradient of that form
-(`*_backward -> (dx, dweight, dbias)`); the layers are in bncore.layers.
+`group_norm`, `instance_norm`, `rms_norm`), a training form that also returns
+the saved statistics (`*_train -> (y, mean, invstd)`; RMS norm `(y, invrms)`)
+and the gradient of that form (`*_backward -> (dx, dweight, dbias)`; RMS norm
+`(dx, dweight)`); the layers are in bncore.layers.
 
 They run on row kernels (include/bncore_norms_template.h) built from the
 batch norm kernels' run loops: statistics per row -- a layer-norm row, or an
 (n, group) of C/G*H*W elements -- with the same shifted sums in double, then
 the affine map while the row is still in cache; rows too long for that are
 split across threads through bn_stats / bn_apply on the (1, rows, length)
-view. Instance norm is group norm with one channel per group.
+view. Instance norm is group norm with one channel per group. Group and
+instance norm take the channels on any axis after the samples (`axis`, the
+rule of `_checks.Layout`): channels first runs on those row kernels, any
+other layout on the channels-last kernels, in place, without a transposed
+copy.
 """
 from __future__ import annotations
 

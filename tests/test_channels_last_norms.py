@@ -3,6 +3,9 @@ several adjacent axes as one), and batch norm's tuple axes: float64 NumPy
 reference, finite differences, PyTorch on a permuted copy, float32 far from
 zero, thread-count bit identity, refusals that change nothing, and the
 layers."""
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -408,3 +411,22 @@ def test_batch_norm_bad_tuple_axes_change_nothing(rng):
         bncore.BatchNorm(7, axis=(1, 2))(x)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
+
+
+def test_docs_examples_run():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "normalization.md")
+    with open(path) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    ns = {"np": np, "bncore": bncore}  # the page's first block imports them
+    exec(compile(blocks[5], path, "exec"), ns)  # channels-last group and instance norm
+    x = ns["x"]
+    np.testing.assert_allclose(ns["y"], ref.group_norm_axis(x, 32, axis=-1)[0], atol=3e-5)
+    np.testing.assert_allclose(ns["y_in"], ref.group_norm_axis(x, 64, axis=-1)[0], atol=3e-5)
+    assert ns["mean"].shape == (8, 32) and ns["inorm"].running_mean.shape == (64,)
+    exec(compile(blocks[6], path, "exec"), ns)  # tuple axes
+    x5 = ns["x5"]
+    np.testing.assert_allclose(ns["y5"].reshape(4, 256, 32),
+                               ref.train(x5.reshape(4, 256, 32), axis=-1)[0], atol=3e-5)
+    assert ns["mean5"].shape == (32,)
+    np.testing.assert_allclose(bncore.group_norm(x5, 8, axis=(-2, -1)),
+                               ref.group_norm_axis(x5, 8, axis=(-2, -1))[0], atol=3e-5)

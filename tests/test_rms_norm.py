@@ -1,6 +1,9 @@
 """RMS normalization (rms_norm, rms_norm_train, rms_norm_backward, RMSNorm):
 float64 NumPy reference, finite differences, PyTorch (F.rms_norm and
 nn.RMSNorm) where installed, out= and in place, thread counts, refusals."""
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -192,3 +195,13 @@ def test_refusals_change_nothing(rng, call, exc, msg):
     with pytest.raises(ValueError, match="^eps"):
         bncore.rms_norm(x, 4, eps=-1.0, out=out)
     np.testing.assert_array_equal(out, 3.0)
+
+
+def test_docs_example_runs():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "normalization.md")
+    with open(path) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    ns = {"np": np, "bncore": bncore}  # the page's first block imports them
+    exec(compile(blocks[7], path, "exec"), ns)
+    np.testing.assert_allclose(ns["y"], ref.rms_norm(ns["x"], (512,))[0], **TOL[np.float32])
+    assert ns["invrms"].shape == (8, 128, 1) and ns["rms"].grad_weight.shape == (512,)
