@@ -430,3 +430,47 @@ def test_docs_examples_run():
     assert ns["mean5"].shape == (32,)
     np.testing.assert_allclose(bncore.group_norm(x5, 8, axis=(-2, -1)),
                                ref.group_norm_axis(x5, 8, axis=(-2, -1))[0], atol=3e-5)
+
+
+def test_float32_subnormal_spread_and_constant_instances(rng):
+    # instances whose invstd (or invstd * weight) leaves float32's range: a
+    # subnormal spread with eps = 0 (invstd ~ 1e41), and a constant instance
+    # (invstd 0 by the invstd rule); the channels-last kernels evaluate those
+    # in double and stay finite
+    tiny = 2.0 ** -149
+    S, kinds = 60, ["normal", "subnormal", "constant", "subnormal_mean", "edge", "normal"]
+    x = np.empty((2, S, len(kinds)), np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for c, kind in enumerate(kinds):
+        if kind == "normal":
+            x[..., c] = rng.standard_normal((2, S)) * 3 + 100
+        elif kind == "subnormal":
+            x[..., c], dy[..., c] = rng.integers(-20000, 20000, (2, S)) * tiny, dy[..., c] * 1e-40
+        elif kind == "subnormal_mean":
+            x[..., c], dy[..., c] = rng.integers(1000, 3000, (2, S)) * tiny, dy[..., c] * 1e-42
+        elif kind == "edge":
+            x[..., c], dy[..., c] = rng.standard_normal((2, S)) * 1e-38, dy[..., c] * 1e-38
+        else:
+            x[..., c] = 3.0
+    w = np.array([1.0, 2.0, 1.0, 0.5, 10.0, -1.0])
+    b = rng.standard_normal(6)
+    y, mean, invstd = bncore.instance_norm_train(x, w, b, eps=0.0, axis=-1)
+    x64, g = x.astype(np.float64), dy.astype(np.float64)
+    m = x64.mean(1, keepdims=True)
+    var = ((x64 - m) ** 2).mean(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(var == 0, 0.0, 1 / np.sqrt(var))
+    xhat = (x64 - m) * inv
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, xhat * w + b, rtol=2e-6, atol=2e-5)
+    np.testing.assert_allclose(mean, m[:, 0], rtol=1e-6, atol=tiny)
+    # the exact statistics (float32's saved mean rounds a subnormal mean to a multiple of 2**-149)
+    dx, dw, db = bncore.instance_norm_backward(dy, x, m[:, 0], inv[:, 0], w, axis=-1)
+    wg = g * w
+    want = inv * (wg - wg.mean(1, keepdims=True) - xhat * (wg * xhat).mean(1, keepdims=True))
+    assert np.isfinite(dx).all()
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    assert np.all(np.abs(dx - want) <= 1e-5 * np.abs(want) + 1e-5 * scale)
+    # summed in double, rounded once to float32 (whose subnormals have fewer digits)
+    np.testing.assert_allclose(db, g.sum((0, 1)), rtol=1e-6, atol=tiny)
+    np.testing.assert_allclose(dw, (g * xhat).sum((0, 1)), rtol=1e-5, atol=tiny)

@@ -205,3 +205,26 @@ def test_docs_example_runs():
     exec(compile(blocks[7], path, "exec"), ns)
     np.testing.assert_allclose(ns["y"], ref.rms_norm(ns["x"], (512,))[0], **TOL[np.float32])
     assert ns["invrms"].shape == (8, 128, 1) and ns["rms"].grad_weight.shape == (512,)
+
+
+def test_float32_subnormal_rows(rng):
+    # eps = 0 and a row of subnormals: invrms ~ 1e41 leaves float32's range, so
+    # that row is evaluated in double and rounded once
+    tiny = 2.0 ** -149
+    x = np.empty((3, 50), np.float32)
+    x[0] = rng.integers(-20000, 20000, 50) * tiny
+    x[1] = rng.standard_normal(50)
+    x[2] = rng.integers(1, 5, 50) * tiny
+    # dy on the scale of 1 / invrms, so that dx stays within float32's range
+    dy = (rng.standard_normal(x.shape) * np.array([[1e-40], [1.0], [1e-44]])).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 50)
+    y, r = bncore.rms_norm_train(x, 50, w, eps=0.0)
+    x64 = x.astype(np.float64)
+    r_ref = 1 / np.sqrt((x64 ** 2).mean(1, keepdims=True))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, x64 * r_ref * w, rtol=2e-6, atol=2e-6)
+    dx, dw = bncore.rms_norm_backward(dy, x, 50, r_ref, w)
+    dx_ref, dw_ref = ref.rms_norm_backward(dy, x, (50,), r_ref, w)
+    assert np.isfinite(dx).all()
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
