@@ -1,7 +1,7 @@
 """bncore: fast, accurate CPU batch normalization for NumPy.
 
 Operations (batch_norm_train, batch_norm_eval, batch_norm_backward and the
-building blocks of synchronized batch norm; layer, group and instance norm;
+building blocks of synchronized batch norm; layer, group, instance and RMS norm;
 batch renormalization; folding) and layers (BatchNorm and its variants),
 over C kernels with OpenMP. The documentation's "API contract" page states
 what every function guarantees.

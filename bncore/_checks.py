@@ -350,8 +350,9 @@ def finish(buf, final, dt):
 
 
 class Layout:
-    """x checked for a per-channel operation along `axis`: its (outer, C,
-    inner) geometry, element count per channel and dtypes."""
+    """x checked for a per-channel operation along `axis` (an int, or a tuple
+    of adjacent axes that form one channel dimension, see `channel_axis`):
+    its (outer, C, inner) geometry, element count per channel and dtypes."""
 
     def __init__(self, x, axis, name="x"):
         self.x = tensor(x, name)
