@@ -1,7 +1,7 @@
 """bncore: fast, accurate CPU batch normalization for NumPy.
 
 Operations (batch_norm_train, batch_norm_eval, batch_norm_backward and the
-building blocks of synchronized batch norm; layer, group and instance norm;
+building blocks of synchronized batch norm; layer, group, instance and RMS norm;
 batch renormalization; folding) and layers (BatchNorm and its variants),
 over C kernels with OpenMP. The documentation's "API contract" page states
 what every function guarantees.
@@ -27,11 +27,12 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          merge_stats)
 from .interop import batch_norm_from_keras, batch_norm_from_onnx
 from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
-                     InstanceNorm, LayerNorm, RecurrentBatchNorm)
-from .onnx_folding import fold_onnx_model
+                     InstanceNorm, LayerNorm, RecurrentBatchNorm, RMSNorm)
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
                     instance_norm_backward, instance_norm_train, layer_norm,
-                    layer_norm_backward, layer_norm_train)
+                    layer_norm_backward, layer_norm_train, rms_norm, rms_norm_backward,
+                    rms_norm_train)
+from .onnx_folding import fold_onnx_model
 from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "group_norm", "group_norm_train", "group_norm_backward",
     "instance_norm", "instance_norm_train", "instance_norm_backward",
     "batch_renorm_train", "batch_renorm_backward",
+    "RMSNorm", "rms_norm", "rms_norm_train", "rms_norm_backward",
     # inference services
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",

@@ -192,25 +192,33 @@ cdef bint _disjoint(object a, object b):
 
 
 cdef int _geometry(object x, object axis, bn_shape *s):
-    """The (outer, C, inner) of a canonical x along an exact-int axis in range:
-    the kind of x, or NOPE."""
+    """The (outer, C, inner) of a canonical x along a canonical axis (see
+    channel_span; several adjacent axes make one channel dimension): the kind
+    of x, or NOPE."""
     cdef int k = _kind(x)
-    if k == NOPE or type(axis) is not int:
+    if k == NOPE:
         return NOPE
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(a), i
-    if nd < 2 or not -nd <= axis < nd:  # compared as Python ints: no overflow
+    span = channel_span(axis, nd) if nd >= 2 else None
+    if span is None:
         return NOPE
-    cdef long ax = axis
-    if ax < 0:
-        ax += nd
-    s.outer, s.channels, s.inner = 1, cnp.PyArray_DIMS(a)[ax], 1
+    cdef long first = span[0], last = span[1]
+    s.outer, s.channels, s.inner = 1, 1, 1
     for i in range(nd):
-        if i < ax:
+        if i < first:
             s.outer *= cnp.PyArray_DIMS(a)[i]
-        elif i > ax:
+        elif i > last:
             s.inner *= cnp.PyArray_DIMS(a)[i]
+        else:
+            s.channels *= cnp.PyArray_DIMS(a)[i]
     return k
+
+
+cdef bint _off_axis0(object axis, object x):
+    """Whether the channel axes (canonical, see channel_span) leave axis 0,
+    the samples that ghost batches split."""
+    return channel_span(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))[0] != 0
 
 
 cdef bint _like(object a, object x, int k):
@@ -389,8 +397,7 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
             or not real_in(momentum, 0.0, 1.0) or s.outer * s.inner < 2):
         return None
     e, mom = eps, momentum
-    cdef int64_t C = s.channels, K = _ghosts(virtual_batch_size, x, axis != 0 and
-                                             axis != -cnp.PyArray_NDIM(<cnp.ndarray>x),
+    cdef int64_t C = s.channels, K = _ghosts(virtual_batch_size, x, _off_axis0(axis, x),
                                              s.outer * s.inner)
     if K < 0:
         return None
@@ -570,8 +577,7 @@ def backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activat
     cdef bint tr = training
     cdef int64_t C = s.channels, K = 1, g, i, N = 0, per = 0, n0
     if virtual_batch_size is not None and tr:
-        K = _ghosts(virtual_batch_size, x, axis != 0 and
-                    axis != -cnp.PyArray_NDIM(<cnp.ndarray>x), s.outer * s.inner)
+        K = _ghosts(virtual_batch_size, x, _off_axis0(axis, x), s.outer * s.inner)
         if K < 0:
             return None
         for a in (save_mean, save_invstd):
@@ -837,3 +843,98 @@ def output_cache(enabled=None, max_bytes=None):
     off and frees what it holds, max_bytes bounds the bytes it may hold
     (default 256 MiB, or BNCORE_OUTPUT_CACHE=<MiB>; =0 turns it off)."""
     return bn_out_cache(enabled, max_bytes)
+
+
+# ---- channel axes (the rule bncore._checks.channel_axis explains) --------------------------
+
+cpdef object channel_span(object axis, int nd):
+    """(first, last) of the channel axes of an array with nd dims, or None.
+    axis is an exact int in [-nd, nd), or a non-empty tuple of such ints naming
+    adjacent axes in increasing order (C order: their product is the channel
+    dimension)."""
+    cdef long a, prev = -1, first = -1
+    if type(axis) is int:
+        items = (axis,)
+    elif type(axis) is tuple and len(<tuple>axis) > 0:
+        items = axis
+    else:
+        return None
+    for v in items:
+        if type(v) is not int or not -nd <= v < nd:  # compared as Python ints: no overflow
+            return None
+        a = v
+        if a < 0:
+            a += nd
+        if prev >= 0 and a != prev + 1:
+            return None
+        if first < 0:
+            first = a
+        prev = a
+    return first, prev
+
+
+# ---- channels-last group norm and RMS norm (include/bncore_norms_template.h) --------------
+
+def group_norm_cl(const floating[::1] x, floating[::1] y, tuple shape, const double[::1] weight,
+                  const double[::1] bias, double eps, double[::1] mean, double[::1] invstd,
+                  int nt):
+    """shape = (N, S, C, G): per sample S rows of C contiguous channels."""
+    cdef int64_t N, S, C, G
+    N, S, C, G = shape
+    cdef const double *w = _opt(weight)
+    cdef const double *b = _opt(bias)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_cl_f32(&x[0], &y[0], N, S, C, G, w, b, eps, &mean[0],
+                                       &invstd[0], nt)
+        else:
+            err = bn_group_norm_cl_f64(&x[0], &y[0], N, S, C, G, w, b, eps, &mean[0],
+                                       &invstd[0], nt)
+    _check(err)
+
+
+def group_norm_cl_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                           tuple shape, const double[::1] mean, const double[::1] invstd,
+                           const double[::1] weight, double[::1] dweight, double[::1] dbias,
+                           int nt):
+    """shape = (N, S, C, G)."""
+    cdef int64_t N, S, C, G
+    N, S, C, G = shape
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_cl_backward_f32(&dy[0], &x[0], &dx[0], N, S, C, G, &mean[0],
+                                                &invstd[0], w, &dweight[0], &dbias[0], nt)
+        else:
+            err = bn_group_norm_cl_backward_f64(&dy[0], &x[0], &dx[0], N, S, C, G, &mean[0],
+                                                &invstd[0], w, &dweight[0], &dbias[0], nt)
+    _check(err)
+
+
+def rms_norm(const floating[::1] x, floating[::1] y, int64_t rows, int64_t cols,
+             const double[::1] weight, double eps, double[::1] invrms, int nt):
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_rms_norm_f32(&x[0], &y[0], rows, cols, w, eps, &invrms[0], nt)
+        else:
+            err = bn_rms_norm_f64(&x[0], &y[0], rows, cols, w, eps, &invrms[0], nt)
+    _check(err)
+
+
+def rms_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                      int64_t rows, int64_t cols, const double[::1] invrms,
+                      const double[::1] weight, double[::1] dweight, int nt):
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_rms_norm_backward_f32(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
+                                           &dweight[0], nt)
+        else:
+            err = bn_rms_norm_backward_f64(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
+                                           &dweight[0], nt)
+    _check(err)

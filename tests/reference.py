@@ -391,3 +391,87 @@ def conv_transpose_nd(x, W, b=None, stride=1, padding=0, output_padding=0, dilat
     if b is not None:
         out = out + np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
     return out
+
+# ---- group and instance norm on any channel axis; RMS norm -----------------------------------
+
+def channel_view(x, axis):
+    """x in float64 as (N, P, C, Q) around its channel axes: an int or a tuple
+    of adjacent axes whose product (C order) is C; axis 0 is the samples."""
+    x = np.asarray(x, np.float64)
+    ax = [a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))]
+    f, last, s = ax[0], ax[-1], x.shape
+    return x.reshape(s[0], int(np.prod(s[1:f])), int(np.prod(s[f:last + 1])),
+                     int(np.prod(s[last + 1:])))
+
+
+def group_norm_axis(x, G, weight=None, bias=None, eps=1e-5, axis=1):
+    """(y, mean, invstd) of group norm with the channels on `axis`: per sample
+    and group, the statistics of the group's channels over every position.
+    Statistics (N, G); weight and bias flat (C,)."""
+    v = channel_view(x, axis)
+    N, P, C, Q = v.shape
+    g = v.reshape(N, P, G, C // G, Q)
+    mean = g.mean(axis=(1, 3, 4))
+    d = g - mean[:, None, :, None, None]
+    invstd = 1 / np.sqrt((d ** 2).mean(axis=(1, 3, 4)) + eps)
+    y = (d * invstd[:, None, :, None, None]).reshape(N, P, C, Q)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(1, 1, C, 1)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(1, 1, C, 1)
+    return y.reshape(np.shape(x)), mean, invstd
+
+
+def group_norm_axis_backward(dy, x, G, mean, invstd, weight=None, axis=1):
+    """(dx, dweight, dbias) of group_norm_axis given its (N, G) statistics."""
+    v, d = channel_view(x, axis), channel_view(dy, axis)
+    N, P, C, Q = v.shape
+    shape5 = (N, P, G, C // G, Q)
+    m = np.asarray(mean, np.float64).reshape(N, 1, G, 1, 1)
+    inv = np.asarray(invstd, np.float64).reshape(N, 1, G, 1, 1)
+    xhat = (v.reshape(shape5) - m) * inv
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    g = (d * w.reshape(1, 1, C, 1)).reshape(shape5)
+    red = (1, 3, 4)
+    dx = inv * (g - g.mean(red, keepdims=True) - xhat * (g * xhat).mean(red, keepdims=True))
+    dw = (d.reshape(shape5) * xhat).reshape(N, P, C, Q).sum((0, 1, 3))
+    return dx.reshape(np.shape(x)), dw, d.sum((0, 1, 3))
+
+
+def instance_running(x, rm, rv, momentum, axis=1):
+    """PyTorch's instance-norm running update: the batch average of each
+    instance's mean and unbiased variance."""
+    v = channel_view(x, axis)
+    n = v.shape[1] * v.shape[3]
+    means = v.mean(axis=(1, 3))
+    var = ((v - means[:, None, :, None]) ** 2).sum(axis=(1, 3)) / (n - 1)
+    return ((1 - momentum) * np.asarray(rm, np.float64) + momentum * means.mean(0),
+            (1 - momentum) * np.asarray(rv, np.float64) + momentum * var.mean(0))
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """(y, invrms) over the trailing normalized_shape; eps None is the input
+    dtype's machine epsilon; invrms shaped like x's leading axes then ones."""
+    eps = float(np.finfo(np.asarray(x).dtype).eps) if eps is None else eps
+    x = np.asarray(x, np.float64)
+    k = len(normalized_shape)
+    lead = x.shape[:x.ndim - k]
+    xr = x.reshape(int(np.prod(lead)), -1)
+    invrms = 1 / np.sqrt((xr ** 2).mean(1, keepdims=True) + eps)
+    y = (xr * invrms).reshape(x.shape)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    return y, invrms.reshape(lead + (1,) * k)
+
+
+def rms_norm_backward(dy, x, normalized_shape, invrms, weight=None):
+    """(dx, dweight): with g = dy * weight and r = invrms,
+    dx = r * g - x * r**3 * mean(g * x) per row, dweight = sum(dy * x * r)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    k = len(normalized_shape)
+    rows = (int(np.prod(x.shape[:x.ndim - k])), int(np.prod(normalized_shape)))
+    r = np.asarray(invrms, np.float64).reshape(-1, 1)
+    g = dy if weight is None else dy * np.asarray(weight, np.float64)
+    g, xr = g.reshape(rows), x.reshape(rows)
+    dx = r * g - xr * r ** 3 * (g * xr).mean(1, keepdims=True)
+    return dx.reshape(x.shape), (dy.reshape(rows) * xr * r).sum(0).reshape(normalized_shape)
