@@ -186,8 +186,11 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     mean = np.array(mean, np.float64, ndmin=2, order="C")
     var = np.array(var, np.float64, ndmin=2, order="C")
     count = np.asarray(count, np.float64)
-    shape = mean.shape if count.ndim == mean.ndim and count.size == mean.size else mean.shape[:1]
-    count = np.broadcast_to(count, shape).reshape(mean.shape[0], -1).copy()
+    per_channel = count.ndim == mean.ndim and count.size == mean.size
+    if mean.shape[0] == 0:  # no parts: nothing moves
+        return
+    count = np.broadcast_to(count, mean.shape if per_channel else mean.shape[:1])
+    count = count.reshape(mean.shape[0], mean.shape[1] if per_channel else 1).copy()
     rm = np.array(running_mean, dtype=np.float64)
     rv = np.array(running_var, dtype=np.float64)
     _k.update_running(mean, var, count, momentum, rm, rv)
