@@ -38,10 +38,12 @@ gradients (averaging them is harmless: the values are already equal).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+MPI: Any
 try:
     from mpi4py import MPI
 except ImportError:  # pragma: no cover - exercised only without mpi4py

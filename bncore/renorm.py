@@ -20,8 +20,6 @@ parts' average, as ghost batch norm's do.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import _checks as chk
 from . import _parts
 from ._typing import Activation, Array, ArrayLike, FloatArray

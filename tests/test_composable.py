@@ -268,7 +268,7 @@ def test_sync_renorm_one_rank_is_batch_renorm(rng, vbs, dtype):
     plain = bncore.BatchRenorm(C, dtype=dtype, momentum=0.2, rmax=1.5, dmax=0.5,
                                warmup_steps=0, rmax_ramp_steps=0, dmax_ramp_steps=0,
                                virtual_batch_size=vbs)
-    for step in range(3):
+    for _ in range(3):
         x, dy = batch(rng, (8, C, 3), 1, dtype)
         y, y_ref = sync(x), plain(x)
         dx, dx_ref = sync.backward(dy), plain.backward(dy)

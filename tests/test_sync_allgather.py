@@ -222,7 +222,7 @@ def test_bad_allgather_result_is_refused_before_any_change(rng, tamper, error, m
         for a, c in zip(layer_state(lay), b):
             np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(lay.grad_weight, g)
-    assert layers[1]._saved is saved[1]
+        assert lay._saved is s  # the previous step's record, for backward
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(rng):
