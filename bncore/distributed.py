@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-MPI: Any
 try:
     from mpi4py import MPI
 except ImportError:  # pragma: no cover - exercised only without mpi4py
-    MPI = None  # the allgather-callable path needs no MPI
+    MPI = None  # type: ignore[assignment]  # the allgather-callable path needs no MPI
 
 from . import _checks as chk
 from . import _kernels as _k
