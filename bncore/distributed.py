@@ -177,7 +177,9 @@ class SyncBatchNorm(BatchNorm):
         (`torch_allgather`'s does). MPI takes it from ``comm``.
     renorm : bool, default False
         Batch renormalization (Ioffe 2017, as `bncore.BatchRenorm`) with the
-        synchronized statistics: needs running statistics.
+        synchronized statistics: needs running statistics. ``momentum``
+        keeps `bncore.BatchNorm`'s default 0.1 (`bncore.BatchRenorm`'s is
+        0.01): pass the one you train with.
     rmax, dmax : float, default 3.0 and 5.0
         With ``renorm``: the final bounds on r (``>= 1``) and d (``>= 0``).
     warmup_steps, rmax_ramp_steps, dmax_ramp_steps : int, default 0

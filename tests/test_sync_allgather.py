@@ -373,3 +373,25 @@ def test_distributed_docstrings_run(qualname, obj):
         with np.printoptions(legacy=False):
             result = runner.run(test, out=sys.stdout.write)
         assert result.failed == 0, f"{qualname}: {result.failed} examples failed"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_and_threads_give_the_same_bits(rng, variant, dtype):
+    C, kw = 4, VARIANTS[variant]
+    x, dy = (rng.standard_normal((9, C, 6)) + 2).astype(dtype), \
+        rng.standard_normal((9, C, 6)).astype(dtype)
+    results = []
+    for nt, use_out in ((None, False), (1, True), (2, True)):
+        layer = dist.SyncBatchNorm(C, dtype=dtype, allgather=lambda a: a[None], rank=0, **kw)
+        out = np.empty_like(x) if use_out else None
+        dx_out = np.empty_like(x) if use_out else None
+        y = layer(x, out=out, n_threads=nt)
+        dx = layer.backward(dy, out=dx_out, n_threads=nt)
+        if use_out:
+            assert y is out and dx is dx_out
+        results.append((y.copy(), dx.copy(), layer.running_mean, layer.running_var,
+                        layer.grad_weight, layer.grad_bias))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            np.testing.assert_array_equal(a, c)
