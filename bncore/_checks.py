@@ -676,3 +676,77 @@ def per_sample(L):
         raise ValueError(f"axis: expected channel axes after axis 0 (the samples), got "
                          f"axis={L.axis} for x of shape {L.x.shape}")
     return L
+
+# ---- synchronized batch norm over an allgather callable ------------------------------------
+
+
+def allgather_callable(allgather, comm, reduction):
+    """An allgather callable given instead of (not with) an MPI communicator."""
+    if not callable(allgather):
+        raise TypeError(f"allgather: expected a callable (local array -> (world_size, "
+                        f"*local.shape) array), got {type(allgather).__name__}")
+    if comm is not None:
+        raise ValueError("comm: expected None with an allgather callable (give one "
+                         "transport), got a communicator")
+    if reduction != "allgather":
+        raise ValueError(f"reduction: expected 'allgather' with an allgather callable, "
+                         f"got {reduction!r}")
+
+
+def allgather_rank(allgather, rank, virtual_batch_size):
+    """This process's row in the callable's result: `rank`, else the callable's
+    `rank` attribute; required with ghost batches (None with MPI)."""
+    if allgather is None:
+        if rank is not None:
+            raise ValueError("rank: expected None with MPI (the communicator knows it), "
+                             f"got {rank!r}")
+        return None
+    if rank is None:
+        rank = getattr(allgather, "rank", None)
+    if rank is None:
+        if virtual_batch_size is not None:
+            raise ValueError("rank: expected this process's index in the allgather's rank "
+                             "order with virtual_batch_size (ghost batches lie over the "
+                             "shards in rank order), got None")
+        return None
+    return integer(rank, "rank")
+
+
+def gathered(got, send, rank):
+    """An allgather callable's result: (world_size, *send.shape) float64 with
+    this rank's row equal to what it sent (when the rank is known)."""
+    if not isinstance(got, np.ndarray):
+        raise TypeError(f"allgather: expected the callable to return a numpy.ndarray of "
+                        f"shape (world_size, {', '.join(map(str, send.shape))}), got "
+                        f"{type(got).__name__}")
+    if got.dtype.kind not in "fiu":
+        raise TypeError(f"allgather: expected the callable to return a real array, got "
+                        f"dtype {got.dtype}")
+    if got.ndim != send.ndim + 1 or got.shape[1:] != send.shape or got.shape[0] < 1:
+        raise ValueError(f"allgather: expected the callable to return shape (world_size, "
+                         f"{', '.join(map(str, send.shape))}) (every rank's array, stacked "
+                         f"in rank order), got {got.shape}")
+    got = np.ascontiguousarray(got, dtype=np.float64)
+    if rank is not None:
+        if rank >= got.shape[0]:
+            raise ValueError(f"rank: expected a row of the allgather's {got.shape[0]} rows, "
+                             f"got {rank}")
+        if got[rank].tobytes() != send.tobytes():
+            raise ValueError(f"allgather: row {rank} (this rank's) of the callable's result "
+                             f"differs from what this rank sent: expected every rank's array "
+                             f"in rank order")
+    return got
+
+
+def ghost_axis(axis, ndim):
+    """Ghost batches split axis 0 (the samples), which must not be the channel axis."""
+    if channel_axis(axis, ndim) == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
+                         "must not be the channel axis (axis=0)")
+
+
+def torch_group_ready(dist):
+    """torch.distributed available and initialized."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("group: expected an initialized torch.distributed (call "
+                           "torch.distributed.init_process_group first), got none")

@@ -1,25 +1,35 @@
-"""Synchronized batch normalization across processes over MPI (mpi4py).
+"""Synchronized batch normalization across processes: over MPI (mpi4py) or any
+allgather the caller already runs (``torch.distributed``, a custom transport).
 
 Data-parallel training splits each batch across ranks; ``SyncBatchNorm``
 normalizes every shard with the statistics of the whole batch, so the result
-equals single-process ``BatchNorm`` on the concatenated batch.
+equals single-process ``BatchNorm`` on the concatenated batch (in rank order).
+It runs the same parts pipeline as ghost batch norm and batch renormalization
+(bncore/_parts.py), so ``virtual_batch_size`` and ``renorm=True`` compose with
+it: statistics per part (the whole batch, or ghost batches of the
+concatenated batch), exchanged and merged part by part, then plain or
+renormalized, then the running update over the parts.
 
-Per training step and layer: forward makes one collective on a buffer of
-``2*C + 4`` float64 per rank (count, error flag, dtype code, mean, M2);
-backward makes one collective on ``2*C + 1`` float64 (error flag, sum(dy),
-sum(dy * (x - mean))). Every rank checks the exchanged error flags before
-using the data, so bad input on one rank makes every rank raise instead of
-leaving the others blocked in the next collective.
+Per training step and layer: forward makes one collective on ``K * (2*C +
+4)`` float64 per rank for K parts (count, error flag, dtype code, mean, M2);
+backward makes one collective on ``2*K*C + 1`` float64 (error flag, sum(dy),
+sum(dy * (x - mean)) per part). Ghost batches add a small collective of 2
+float64 per rank (channel count and sample count: where each rank's samples
+lie in the concatenated batch); without them that check is an
+``MPI_Allreduce`` of 2 int64 (MPI) or the same 2-value allgather (callable).
+Every rank checks the exchanged error flags before using the data, so bad
+input on one rank makes every rank raise instead of leaving the others
+blocked in the next collective.
 
-``reduction="allgather"`` (default): each rank receives every rank's buffer
-and merges them in rank order, so statistics, running statistics and
-parameter gradients are bitwise identical on every rank, as the MPI standard
-guarantees nothing about the order inside a reduction. Bytes received grow
-with the number of ranks P.
-``reduction="allreduce"``: a reduction with Chan's merge as an MPI operation
-(forward) and MPI_SUM (backward); bytes per rank do not grow with P. MPICH and
-Open MPI return the same bits on every rank, but the MPI standard only
-recommends it. See docs/SYNC_BN.md for the costs.
+``reduction="allgather"`` (default, and the only mode of an ``allgather``
+callable): each rank receives every rank's buffer and merges them in rank
+order, so statistics, running statistics and parameter gradients are bitwise
+identical on every rank, as the MPI standard guarantees nothing about the
+order inside a reduction. Bytes received grow with the number of ranks P.
+``reduction="allreduce"`` (MPI only): a reduction with Chan's merge as an MPI
+operation (forward) and MPI_SUM (backward); bytes per rank do not grow with
+P. MPICH and Open MPI return the same bits on every rank, but the MPI
+standard only recommends it. See docs/SYNC_BN.md for the costs.
 
 Gradient convention: after ``backward`` every rank holds the *global*
 ``grad_weight`` and ``grad_bias`` (the sums over the whole batch, equal to
@@ -28,37 +38,37 @@ gradients (averaging them is harmless: the values are already equal).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 try:
     from mpi4py import MPI
-except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
-    raise ImportError(
-        "bncore.distributed needs mpi4py and an MPI library: "
-        "pip install 'bncore[mpi]'") from exc
+except ImportError:  # pragma: no cover - exercised only without mpi4py
+    MPI = None  # type: ignore[assignment]  # the allgather-callable path needs no MPI
 
 from . import _checks as chk
 from . import _kernels as _k
-from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce, batch_norm_elemt,
-                         batch_norm_stats, merge_stats, update_running)
+from . import _parts
+from .functional import merge_stats, update_running
 from ._typing import Array
-from .layers import BatchNorm
+from .layers import BatchNorm, BatchRenorm
 from .layers.batch_norm import _Record
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "torch_allgather"]
 
-# Forward buffer layout: [count, n_bad, dtype_min, dtype_max, mean (C), m2 (C)]
+# Forward record layout, one per part: [count, n_bad, dtype_min, dtype_max, mean (C), m2 (C)]
 _HEAD = 4
 _DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2,
                 np.dtype(np.float64): 3}
 
 
 def _chan_reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-    # inoutbuf = inbuf (lower ranks) merged with inoutbuf. A record is one
-    # contiguous MPI element, so MPI never hands over part of one. Runs once
-    # per reduction round: straight to the merge kernel, no re-validation.
+    # inoutbuf = inbuf (lower ranks) merged with inoutbuf, record by record
+    # (one record per part). A record is one contiguous MPI element, so MPI
+    # never hands over part of one. Runs once per reduction round: straight
+    # to the merge kernel, no re-validation.
     width = datatype.Get_extent()[1] // 8
     a = np.frombuffer(inbuf, dtype=np.float64).reshape(-1, width)
     b = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, width)
@@ -99,7 +109,14 @@ def _check_out(out: Any, x: Any) -> None:
         chk.output(out, x, chk.compute_dtype(x.dtype), (x,))
 
 
-def _check_comm(comm: Any, reduction: str) -> Any:
+def _check_comm(comm: Any, reduction: str, allgather: Any = None) -> Any:
+    if allgather is not None:
+        chk.allgather_callable(allgather, comm, reduction)
+        return None
+    if MPI is None:
+        raise ImportError("bncore.distributed.SyncBatchNorm needs mpi4py and an MPI library "
+                          "for comm= (pip install 'bncore[mpi]'), or an allgather callable "
+                          "(allgather=, e.g. bncore.distributed.torch_allgather())")
     if comm is None:
         comm = MPI.COMM_WORLD
     if not isinstance(comm, MPI.Intracomm):
@@ -110,36 +127,83 @@ def _check_comm(comm: Any, reduction: str) -> Any:
     return comm
 
 
-class SyncBatchNorm(BatchNorm):
-    """``BatchNorm`` whose batch statistics span every rank of ``comm``.
+class _Parts:
+    """What a training forward leaves for backward: the parts and their
+    per-part counts, r and d (None without renorm)."""
+    __slots__ = ("plan", "counts", "r", "d")
 
-    Same constructor and behaviour as ``bncore.BatchNorm`` plus ``comm`` (an
-    mpi4py intracommunicator, default ``MPI.COMM_WORLD``) and ``reduction``
-    (``"allgather"`` or ``"allreduce"``, see the module docstring). Every rank
-    of ``comm`` must call ``forward`` and ``backward`` together, with the same
-    channel count and dtype; a rank may hold zero samples. Running statistics
-    are updated identically on every rank, and ``grad_weight``/``grad_bias``
-    are the global sums on every rank. In eval mode with running statistics
-    the forward is local; backward still sums the parameter gradients.
+    def __init__(self, plan: Any, counts: Any, r: Any, d: Any):
+        self.plan, self.counts, self.r, self.d = plan, counts, r, d
+
+
+class SyncBatchNorm(BatchNorm):
+    """``BatchNorm`` whose batch statistics span every rank of a process group.
+
+    Same constructor and behaviour as ``bncore.BatchNorm`` plus the transport
+    (``comm``, an mpi4py intracommunicator, default ``MPI.COMM_WORLD``, with
+    ``reduction``; or ``allgather``, any callable that gathers an array from
+    every rank) and batch renormalization (``renorm=True``). Every rank must
+    call ``forward`` and ``backward`` together, with the same channel count
+    and dtype; a rank may hold zero samples. The output, dx, running
+    statistics and ``grad_weight``/``grad_bias`` (global sums, on every rank)
+    equal single-process ``BatchNorm`` (or ``BatchRenorm``) on the batch
+    concatenated in rank order. In eval mode with running statistics the
+    forward is local; backward still sums the parameter gradients.
 
     Parameters
     ----------
     num_features : int
         C, the number of channels (the same on every rank).
     comm : mpi4py.MPI.Intracomm, optional
-        The ranks that share the batch; default ``MPI.COMM_WORLD``.
+        The ranks that share the batch; default ``MPI.COMM_WORLD``. Not
+        with ``allgather``.
     reduction : {'allgather', 'allreduce'}, default 'allgather'
-        How the statistics are exchanged (see the module docstring).
+        How the statistics are exchanged over MPI (see the module
+        docstring); 'allgather' only with an ``allgather`` callable.
+    allgather : callable, optional
+        ``allgather(local) -> gathered`` instead of MPI: called by every rank
+        at the same point with a C-contiguous float64 ``numpy.ndarray``
+        ``local`` (the same shape on every rank), it returns an array of
+        shape ``(world_size, *local.shape)`` whose row ``i`` is rank ``i``'s
+        ``local``, rows in rank order, the same on every rank (float64, or
+        losslessly convertible to it). It must not keep or modify ``local``.
+        The result is checked (type, shape, this rank's row when ``rank`` is
+        known) before anything changes. `torch_allgather` makes one from a
+        ``torch.distributed`` process group.
+    rank : int, optional
+        This process's row in ``allgather``'s result; needed with
+        ``virtual_batch_size`` (ghost batches lie over the shards in rank
+        order). Default: the callable's ``rank`` attribute when it has one
+        (`torch_allgather`'s does). MPI takes it from ``comm``.
+    renorm : bool, default False
+        Batch renormalization (Ioffe 2017, as `bncore.BatchRenorm`) with the
+        synchronized statistics: needs running statistics. ``momentum``
+        keeps `bncore.BatchNorm`'s default 0.1 (`bncore.BatchRenorm`'s is
+        0.01): pass the one you train with.
+    rmax, dmax : float, default 3.0 and 5.0
+        With ``renorm``: the final bounds on r (``>= 1``) and d (``>= 0``).
+    warmup_steps, rmax_ramp_steps, dmax_ramp_steps : int, default 0
+        With ``renorm``: `bncore.BatchRenorm`'s schedule (0, 0, 0: the
+        bounds hold from the first step).
     **kwargs
         `bncore.BatchNorm`'s other arguments, except ``activation``.
+        ``virtual_batch_size=v``: ghost batches of v samples of the
+        *concatenated* batch (samples ``[g*v, (g+1)*v)`` in rank order), so
+        the result equals single-process ghost batch norm on it and a ghost
+        batch may span ranks.
 
     Raises
     ------
     TypeError
-        If ``comm`` is not an intracommunicator, or as `bncore.BatchNorm`.
+        If ``comm`` is not an intracommunicator, ``allgather`` is not
+        callable, or as `bncore.BatchNorm`.
     ValueError
-        If ``reduction`` is neither, ``activation`` is given, or as
-        `bncore.BatchNorm`.
+        If ``reduction`` is invalid, both ``comm`` and ``allgather`` are
+        given, ``activation`` is given, ``renorm`` lacks running statistics,
+        ``rank`` is missing with ghost batches over a callable, a number is
+        out of range, or as `bncore.BatchNorm`.
+    ImportError
+        If ``allgather`` is not given and mpi4py is missing.
 
     Examples
     --------
@@ -154,24 +218,93 @@ class SyncBatchNorm(BatchNorm):
     >>> dx = sbn.backward(np.ones_like(x))
     >>> sbn.grad_bias  # the sum over every rank's batch
     array([2., 2.])
+
+    Any allgather works; one process's is ``local[None]``. Here with ghost
+    batches and batch renormalization:
+
+    >>> sbn = SyncBatchNorm(2, dtype=np.float64, allgather=lambda a: a[None], rank=0,
+    ...                     virtual_batch_size=2, renorm=True, rmax=1.0, dmax=0.0)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0], [0.0, 1.0], [4.0, 1.0]])
+    >>> np.array_equal(sbn(x), bncore.BatchNorm(2, dtype=np.float64,
+    ...                                         virtual_batch_size=2)(x))
+    True
     """
 
     def __init__(self, num_features: int, *, comm: Any = None, reduction: str = "allgather",
+                 allgather: Callable[[np.ndarray], Any] | None = None, rank: int | None = None,
+                 renorm: bool = False, rmax: float = 3.0, dmax: float = 5.0,
+                 warmup_steps: int = 0, rmax_ramp_steps: int = 0, dmax_ramp_steps: int = 0,
                  **kwargs: Any):
-        comm = _check_comm(comm, reduction)
+        comm = _check_comm(comm, reduction, allgather)
+        rank = chk.allgather_rank(allgather, rank, kwargs.get("virtual_batch_size"))
         if kwargs.get("activation") is not None:
             chk.refuse("activation", "SyncBatchNorm does not fuse an activation; apply it "
                                      "after the layer")
+        if renorm and not kwargs.get("track_running_stats", True):
+            chk.refuse("renorm", "batch renormalization needs running statistics "
+                                 "(track_running_stats=False)")
+        limits = (chk.real(rmax, "rmax", 1.0), chk.real(dmax, "dmax", 0.0),
+                  chk.integer(warmup_steps, "warmup_steps"),
+                  chk.integer(rmax_ramp_steps, "rmax_ramp_steps"),
+                  chk.integer(dmax_ramp_steps, "dmax_ramp_steps"))
         super().__init__(num_features, **kwargs)
-        self.comm = comm
-        self.reduction = reduction
+        self.comm, self.reduction, self.allgather, self.rank = comm, reduction, allgather, rank
+        self.renorm = bool(renorm)
+        (self.rmax, self.dmax, self.warmup_steps, self.rmax_ramp_steps,
+         self.dmax_ramp_steps) = limits
 
     def __repr__(self) -> str:
         # BatchNorm's repr already names the class
-        return (super().__repr__()[:-1] + f", ranks={self.comm.Get_size()}, "
-                f"reduction={self.reduction!r})")
+        if self.allgather is None:
+            where = f"ranks={self.comm.Get_size()}, reduction={self.reduction!r}"
+        else:
+            where = f"allgather={getattr(self.allgather, '__name__', type(self.allgather).__name__)}"
+        extra = "" if self.virtual_batch_size is None else \
+            f", virtual_batch_size={self.virtual_batch_size}"
+        if self.renorm:
+            extra += f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
+        return super().__repr__()[:-1] + f", {where}{extra})"
+
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """(rmax, dmax) in force at training step ``step``, as `bncore.BatchRenorm`'s.
+
+        Parameters
+        ----------
+        step : int, optional
+            A training step (0 is the first); default ``num_batches_tracked``.
+
+        Returns
+        -------
+        rmax, dmax : float
+            1 and 0 during the warm-up, then relaxed linearly to the
+            layer's ``rmax`` and ``dmax`` (used only with ``renorm=True``).
+
+        Raises
+        ------
+        TypeError
+            If the layer has no running statistics and ``step`` is None.
+
+        Examples
+        --------
+        >>> from bncore.distributed import SyncBatchNorm
+        >>> SyncBatchNorm(2, allgather=lambda a: a[None], renorm=True, rmax=2.0,
+        ...               warmup_steps=10, rmax_ramp_steps=10).limits(15)
+        (1.5, 5.0)
+        """
+        return BatchRenorm.limits(self, step)  # type: ignore[arg-type]
 
     # -- collectives -------------------------------------------------------
+
+    def _my_rank(self) -> int:
+        return self.comm.Get_rank() if self.allgather is None else self.rank
+
+    def _gather(self, send: Any) -> Any:
+        """(world_size, *send.shape) float64: every rank's send, in rank order."""
+        if self.allgather is None:
+            recv = np.empty((self.comm.Get_size(), *send.shape))
+            self.comm.Allgather(send, recv)
+            return recv
+        return chk.gathered(self.allgather(send.copy()), send, self.rank)
 
     def _raise_if_bad(self, n_bad: Any, bad_ranks: list[int] | None,
                       local_error: Exception | None, what: str) -> None:
@@ -184,133 +317,182 @@ class SyncBatchNorm(BatchNorm):
         raise ValueError(f"SyncBatchNorm.{what}: {where} of the communicator "
                          "rejected their input (see the error on that rank)")
 
-    def _exchange_stats(self, count: int, mean: Any, m2: Any, bad: bool, code: int
+    def _exchange_stats(self, counts: Any, mean: Any, m2: Any, bad: bool, code: int
                         ) -> tuple[Any, Any, list[int] | None, bool]:
-        c = self.num_features
-        send = np.empty(_HEAD + 2 * c)
-        send[:_HEAD] = (count, bad, code, code)
-        send[_HEAD:_HEAD + c] = mean
-        send[_HEAD + c:] = m2
+        """Every rank's per-part (count, mean, M2) merged part by part with
+        Chan's formula in rank order: ((K,) counts, (K, C) mean, M2)."""
+        K, c = mean.shape
+        send = np.empty((K, _HEAD + 2 * c))
+        send[:, 0] = counts
+        send[:, 1:_HEAD] = (bad, code, code)
+        send[:, _HEAD:_HEAD + c] = mean
+        send[:, _HEAD + c:] = m2
         if self.reduction == "allgather":
-            recv = np.empty((self.comm.Get_size(), send.size))
-            self.comm.Allgather(send, recv)
-            head = recv[:, :_HEAD]
+            recv = self._gather(send)
+            head = recv[:, 0, :_HEAD]
             bad_ranks = np.flatnonzero(head[:, 1]).tolist()
             n_bad, lo, hi = len(bad_ranks), head[:, 2].min(), head[:, 3].max()
             merged = None
             if n_bad == 0 and lo == hi:
                 # Fixed rank order: every rank computes the same bits.
-                merged = merge_stats(head[:, 0],
-                                            recv[:, _HEAD:_HEAD + c],
-                                            recv[:, _HEAD + c:])
+                parts = [merge_stats(recv[:, g, 0], recv[:, g, _HEAD:_HEAD + c],
+                                     recv[:, g, _HEAD + c:]) for g in range(K)]
+                merged = (np.array([q[0] for q in parts], np.float64),
+                          np.stack([q[1] for q in parts]), np.stack([q[2] for q in parts]))
         else:
             recv = np.empty_like(send)
-            rtype = _record_type(send.size)
-            self.comm.Allreduce([send, 1, rtype], [recv, 1, rtype],
-                                op=_chan_op())
-            bad_ranks, n_bad, lo, hi = None, recv[1], recv[2], recv[3]
-            merged = (int(recv[0]), recv[_HEAD:_HEAD + c],
-                      recv[_HEAD + c:].copy())
+            rtype = _record_type(send.shape[1])
+            self.comm.Allreduce([send, K, rtype], [recv, K, rtype], op=_chan_op())
+            bad_ranks, n_bad, lo, hi = None, recv[0, 1], recv[0, 2], recv[0, 3]
+            merged = (recv[:, 0].copy(), recv[:, _HEAD:_HEAD + c].copy(),
+                      recv[:, _HEAD + c:].copy())
         return merged, n_bad, bad_ranks, lo != hi
 
     def _exchange_grads(self, sum_dy: Any, sum_dy_xmu: Any, bad: bool
                         ) -> tuple[Any, Any, Any, list[int] | None]:
-        c = self.num_features
-        send = np.empty(1 + 2 * c)
+        """Every rank's per-part (K, C) gradient sums, summed in rank order."""
+        K, c = sum_dy.shape
+        send = np.empty(1 + 2 * K * c)
         send[0] = bad
-        send[1:1 + c] = sum_dy
-        send[1 + c:] = sum_dy_xmu
+        send[1:1 + K * c] = sum_dy.reshape(-1)
+        send[1 + K * c:] = sum_dy_xmu.reshape(-1)
         if self.reduction == "allgather":
-            recv = np.empty((self.comm.Get_size(), send.size))
-            self.comm.Allgather(send, recv)
+            recv = self._gather(send)
             bad_ranks = np.flatnonzero(recv[:, 0]).tolist()
             total = recv.sum(axis=0)  # row by row, in rank order
         else:
             total = np.empty_like(send)
             self.comm.Allreduce(send, total, op=MPI.SUM)
             bad_ranks = None
-        return total[1:1 + c], total[1 + c:], total[0], bad_ranks
+        return (total[1:1 + K * c].reshape(K, c), total[1 + K * c:].reshape(K, c), total[0],
+                bad_ranks)
+
+    def _same_width(self, n_samples: int = 0, sizes: bool = False) -> Any:
+        """Every rank's channel count checked equal (ranks with different
+        counts would exchange buffers of different sizes: every rank checks
+        first, so every rank raises); with ``sizes``, every rank's sample
+        count, in rank order."""
+        c = self.num_features
+        if self.allgather is None and not sizes:
+            widths = np.empty(2, np.int64)
+            self.comm.Allreduce(np.array([c, -c], np.int64), widths, op=MPI.MAX)
+            hi, lo = widths[0], -widths[1]
+            got = None
+        else:
+            got = self._gather(np.array([c, n_samples], np.float64))
+            hi, lo = got[:, 0].max(), got[:, 0].min()
+        if hi != lo:
+            raise ValueError(f"num_features: expected the same channel count on every rank, "
+                             f"got {c} here and counts from {int(lo)} to {int(hi)} "
+                             f"across ranks")
+        return None if got is None else got[:, 1]
 
     # -- forward / backward ------------------------------------------------
 
-    def _same_width(self) -> None:
-        # Ranks with different channel counts would exchange buffers of
-        # different sizes: every rank checks first, so every rank raises.
-        c = self.num_features
-        widths = np.empty(2, np.int64)
-        self.comm.Allreduce(np.array([c, -c], np.int64), widths, op=MPI.MAX)
-        if widths[0] != -widths[1]:
-            raise ValueError(f"num_features: expected the same channel count on every rank, "
-                             f"got {c} here and counts from {-widths[1]} to {widths[0]} "
-                             f"across ranks")
+    def _local_stats(self, x: Any, plan: Any, n_threads: Any) -> tuple[Any, Any, Any]:
+        """This rank's (count, mean, M2) per part, each (K, C) (counts per
+        channel): the one place that reads x for the statistics."""
+        return _parts.local_stats(x, self.axis, plan, n_threads)
 
     def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         if not self.training and self.track_running_stats:
             # Running statistics: nothing to exchange.
             return super()._forward(x, out, n_threads)
         c = self.num_features
-        self._same_width()
+        vbs = self.virtual_batch_size if self.training else None
+        n = np.shape(x)[0] if vbs is not None and np.ndim(x) >= 2 else 0
+        sizes = self._same_width(n, vbs is not None)
+        plan = _parts.plan(sizes, self._my_rank(), vbs)
         error: Exception | None = None
         try:
             x = self._input(x, out)
             _check_out(out, x)
             chk.n_threads(n_threads)
-            count, mean, m2 = batch_norm_stats(x, axis=self.axis, n_threads=n_threads)
+            if vbs is not None:
+                chk.ghost_axis(self.axis, x.ndim)
+            counts, mean, m2 = self._local_stats(x, plan, n_threads)
             code = _DTYPE_CODES[x.dtype]
         except (TypeError, ValueError) as exc:
             error = exc
-            count, mean, m2, code = 0, np.zeros(c), np.zeros(c), 0
+            counts, mean, m2, code = (np.zeros((plan.K, c)), np.zeros((plan.K, c)),
+                                      np.zeros((plan.K, c)), 0)
+        # per-channel counts differ only with masks, which the exchange does not carry yet
         merged, n_bad, bad_ranks, mixed = self._exchange_stats(
-            count, mean, m2, error is not None, code)
+            _parts.uniform(counts), mean, m2, error is not None, code)
         self._raise_if_bad(n_bad, bad_ranks, error, "forward")
         if mixed:
             raise TypeError("x: expected the same dtype on every rank, got "
                             f"{x.dtype} here and another dtype elsewhere")
         total, mean, m2 = merged
-        if total < 2:
+        if (total < 2).any():
+            g = int(np.argmin(total))
+            where = "" if vbs is None else f" in ghost batch {g} (virtual_batch_size={vbs})"
             raise ValueError("x: expected more than 1 value per channel over "
-                             f"all ranks when training, got {total}")
-        var = m2 / total
-        invstd = _k.invstd(var, self.eps)
-        y = batch_norm_elemt(x, mean, invstd, self.weight, self.bias, axis=self.axis, out=out,
-                             n_threads=n_threads)
+                             f"all ranks{where} when training, got {int(total[g])}")
+        limits = self.limits() if self.renorm else None
+        var, invstd, r, d = _parts.coefficients(total, mean, m2, self.eps, limits,
+                                                self.running_mean, self.running_var)
+        cd = chk.compute_dtype(x.dtype)
+        buf, final = chk.output(out, x, cd, (x,))
+        _parts.apply(chk.contiguous(x, cd), plan, mean, invstd, r, d, self.weight, self.bias,
+                     self.axis, buf, None, n_threads)
+        y = chk.finish(buf, final, x.dtype)
         if self.training and self.track_running_stats:
-            n = int(self.num_batches_tracked) + 1
-            factor = 1.0 / n if self.momentum is None else self.momentum
-            update_running(self.running_mean, self.running_var, mean, var, total, factor)
-            self.num_batches_tracked[...] = n
-        return y, _Record(x, mean, invstd, True, extra=total)
+            skip = self.skip_nonfinite_update and not (np.isfinite(mean).all()
+                                                       and np.isfinite(var).all())
+            if not skip:
+                nb = int(self.num_batches_tracked) + 1
+                factor = 1.0 / nb if self.momentum is None else self.momentum
+                update_running(self.running_mean, self.running_var, mean, var,
+                               total if self.running_var_unbiased else 1.0, factor)
+                self.num_batches_tracked[...] = nb
+        return y, _Record(x, mean, invstd, True, vbs, extra=_Parts(plan, total, r, d))
 
-    def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
+    def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         """dx of the most recent forward; grad_weight and grad_bias are the
         global sums on every rank (one collective)."""
         c = self.num_features
         self._same_width()
+        parts = rec.extra
+        if parts is None:  # eval mode: one part, constant statistics
+            parts = _Parts(_parts.plan(None, 0, None), np.ones(1), None, None)
+            mean, invstd = rec.mean[None], rec.invstd[None]
+        else:
+            mean, invstd = rec.mean, rec.invstd
+        plan, x = parts.plan, rec.x
+        cd = chk.compute_dtype(x.dtype)
         error: Exception | None = None
         try:
-            sum_dy, sum_dy_xmu = batch_norm_backward_reduce(
-                dy, r.x, r.mean, axis=self.axis, n_threads=n_threads)
-            _check_out(out, r.x)
+            dy = chk.like(dy, x, "dy")
+            _check_out(out, x)
+            chk.n_threads(n_threads)
+            dyc, xc = chk.contiguous(dy, cd), chk.contiguous(x, cd)
+            sum_dy, sum_dy_xmu = _parts.part_sums(dyc, xc, None, plan, mean, self.axis, None,
+                                                  n_threads)
         except (TypeError, ValueError) as exc:
             error = exc
-            sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)
+            sum_dy, sum_dy_xmu = np.zeros((plan.K, c)), np.zeros((plan.K, c))
         sum_dy, sum_dy_xmu, n_bad, bad_ranks = self._exchange_grads(
             sum_dy, sum_dy_xmu, error is not None)
         self._raise_if_bad(n_bad, bad_ranks, error, "backward")
-        if r.training:
-            sum_dy_dx, sum_dy_xmu_dx, total = sum_dy, sum_dy_xmu, r.extra
-        else:  # constant statistics: dx = dy * weight * invstd
-            sum_dy_xmu_dx = sum_dy_dx = np.zeros(c)
-            total = 1
-        dx = batch_norm_backward_elemt(
-            dy, r.x, r.mean, r.invstd, self.weight, sum_dy_dx, sum_dy_xmu_dx, total,
-            axis=self.axis, out=out, n_threads=n_threads)
-        return dx, sum_dy_xmu * r.invstd, sum_dy
+        buf, final = chk.output(out, x, cd, (x, dy))
+        zeros = np.zeros((plan.K, c))
+        trained = rec.training
+        _parts.backward_apply(dyc, xc, None, plan, mean, invstd, parts.r, self.weight,
+                              sum_dy if trained else zeros, sum_dy_xmu if trained else zeros,
+                              parts.counts, self.axis, buf, None, n_threads)
+        dweight, dbias = _parts.param_grads(invstd, parts.r, parts.d, sum_dy, sum_dy_xmu)
+        return chk.finish(buf, final, x.dtype), dweight, dbias
 
     @classmethod
     def from_batchnorm(cls, layer: BatchNorm, comm: Any = None,
-                       reduction: str = "allgather") -> SyncBatchNorm:
+                       reduction: str = "allgather", *,
+                       allgather: Callable[[np.ndarray], Any] | None = None,
+                       rank: int | None = None) -> SyncBatchNorm:
         """A SyncBatchNorm sharing ``layer``'s parameter and running arrays.
+
+        A `bncore.BatchRenorm` becomes a synchronized renormalization with
+        its bounds and schedule; ghost batches carry over.
 
         Parameters
         ----------
@@ -318,9 +500,13 @@ class SyncBatchNorm(BatchNorm):
             A layer without a fused activation; its settings and training
             mode carry over and its arrays are shared, not copied.
         comm : mpi4py.MPI.Intracomm, optional
-            Default ``MPI.COMM_WORLD``.
+            Default ``MPI.COMM_WORLD`` (without ``allgather``).
         reduction : {'allgather', 'allreduce'}, default 'allgather'
             How the statistics are exchanged.
+        allgather : callable, optional
+            An allgather callable instead of MPI (see `SyncBatchNorm`).
+        rank : int, optional
+            This process's row in ``allgather``'s result (see `SyncBatchNorm`).
 
         Returns
         -------
@@ -329,9 +515,13 @@ class SyncBatchNorm(BatchNorm):
         Raises
         ------
         TypeError
-            If ``comm`` is not an intracommunicator.
+            If ``comm`` is not an intracommunicator or ``allgather`` is not
+            callable.
         ValueError
-            If the layer fuses an activation or ``reduction`` is neither.
+            If the layer fuses an activation, or the transport arguments
+            are invalid.
+        ImportError
+            If ``allgather`` is not given and mpi4py is missing.
 
         Examples
         --------
@@ -339,25 +529,33 @@ class SyncBatchNorm(BatchNorm):
         >>> bn = bncore.BatchNorm(2)
         >>> SyncBatchNorm.from_batchnorm(bn).weight is bn.weight
         True
+        >>> brn = bncore.BatchRenorm(2)
+        >>> SyncBatchNorm.from_batchnorm(brn, allgather=lambda a: a[None]).renorm
+        True
         """
         if getattr(layer, "activation", None) is not None:
             chk.refuse("layer", f"SyncBatchNorm does not fuse an activation; got a BatchNorm "
                                 f"with activation={layer.activation!r}")
+        comm = _check_comm(comm, reduction, allgather)
+        rank = chk.allgather_rank(allgather, rank, layer.virtual_batch_size)
         sync = cls.__new__(cls)
-        comm = _check_comm(comm, reduction)
+        sync.__dict__.update(dict(rmax=3.0, dmax=5.0, warmup_steps=0, rmax_ramp_steps=0,
+                                  dmax_ramp_steps=0))
         sync.__dict__.update(layer.__dict__)  # same arrays, same settings
-        sync.comm = comm
-        sync.reduction = reduction
+        sync.renorm = isinstance(layer, BatchRenorm)
+        sync.comm, sync.reduction, sync.allgather, sync.rank = comm, reduction, allgather, rank
         sync._saved = None
         return sync
 
 
-def convert_sync_batchnorm(layers: Any, comm: Any = None, *,
-                           reduction: str = "allgather") -> Any:
+def convert_sync_batchnorm(layers: Any, comm: Any = None, *, reduction: str = "allgather",
+                           allgather: Callable[[np.ndarray], Any] | None = None,
+                           rank: int | None = None) -> Any:
     """Replace every ``BatchNorm`` in ``layers`` by a ``SyncBatchNorm``.
 
     The new layers share the old ones' weight, bias and running arrays (an
-    optimizer holding them keeps working) and their training mode.
+    optimizer holding them keeps working) and their training mode; a
+    ``BatchRenorm`` becomes a synchronized renormalization.
 
     Parameters
     ----------
@@ -365,9 +563,13 @@ def convert_sync_batchnorm(layers: Any, comm: Any = None, *,
         A layer, or a container of them (nested containers are converted
         recursively).
     comm : mpi4py.MPI.Intracomm, optional
-        Default ``MPI.COMM_WORLD``.
+        Default ``MPI.COMM_WORLD`` (without ``allgather``).
     reduction : {'allgather', 'allreduce'}, default 'allgather'
         How the statistics are exchanged.
+    allgather : callable, optional
+        An allgather callable instead of MPI (see `SyncBatchNorm`).
+    rank : int, optional
+        This process's row in ``allgather``'s result (see `SyncBatchNorm`).
 
     Returns
     -------
@@ -378,9 +580,13 @@ def convert_sync_batchnorm(layers: Any, comm: Any = None, *,
     Raises
     ------
     TypeError
-        If ``comm`` is not an intracommunicator.
+        If ``comm`` is not an intracommunicator or ``allgather`` is not
+        callable.
     ValueError
-        If a ``BatchNorm`` fuses an activation or ``reduction`` is neither.
+        If a ``BatchNorm`` fuses an activation or the transport arguments are
+        invalid.
+    ImportError
+        If ``allgather`` is not given and mpi4py is missing.
 
     Examples
     --------
@@ -392,12 +598,71 @@ def convert_sync_batchnorm(layers: Any, comm: Any = None, *,
     if isinstance(layers, SyncBatchNorm):
         return layers
     if isinstance(layers, BatchNorm):
-        return SyncBatchNorm.from_batchnorm(layers, comm, reduction)
-    if isinstance(layers, (list, tuple)):
-        return type(layers)(convert_sync_batchnorm(item, comm,
-                                                   reduction=reduction)
-                            for item in layers)
-    if isinstance(layers, dict):
-        return {key: convert_sync_batchnorm(item, comm, reduction=reduction)
-                for key, item in layers.items()}
+        return SyncBatchNorm.from_batchnorm(layers, comm, reduction, allgather=allgather,
+                                            rank=rank)
+    if isinstance(layers, (list, tuple, dict)):
+        def convert(item: Any) -> Any:
+            return convert_sync_batchnorm(item, comm, reduction=reduction,
+                                          allgather=allgather, rank=rank)
+        if isinstance(layers, dict):
+            return {key: convert(item) for key, item in layers.items()}
+        return type(layers)(convert(item) for item in layers)
     return layers
+
+
+def torch_allgather(group: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+    """An ``allgather`` callable for `SyncBatchNorm` over ``torch.distributed``.
+
+    Each call sends this rank's float64 array as a CPU tensor through
+    ``torch.distributed.all_gather`` on ``group`` and returns the stacked
+    results, shape ``(world_size, *local.shape)`` in the group's rank order;
+    it works with the gloo backend (CPU tensors), where PyTorch's own
+    ``SyncBatchNorm`` refuses CPU input. The callable's ``rank`` and
+    ``world_size`` attributes are this process's rank in ``group`` and the
+    group's size.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup, optional
+        The ranks that share the batch; default the whole (default) group.
+        ``torch.distributed`` must be initialized (``init_process_group``).
+
+    Returns
+    -------
+    callable
+        ``allgather(local: numpy.ndarray) -> numpy.ndarray``, with ``rank``
+        and ``world_size`` attributes.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch is not installed.
+    RuntimeError
+        If ``torch.distributed`` is unavailable or not initialized.
+
+    Examples
+    --------
+    >>> import torch.distributed as dist  # doctest: +SKIP
+    >>> dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29500",
+    ...                         rank=rank, world_size=world_size)  # doctest: +SKIP
+    >>> from bncore.distributed import SyncBatchNorm, torch_allgather
+    >>> bn = SyncBatchNorm(64, allgather=torch_allgather())  # doctest: +SKIP
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:  # pragma: no cover - exercised only without torch
+        raise ImportError("bncore.distributed.torch_allgather needs PyTorch") from exc
+    chk.torch_group_ready(dist)
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+
+    def allgather(local: np.ndarray) -> np.ndarray:
+        flat = torch.from_numpy(np.array(local, np.float64).reshape(-1))
+        rows = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(rows, flat, group=group)
+        return torch.stack(rows).numpy().reshape((world, *np.shape(local)))
+
+    allgather.rank = rank  # type: ignore[attr-defined]
+    allgather.world_size = world  # type: ignore[attr-defined]
+    return allgather

@@ -12,15 +12,18 @@ so it runs on the batch-norm kernels: statistics, then apply with
 scale = weight*r/sigma_B and shift = weight*d + bias; the backward is batch
 norm's with weight*r. With rmax=1 and dmax=0 the result is batch norm's,
 bit for bit. Eval mode normalizes with the moving statistics.
+
+Ghost batches (``virtual_batch_size``) are parts of the pipeline in
+bncore/_parts.py: each part gets its own statistics, r and d (against the
+same running statistics), and the running statistics move toward the
+parts' average, as ghost batch norm's do.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import _checks as chk
-from . import _kernels as _k
+from . import _parts
 from ._typing import Activation, Array, ArrayLike, FloatArray
-from .functional import batch_norm_backward, batch_norm_elemt, update_running
+from .functional import update_running
 
 __all__ = ["batch_renorm_train", "batch_renorm_backward"]
 
@@ -29,7 +32,8 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
                        weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                        axis: int = 1, eps: float = 1e-5, rmax: float = 3.0, dmax: float = 5.0,
                        momentum: float = 0.01, out: Array | None = None,
-                       activation: Activation = None, n_threads: int | None = None
+                       activation: Activation = None, n_threads: int | None = None,
+                       virtual_batch_size: int | None = None
                        ) -> tuple[Array, FloatArray, FloatArray, FloatArray, FloatArray]:
     """Batch Renormalization forward (Ioffe 2017).
 
@@ -72,13 +76,20 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    virtual_batch_size : int, optional
+        Ghost batches: each slice of that many samples along axis 0 is
+        renormalized with its own statistics, r and d (all against the same
+        running statistics), and the running statistics move toward the
+        ghost batches' average, as in `batch_norm_train`. Every ghost batch
+        needs more than one value per channel; ``axis`` must not be 0.
 
     Returns
     -------
     y : numpy.ndarray
         x's shape and dtype (``out`` when given).
     save_mean, save_invstd, r, d : numpy.ndarray
-        Per-channel, shape ``(C,)``: what `batch_renorm_backward` needs
+        Per-channel, shape ``(C,)`` (``(K, C)``, one row per ghost batch,
+        with ``virtual_batch_size``): what `batch_renorm_backward` needs
         (float64 for float64 input, float32 otherwise).
 
     Raises
@@ -88,8 +99,10 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
         type or dtype, or ``axis`` is not an int.
     ValueError
         If the running statistics are missing, a shape does not match, a
-        channel has one value, or ``eps``, ``rmax``, ``dmax``, ``momentum``,
-        ``activation`` or ``n_threads`` is out of range.
+        channel (of a ghost batch) has one value, or ``eps``, ``rmax``,
+        ``dmax``, ``momentum``, ``activation``, ``n_threads`` or
+        ``virtual_batch_size`` is out of range. Nothing is written when an
+        argument is refused.
 
     Examples
     --------
@@ -103,6 +116,14 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
            [3., 6.]])
     >>> rm, rv
     (array([0.2, 0.4]), array([1.1, 1.7]))
+
+    Ghost batches of 2 samples, each with its own r and d:
+
+    >>> x = np.array([[1.0], [3.0], [10.0], [14.0]])
+    >>> y, mean, invstd, r, d = bncore.batch_renorm_train(
+    ...     x, np.zeros(1), np.ones(1), eps=0.0, virtual_batch_size=2)
+    >>> mean.ravel(), r.ravel(), d.ravel()
+    (array([ 2., 12.]), array([1., 2.]), array([2., 5.]))
     """
     L = chk.Layout(x, axis).trainable()
     chk.running(running_mean, running_var, L.C, required=True)
@@ -113,35 +134,37 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
     dmax = chk.real(dmax, "dmax", 0.0)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
     act = chk.activation(activation)
-    nt = chk.threads(n_threads)
+    chk.threads(n_threads)
+    vbs = chk.ghost_batches(L, virtual_batch_size)
     chk.disjoint_from_running(out, running_mean, running_var)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
-    xf = L.flat(L.x)
-    mean, m2 = np.empty(L.C), np.empty(L.C)
-    _k.stats(xf, L.shape, mean, m2, nt)
-    var = m2 / L.count
-    invstd = _k.invstd(var, eps)                        # 1 / sigma_B, the kernels' rule
-    inv_sigma = _k.invstd(running_var.astype(np.float64), eps)
-    r = np.clip(np.sqrt(var + eps) * inv_sigma, 1.0 / rmax, rmax)
-    d = np.clip((mean - running_mean.astype(np.float64)) * inv_sigma, -dmax, dmax)
-    shift = (d if w is None else w * d) + (0.0 if b is None else b)
-    y = batch_norm_elemt(xf.reshape(L.x.shape), mean, invstd * r, w, shift, axis=L.axis,
-                         out=buf, activation=act, n_threads=n_threads)
-    update_running(running_mean, running_var, mean, var, L.count, momentum)
-    y = chk.finish(y, final, L.x.dtype)
-    return y, mean.astype(L.sd), invstd.astype(L.sd), r.astype(L.sd), d.astype(L.sd)
+    # (1) statistics of the parts, (2) renormalize each, (3) the running update
+    p = _parts.plan([L.x.shape[0]], 0, vbs)
+    xc = L.canonical(L.x)
+    counts, mean, m2 = _parts.local_stats(xc, L.axis, p, n_threads)
+    counts = _parts.uniform(counts)
+    var, invstd, r, d = _parts.coefficients(counts, mean, m2, eps, (rmax, dmax),
+                                            running_mean, running_var)
+    _parts.apply(xc, p, mean, invstd, r, d, w, b, L.axis, buf, act, n_threads)
+    update_running(running_mean, running_var, mean, var, counts, momentum)
+    y = chk.finish(buf, final, L.x.dtype)
+    rows = slice(None) if vbs is not None else 0
+    return y, *(a[rows].astype(L.sd) for a in (mean, invstd, r, d))
 
 
 def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                           save_invstd: ArrayLike, r: ArrayLike, d: ArrayLike,
                           weight: ArrayLike | None = None, *, axis: int = 1,
                           out: Array | None = None, activation: Activation = None,
-                          y: ArrayLike | None = None, n_threads: int | None = None
+                          y: ArrayLike | None = None, n_threads: int | None = None,
+                          virtual_batch_size: int | None = None
                           ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradient of `batch_renorm_train` with r and d held constant.
 
     dx is batch norm's training gradient with ``weight * r``,
-    ``dweight = sum(dy * (xhat * r + d))``, ``dbias = sum(dy)``.
+    ``dweight = sum(dy * (xhat * r + d))``, ``dbias = sum(dy)``; with ghost
+    batches, each ghost batch's with its own statistics, r and d, and the
+    parameter gradients summed over them.
 
     Parameters
     ----------
@@ -150,7 +173,8 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     x : array_like
         The forward's input, dtype float16, float32 or float64.
     save_mean, save_invstd, r, d : array_like
-        What `batch_renorm_train` returned, length C each.
+        What `batch_renorm_train` returned, length C each (``(K, C)`` with
+        ``virtual_batch_size``).
     weight : array_like, optional
         The forward's per-channel scale (None means 1).
     axis : int, default 1
@@ -164,6 +188,8 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    virtual_batch_size : int, optional
+        The forward's ghost batch size.
 
     Returns
     -------
@@ -180,7 +206,8 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
         int.
     ValueError
         If a shape does not match, ``y`` is missing with an activation, or
-        ``activation`` or ``n_threads`` is invalid.
+        ``activation``, ``n_threads`` or ``virtual_batch_size`` is invalid.
+        Nothing is written when an argument is refused.
 
     Examples
     --------
@@ -192,15 +219,28 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     (array([[0., 0.],
            [0., 0.]]), array([4., 8.]), array([2., 2.]))
     """
-    xa = chk.tensor(x, "x")
-    C = xa.shape[chk.channel_axis(axis, xa.ndim)]
-    rv = chk.vector(r, C, "r", required=True)
-    dv = chk.vector(d, C, "d", required=True)
-    w = chk.vector(weight, C, "weight")
-    wr = rv if w is None else w * rv
-    dx, dw, db = batch_norm_backward(dy, xa, save_mean, save_invstd, wr, axis=axis,
-                                     training=True, out=out, activation=activation, y=y,
-                                     n_threads=n_threads)
-    sd = dw.dtype
-    dweight = rv * dw.astype(np.float64) + dv * db.astype(np.float64)
-    return dx, dweight.astype(sd), db
+    L = chk.Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    vbs = chk.ghost_batches(L, virtual_batch_size)
+    p = _parts.plan([L.x.shape[0]], 0, vbs)
+    if vbs is None:
+        stats = [chk.vector(v, L.C, n, required=True)[None] for v, n in
+                 ((save_mean, "save_mean"), (save_invstd, "save_invstd"), (r, "r"), (d, "d"))]
+    else:
+        rows = dict(required=True, what="one row per ghost batch")
+        stats = [chk.param(v, (p.K, L.C), n, **rows) for v, n in
+                 ((save_mean, "save_mean"), (save_invstd, "save_invstd"), (r, "r"), (d, "d"))]
+    m, inv, rv, dv = stats
+    w = chk.vector(weight, L.C, "weight")
+    act = chk.activation(activation)
+    y = chk.mask_source(y, L.x, act)
+    chk.threads(n_threads)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    dyc, xc, yc = L.canonical(dy), L.canonical(L.x), L.canonical(y)
+    counts = [L.count // max(L.x.shape[0], 1) * len(range(*sl.indices(L.x.shape[0])))
+              for _, sl in p.segments]
+    sum_dy, sum_dy_xmu = _parts.part_sums(dyc, xc, yc, p, m, L.axis, act, n_threads)
+    _parts.backward_apply(dyc, xc, yc, p, m, inv, rv, w, sum_dy, sum_dy_xmu, counts, L.axis,
+                          buf, act, n_threads)
+    dweight, dbias = _parts.param_grads(inv, rv, dv, sum_dy, sum_dy_xmu)
+    return chk.finish(buf, final, L.x.dtype), dweight.astype(L.sd), dbias.astype(L.sd)

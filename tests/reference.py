@@ -394,6 +394,7 @@ def conv_transpose_nd(x, W, b=None, stride=1, padding=0, output_padding=0, dilat
 
 # ---- group and instance norm on any channel axis; RMS norm -----------------------------------
 
+
 def channel_view(x, axis):
     """x in float64 as (N, P, C, Q) around its channel axes: an int or a tuple
     of adjacent axes whose product (C order) is C; axis 0 is the samples."""
@@ -475,3 +476,50 @@ def rms_norm_backward(dy, x, normalized_shape, invrms, weight=None):
     g, xr = g.reshape(rows), x.reshape(rows)
     dx = r * g - xr * r ** 3 * (g * xr).mean(1, keepdims=True)
     return dx.reshape(x.shape), (dy.reshape(rows) * xr * r).sum(0).reshape(normalized_shape)
+
+# ---- composable variants: statistics per part, plain or renormalized ----------------------
+
+
+def part_slices(N, virtual_batch_size):
+    """The parts along axis 0: the whole batch, or its ghost batches."""
+    return [slice(0, N)] if virtual_batch_size is None else ghost_slices(N, virtual_batch_size)
+
+
+def parts_train(x, rm, rv, virtual_batch_size=None, weight=None, bias=None, axis=1, eps=1e-5,
+                limits=None, momentum=0.1):
+    """Batch norm (limits None) or batch renorm (limits = (rmax, dmax)) applied
+    to each part with its own statistics, all against the same running
+    statistics: (y, mean, invstd, r, d, new running mean, new running var),
+    the statistics (parts, C); the running statistics move toward the parts'
+    average mean and unbiased variance."""
+    ys, rows = [], []
+    for s in part_slices(len(x), virtual_batch_size):
+        _, mean, invstd, var_u = train(x[s], axis=axis, eps=eps)
+        if limits is None:
+            y = train(x[s], weight, bias, axis, eps)[0]
+            r, d = np.ones_like(mean), np.zeros_like(mean)
+        else:
+            y, r, d = renorm(x[s], rm, rv, weight, bias, axis, eps, *limits)
+        ys.append(y)
+        rows.append((mean, invstd, r, d, var_u))
+    mean, invstd, r, d, var_u = (np.stack(v) for v in zip(*rows))
+    new_rm = (1 - momentum) * np.asarray(rm, np.float64) + momentum * mean.mean(0)
+    new_rv = (1 - momentum) * np.asarray(rv, np.float64) + momentum * var_u.mean(0)
+    return np.concatenate(ys), mean, invstd, r, d, new_rm, new_rv
+
+
+def parts_backward(dy, x, r, d, virtual_batch_size=None, weight=None, axis=1, eps=1e-5):
+    """(dx, dweight, dbias) of parts_train with r and d held constant: per part
+    batch norm's gradient with weight * r, dweight = sum(dy * (xhat * r + d))."""
+    red, shape = axes(x, axis)
+    C = x.shape[axis]
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    dxs, dweight, dbias = [], np.zeros(C), np.zeros(C)
+    for k, s in enumerate(part_slices(len(x), virtual_batch_size)):
+        _, mean, invstd, _ = train(x[s], axis=axis, eps=eps)
+        dxs.append(backward(dy[s], x[s], mean, invstd, w * r[k], axis)[0])
+        xhat = elemt(x[s], mean, invstd, axis=axis)
+        dy64 = np.asarray(dy[s], np.float64)
+        dweight += (dy64 * (xhat * r[k].reshape(shape) + d[k].reshape(shape))).sum(red)
+        dbias += dy64.sum(red)
+    return np.concatenate(dxs), dweight, dbias

@@ -53,7 +53,7 @@ def test_api_reference_lists_every_public_name():
     listed = set(re.findall(r"^   (\w+)$", _read("docs", "api.rst"), re.M))
     assert set(PUBLIC) <= listed, sorted(set(PUBLIC) - listed)
     missing = [n for n in listed - set(PUBLIC)
-               if n not in ("SyncBatchNorm", "convert_sync_batchnorm")]
+               if n not in ("SyncBatchNorm", "convert_sync_batchnorm", "torch_allgather")]
     assert not missing, f"api.rst lists names that are not public: {missing}"
 
 

@@ -270,6 +270,10 @@ class BatchRenorm(BatchNorm):
         Training steps of plain batch norm (rmax=1, dmax=0), ``>= 0``.
     rmax_ramp_steps, dmax_ramp_steps : int, default 35000 and 20000
         Steps of linear relaxation after the warm-up, ``>= 0``.
+    virtual_batch_size : int, optional
+        Ghost batches: in training mode each slice of that many samples along
+        axis 0 is renormalized with its own statistics, r and d (see
+        `batch_renorm_train`).
 
     Raises
     ------
@@ -292,14 +296,24 @@ class BatchRenorm(BatchNorm):
            [3., 6.]])
     >>> brn.running_mean
     array([0.2, 0.4])
+
+    Over ghost batches of 2 samples:
+
+    >>> brn = bncore.BatchRenorm(1, dtype=np.float64, warmup_steps=0, rmax_ramp_steps=0,
+    ...                          dmax_ramp_steps=0, virtual_batch_size=2)
+    >>> y = brn(np.array([[1.0], [3.0], [10.0], [14.0]]))
+    >>> brn.running_mean  # toward the ghost batches' average mean, 7
+    array([0.07])
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.01,
                  affine: bool = True, axis: int = 1, dtype: Any = np.float32,
                  rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 5000,
-                 rmax_ramp_steps: int = 35000, dmax_ramp_steps: int = 20000):
+                 rmax_ramp_steps: int = 35000, dmax_ramp_steps: int = 20000,
+                 virtual_batch_size: int | None = None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True, axis=axis, dtype=dtype)
+                         track_running_stats=True, axis=axis, dtype=dtype,
+                         virtual_batch_size=virtual_batch_size)
         self.rmax = chk.real(rmax, "rmax", 1.0)
         self.dmax = chk.real(dmax, "dmax", 0.0)
         self.warmup_steps = chk.integer(warmup_steps, "warmup_steps")
@@ -307,9 +321,11 @@ class BatchRenorm(BatchNorm):
         self.dmax_ramp_steps = chk.integer(dmax_ramp_steps, "dmax_ramp_steps")
 
     def __repr__(self) -> str:
+        ghost = ("" if self.virtual_batch_size is None
+                 else f", virtual_batch_size={self.virtual_batch_size}")
         return (f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
-                f"axis={self.axis})")
+                f"axis={self.axis}{ghost})")
 
     def limits(self, step: int | None = None) -> tuple[float, float]:
         """(rmax, dmax) in force at training step ``step`` (default: the next one).
@@ -353,16 +369,17 @@ class BatchRenorm(BatchNorm):
             x, self.running_mean, self.running_var, self.weight, self.bias, axis=self.axis,
             eps=self.eps, rmax=rmax, dmax=dmax,
             momentum=1.0 / n if self.momentum is None else self.momentum,
-            out=out, n_threads=n_threads)
+            out=out, n_threads=n_threads, virtual_batch_size=self.virtual_batch_size)
         self.num_batches_tracked[...] = n
-        return y, _Record(x, mean, invstd, True, extra=(r, d))
+        return y, _Record(x, mean, invstd, True, self.virtual_batch_size, extra=(r, d))
 
     def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         if rec.extra is None:
             return super()._backward(dy, rec, out, n_threads)
         r, d = rec.extra
         return batch_renorm_backward(dy, rec.x, rec.mean, rec.invstd, r, d, self.weight,
-                                     axis=self.axis, out=out, n_threads=n_threads)
+                                     axis=self.axis, out=out, n_threads=n_threads,
+                                     virtual_batch_size=rec.ghost)
 
 
 class InPlaceABN(BatchNorm):

@@ -1,0 +1,149 @@
+"""The one pipeline behind ghost batches, batch renormalization and synchronized
+batch norm, in any combination.
+
+(1) Where the statistics come from: the batch is cut into K *parts* along
+    axis 0 (one part: the whole batch; ghost batches: parts of
+    ``virtual_batch_size`` samples). `plan` lays the parts over the shards of
+    a batch split across processes in rank order: part g is samples
+    ``[g*v, (g+1)*v)`` of the concatenated batch, so this process holds a
+    *segment* of some parts. `local_stats` gives each part's (count, mean, M2)
+    from this process's segments; a synchronized layer merges part g of every
+    process with `merge_stats` (same order, same bits on every process).
+(2) How they normalize: `coefficients` gives each part's invstd
+    (`_kernels.invstd`) and, for batch renormalization, r and d against the
+    running statistics; `apply` normalizes each segment with its part's
+    coefficients (`batch_norm_elemt`).
+(3) The running update: `functional.update_running` over the K parts.
+
+The backward is the same shape: `part_sums` gives each part's sum(dy) and
+sum(dy * (x - mean)) from the segments (`batch_norm_backward_reduce`), a
+synchronized layer sums part g over the processes, and `backward_apply` runs
+`batch_norm_backward_elemt` per segment with weight * r (r and d are
+constants in the backward, as in the paper). With one process these
+building blocks give batch norm's kernels' bits; with rmax=1 and dmax=0
+renorm gives plain batch norm's bits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _kernels as _k
+from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce,
+                         batch_norm_elemt, batch_norm_stats)
+
+WHOLE = slice(None)
+
+
+class Plan:
+    """K parts and this process's segments: (part index, slice along axis 0)."""
+    __slots__ = ("K", "segments")
+
+    def __init__(self, K: int, segments: list[tuple[int, slice]]):
+        self.K, self.segments = K, segments
+
+
+def plan(sizes: Any, rank: int, vbs: int | None) -> Plan:
+    """Parts of the batch made of shards of ``sizes`` samples in rank order
+    (``[N], 0`` for one process); ``vbs`` None: one part, the whole batch."""
+    if vbs is None:
+        return Plan(1, [(0, WHOLE)])
+    sizes = [int(s) for s in sizes]
+    total, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
+    K = max(1, -(-total // vbs))
+    segments = []
+    for g in range(start // vbs, -(-(start + n) // vbs) if n else 0):
+        a, b = max(g * vbs, start) - start, min((g + 1) * vbs, start + n) - start
+        segments.append((g, slice(a, b)))
+    return Plan(K, segments)
+
+
+def local_stats(x: Any, axis: int, p: Plan, n_threads: Any) -> tuple[Any, Any, Any]:
+    """Per part (K, C) count, mean and M2 of this process's segments (zeros
+    for parts it holds none of). Counts are per channel, so masked statistics
+    fit the same arrays."""
+    C = x.shape[axis]
+    counts, means, m2s = np.zeros((p.K, C)), np.zeros((p.K, C)), np.zeros((p.K, C))
+    for g, sl in p.segments:
+        counts[g], means[g], m2s[g] = batch_norm_stats(x[sl], axis=axis, n_threads=n_threads)
+    return counts, means, m2s
+
+
+def uniform(counts: Any) -> Any:
+    """(K, C) counts as (K,) when every channel counts the same (the common
+    case, which takes the kernels' one-count path), else unchanged."""
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim == 2 and counts.shape[1] and (counts == counts[:, :1]).all():
+        return counts[:, 0].copy()
+    return counts
+
+
+def coefficients(counts: Any, mean: Any, m2: Any, eps: float, limits: Any = None,
+                 running_mean: Any = None, running_var: Any = None) -> tuple[Any, ...]:
+    """(var, invstd, r, d) per part (K, C): var = M2 / count, invstd by the
+    kernels' rule; r and d are None without ``limits`` = (rmax, dmax)."""
+    counts = np.asarray(counts, np.float64)
+    var = m2 / (counts[:, None] if counts.ndim == 1 else counts)
+    invstd = _k.invstd(var, eps)
+    if limits is None:
+        return var, invstd, None, None
+    rmax, dmax = limits
+    inv_sigma = _k.invstd(np.asarray(running_var, np.float64), eps)
+    r = np.clip(np.sqrt(var + eps) * inv_sigma, 1.0 / rmax, rmax)
+    d = np.clip((mean - np.asarray(running_mean, np.float64)) * inv_sigma, -dmax, dmax)
+    return var, invstd, r, d
+
+
+def apply(x: Any, p: Plan, mean: Any, invstd: Any, r: Any, d: Any, weight: Any, bias: Any,
+          axis: int, buf: Any, activation: Any, n_threads: Any) -> None:
+    """Normalize each segment into ``buf`` (x's shape) with its part's
+    coefficients: ``y = weight * (xhat * r + d) + bias``, one affine map per
+    channel (scale invstd * r, shift weight * d + bias)."""
+    for g, sl in p.segments:
+        scale = invstd[g] if r is None else invstd[g] * r[g]
+        shift = bias
+        if d is not None:
+            shift = (d[g] if weight is None else weight * d[g]) + (0.0 if bias is None else bias)
+        batch_norm_elemt(x[sl], mean[g], scale, weight, shift, axis=axis, out=buf[sl],
+                         activation=activation, n_threads=n_threads)
+
+
+def part_sums(dy: Any, x: Any, y: Any, p: Plan, mean: Any, axis: int, activation: Any,
+              n_threads: Any) -> tuple[Any, Any]:
+    """Per part (K, C) sum(dy) and sum(dy * (x - mean)) over this process's
+    segments, in float64 (zeros for parts it holds none of)."""
+    C = x.shape[axis]
+    sum_dy, sum_dy_xmu = np.zeros((p.K, C)), np.zeros((p.K, C))
+    for g, sl in p.segments:
+        sum_dy[g], sum_dy_xmu[g] = batch_norm_backward_reduce(
+            dy[sl], x[sl], mean[g], axis=axis, activation=activation,
+            y=None if y is None else y[sl], n_threads=n_threads)
+    return sum_dy, sum_dy_xmu
+
+
+def backward_apply(dy: Any, x: Any, y: Any, p: Plan, mean: Any, invstd: Any, r: Any,
+                   weight: Any, sum_dy: Any, sum_dy_xmu: Any, counts: Any, axis: int,
+                   buf: Any, activation: Any, n_threads: Any) -> None:
+    """dx of each segment into ``buf`` from its part's global sums, with
+    weight * r (r constant). counts: (K,) one per part."""
+    for g, sl in p.segments:
+        w = weight if r is None else (r[g] if weight is None else weight * r[g])
+        batch_norm_backward_elemt(dy[sl], x[sl], mean[g], invstd[g], w, sum_dy[g],
+                                  sum_dy_xmu[g], counts[g], axis=axis, out=buf[sl],
+                                  activation=activation, y=None if y is None else y[sl],
+                                  n_threads=n_threads)
+
+
+def param_grads(invstd: Any, r: Any, d: Any, sum_dy: Any, sum_dy_xmu: Any) -> tuple[Any, Any]:
+    """(dweight, dbias) in float64: the sums over the parts of
+    ``r * invstd * sum(dy * (x - mean)) + d * sum(dy)`` and of sum(dy), part
+    by part in order (as the ghost-batch kernel accumulates them)."""
+    dweight, dbias = np.zeros(sum_dy.shape[1]), np.zeros(sum_dy.shape[1])
+    for g in range(sum_dy.shape[0]):
+        dw = sum_dy_xmu[g] * invstd[g]
+        if r is not None:
+            dw = r[g] * dw + d[g] * sum_dy[g]
+        dweight += dw
+        dbias += sum_dy[g]
+    return dweight, dbias
