@@ -31,6 +31,7 @@ from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlace
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
                     instance_norm_backward, instance_norm_train, layer_norm,
                     layer_norm_backward, layer_norm_train)
+from .precise import PopulationStats, collect_population_stats, precise_batch_norm
 from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
@@ -48,4 +49,6 @@ __all__ = [
     # inference services
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
+    # population statistics
+    "PopulationStats", "collect_population_stats", "precise_batch_norm",
 ]
