@@ -25,7 +25,9 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_from_output, batch_norm_backward_reduce,
                          batch_norm_elemt, batch_norm_eval, batch_norm_stats, batch_norm_train,
                          merge_stats)
-from .interop import batch_norm_from_keras, batch_norm_from_onnx
+from .interop import (batch_norm_from_flax, batch_norm_from_keras, batch_norm_from_onnx,
+                      batch_norm_to_flax, batch_norm_to_keras, batch_norm_to_onnx,
+                      batch_norm_to_torch)
 from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
                      InstanceNorm, LayerNorm, RecurrentBatchNorm)
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
@@ -49,6 +51,9 @@ __all__ = [
     # inference services
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
+    # parameters out to other frameworks (and Flax in)
+    "batch_norm_from_flax", "batch_norm_to_torch", "batch_norm_to_keras", "batch_norm_to_flax",
+    "batch_norm_to_onnx",
     # population statistics
     "PopulationStats", "collect_population_stats", "precise_batch_norm",
 ]

@@ -673,3 +673,54 @@ def population_layers(layers, batch_norm_cls):
     if len({id(layer) for layer in seq}) != len(seq):
         raise ValueError("layers: expected each layer once, got one several times")
     return seq
+
+
+# ---- export (interop.py) -------------------------------------------------------------------
+
+def exportable(layer, kinds, what):
+    """A layer whose parameters another framework's batch norm can hold: one of
+    kinds (the BatchNorm family, FrozenBatchNorm) with per-channel running
+    statistics."""
+    if not isinstance(layer, kinds):
+        raise TypeError(f"layer: expected a BatchNorm, one of its subclasses or a "
+                        f"FrozenBatchNorm, got {type(layer).__name__} ({what} has no "
+                        f"equivalent)")
+    if getattr(layer, "running_mean", None) is None:
+        raise ValueError(f"layer: expected a layer with running statistics, got one with "
+                         f"track_running_stats=False (nothing for {what}'s eval mode)")
+    return layer
+
+
+def onnx_layout(layer, ndim):
+    """The input rank of an exported ONNX graph, whose channel axis must be 1."""
+    ndim = integer(ndim, "ndim", 2)
+    axis = layer.axis
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral) \
+            or not -ndim <= axis < ndim or axis % ndim != 1:
+        raise ValueError(f"layer: ONNX BatchNormalization takes channels on axis 1; the "
+                         f"layer's axis={axis} is not axis 1 of an input with ndim={ndim} "
+                         f"(transpose to channels first)")
+    return ndim
+
+
+def flax_variables(variables):
+    """Flax BatchNorm variables: {'batch_stats': {'mean', 'var'}, 'params': {'scale', 'bias'}}
+    (params, scale and bias optional)."""
+    if not hasattr(variables, "keys"):
+        raise TypeError(f"variables: expected a mapping (Flax variables), got "
+                        f"{type(variables).__name__}")
+    stats = variables.get("batch_stats")
+    if not hasattr(stats, "keys") or "mean" not in stats or "var" not in stats:
+        raise KeyError(f"variables: expected variables['batch_stats'] with 'mean' and 'var', "
+                       f"got keys {sorted(variables)}"
+                       + (f", batch_stats keys {sorted(stats)}" if hasattr(stats, "keys")
+                          else ""))
+    params = variables.get("params", {})
+    if not hasattr(params, "keys"):
+        raise TypeError(f"variables['params']: expected a mapping, got {type(params).__name__}")
+    unexpected = [k for k in params if k not in ("scale", "bias")]
+    if unexpected:
+        raise KeyError(f"variables['params']: unexpected keys {unexpected} (expected 'scale', "
+                       f"'bias')")
+    return {"weight": params.get("scale"), "bias": params.get("bias"),
+            "running_mean": stats["mean"], "running_var": stats["var"]}
