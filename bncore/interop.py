@@ -473,11 +473,10 @@ def batch_norm_to_onnx(layer: BatchNorm | FrozenBatchNorm, *, ndim: int = 4,
     names = ["scale", "B", "input_mean", "input_var"]
     inits = [numpy_helper.from_array(v, n) for v, n in zip(values, names)]
     m = getattr(layer, "momentum", None)
-    attrs = {"epsilon": float(layer.eps), "momentum": 0.9 if m is None else 1.0 - m}
     code, slope = chk.activation_code(layer.activation)
     last = "Y" if code == 0 else "Z"
-    nodes = [helper.make_node("BatchNormalization", ["X", *names], [last],
-                              name="batch_norm", **attrs)]
+    nodes = [helper.make_node("BatchNormalization", ["X", *names], [last], name="batch_norm",
+                              epsilon=float(layer.eps), momentum=0.9 if m is None else 1.0 - m)]
     if code == 1:
         nodes.append(helper.make_node("Relu", [last], ["Y"], name="relu"))
     elif code == 2:

@@ -101,7 +101,7 @@ def population_truth(net, x_train, batch_size):
     weights = [linear.w.astype(np.float64) for linear in net.linears]
     twin = MLP(weights, batch_norm=True, dtype=np.float64)
     for mine, theirs in zip(twin.linears, net.linears):
-        if theirs.b is not None:
+        if theirs.b is not None and mine.b is not None:
             mine.b[...] = theirs.b
     recorders = []
     for mine, theirs in zip(twin.norms, net.norms):
