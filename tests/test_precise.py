@@ -337,3 +337,39 @@ def test_population_stats_under_mpiexec(n):
     from test_distributed import MPI_SCRIPTS, run_mpi
     out = run_mpi(n, MPI_SCRIPTS / "check_precise.py")
     assert out.count("population statistics checks passed") == n, out
+
+
+# ---- the guide -----------------------------------------------------------------------------
+
+def test_docs_page_runs():
+    """docs/population_statistics.md's code runs; its numbers are checked against NumPy."""
+    import os
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "population_statistics.md")
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(blocks) == 2
+    ns = {}
+    exec(compile(blocks[0], path, "exec"), ns)
+    whole = np.concatenate(ns["batches"]).astype(np.float64)
+    np.testing.assert_allclose(ns["bn"].running_var, whole.var(0, ddof=1), rtol=1e-6)
+    assert sorted(ns["state"]) == ["layer1.bn.running_mean", "layer1.bn.running_var"]
+    exec(compile(blocks[1], path, "exec"), ns)
+    np.testing.assert_allclose(ns["bn1"].running_mean, whole.mean(0), rtol=1e-7)
+    assert ns["s2"].count == len(whole)
+
+
+def test_docs_export_section_runs():
+    """The export example of docs/inference.md runs (it asserts onnxruntime's output)."""
+    import os
+    import re
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "inference.md")
+    with open(path, encoding="utf-8") as f:
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S)
+                  if "batch_norm_to_torch" in b]
+    assert len(blocks) == 1
+    ns = {}
+    exec(compile(blocks[0], path, "exec"), ns)
+    np.testing.assert_array_equal(ns["torch_bn"].running_var.numpy(), ns["bn"].running_var)
