@@ -134,13 +134,42 @@ def like(a, x, name) -> np.ndarray:
     return a
 
 
-def channel_axis(axis, ndim):
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
-    if not -ndim <= axis < ndim:
+def _one_axis(a, ndim, shown):
+    if isinstance(a, (bool, np.bool_)) or not isinstance(a, numbers.Integral):
+        raise TypeError(f"axis: expected an int, got {type(a).__name__}"
+                        + (f" in {shown!r}" if shown is not None else ""))
+    if not -ndim <= a < ndim:
         raise ValueError(f"axis: expected an int in [{-ndim}, {ndim - 1}] for an array with "
-                         f"ndim {ndim}, got {axis}")
-    return int(axis) % ndim
+                         f"ndim {ndim}, got {a}" + (f" in {shown!r}" if shown is not None else ""))
+    return int(a) % ndim
+
+
+def channel_axis(axis, ndim):
+    """The channel axis in canonical form: an int in [0, ndim), or a tuple of
+    several adjacent axes in increasing order (non-negative), whose product in
+    C order is the channel dimension -- per-channel parameters and statistics
+    are then flat, of that product's length. A 1-tuple is its int. The rule
+    itself is the compiled module's `channel_span`, which the kernels' entries
+    also apply."""
+    if isinstance(axis, tuple):
+        if not axis:
+            raise ValueError("axis: expected an int or a non-empty tuple of adjacent ints, "
+                             "got ()")
+        ax = tuple(_one_axis(a, ndim, tuple(axis)) for a in axis)
+        if len(set(ax)) != len(ax):
+            raise ValueError(f"axis: expected distinct axes, got {tuple(axis)!r} (axes "
+                             f"{ax} of an array with ndim {ndim})")
+        if _k.channel_span(ax, ndim) is None:
+            raise ValueError(f"axis: expected adjacent axes in increasing order, such as "
+                             f"(1, 2) or (-2, -1), got {tuple(axis)!r} (axes {ax} of an array "
+                             f"with ndim {ndim})")
+        return ax[0] if len(ax) == 1 else ax
+    return _one_axis(axis, ndim, None)
+
+
+def axis_span(axis):
+    """(first, last) channel axis of a canonical axis (see channel_axis)."""
+    return (axis[0], axis[-1]) if isinstance(axis, tuple) else (axis, axis)
 
 
 def compute_dtype(dt):
@@ -321,15 +350,17 @@ def finish(buf, final, dt):
 
 
 class Layout:
-    """x checked for a per-channel operation along `axis`: its (outer, C,
-    inner) geometry, element count per channel and dtypes."""
+    """x checked for a per-channel operation along `axis` (an int, or a tuple
+    of adjacent axes that form one channel dimension, see `channel_axis`):
+    its (outer, C, inner) geometry, element count per channel and dtypes."""
 
     def __init__(self, x, axis, name="x"):
         self.x = tensor(x, name)
-        self.axis = channel_axis(axis, self.x.ndim)
+        self.axis = channel_axis(axis, self.x.ndim)  # int, or a tuple of adjacent axes
+        self.first, self.last = axis_span(self.axis)
         shape = self.x.shape
-        self.shape = (math.prod(shape[:self.axis]), shape[self.axis],
-                      math.prod(shape[self.axis + 1:]))
+        self.shape = (math.prod(shape[:self.first]), math.prod(shape[self.first:self.last + 1]),
+                      math.prod(shape[self.last + 1:]))
         self.C = self.shape[1]
         self.count = self.shape[0] * self.shape[2]
         self.cd = compute_dtype(self.x.dtype)
@@ -362,9 +393,9 @@ def ghost_batches(L, virtual_batch_size):
     if virtual_batch_size is None:
         return None
     v = positive_int(virtual_batch_size, "virtual_batch_size")
-    if L.axis == 0:
+    if L.first == 0:
         raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
-                         "must not be the channel axis (axis=0)")
+                         f"must not be a channel axis (axis={L.axis})")
     N = L.x.shape[0]
     per_sample = L.count // max(N, 1)
     last = N % v if v < N else N
@@ -441,17 +472,19 @@ def mask_source(y, x, act):
 
 
 def counts(v) -> np.ndarray:
-    """Part counts for merge_stats: a 1-D float64 array of finite counts >= 0."""
+    """Part counts for merge_stats: finite counts >= 0, one per part (K,) or
+    one per part and channel (K, C)."""
     try:
         c = np.asarray(v, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"counts: expected real numbers, got {v!r:.80}") from None
-    if c.ndim != 1:
-        raise ValueError(f"counts: expected a 1-D array (one count per part), got shape {c.shape}")
+    if c.ndim not in (1, 2):
+        raise ValueError(f"counts: expected shape (K,) (one count per part) or (K, C) (per "
+                         f"part and channel), got shape {c.shape}")
     bad = (c < 0) | ~np.isfinite(c)
     if bad.any():
         raise ValueError(f"counts: expected finite non-negative counts, got {c[bad][0]} "
-                         f"at index {np.flatnonzero(bad)[0]}")
+                         f"at index {np.argwhere(bad)[0].tolist()}")
     return c
 
 
@@ -496,24 +529,25 @@ def rebuildable(w, inv, tol, C):
                          f"save_invstd {inv[bad].tolist()}")
 
 
-def groups(num_groups, x):
-    """num_groups dividing the channel count of x (N, C, ...)."""
+def groups(num_groups, x, C=None, axis=1):
+    """num_groups dividing the channel count C of x (default: axis 1 of x)."""
     G = positive_int(num_groups, "num_groups")
-    if x.shape[1] % G:
+    C = x.shape[1] if C is None else C
+    if C % G:
         raise ValueError(f"num_groups: expected a divisor of the channel count "
-                         f"{x.shape[1]} (axis 1 of x, shape {x.shape}), got {G}")
+                         f"{C} (axis {axis} of x, shape {x.shape}), got {G}")
     return G
 
 
-def spatial(x, n, what):
-    """x (N, C, *) with at least n spatial elements per channel."""
-    if math.prod(x.shape[2:]) < n:
+def spatial(x, n, what, count=None):
+    """x with at least n spatial elements per channel (count; default x (N, C, *))."""
+    if (math.prod(x.shape[2:]) if count is None else count) < n:
         raise ValueError(f"x: expected more than {n - 1} spatial element per channel {what}, "
                          f"got shape {x.shape}")
 
 
-def nonempty(x, what):
-    if x.shape[0] == 0 and x.shape[1]:
+def nonempty(x, what, C=None):
+    if x.shape[0] == 0 and (x.shape[1] if C is None else C):
         raise ValueError(f"x: expected at least one instance {what}, got shape {x.shape}")
 
 
@@ -577,6 +611,71 @@ def step_grads(dy, saved, first):
 def count_in(v, key, hi):
     if not 0 <= int(v) <= hi:
         raise ValueError(f"state[{key!r}]: expected a count in [0, {hi}], got {int(v)}")
+
+
+# ---- folding: weight layouts and the ONNX pass --------------------------------------------
+
+WEIGHT_LAYOUTS = {"OI": ("fold_into_conv", "a Conv weight (out_channels, in_channels / groups, "
+                         "*kernel)"),
+                  "IO": ("fold_into_conv_transpose", "a ConvTranspose weight (in_channels, "
+                         "out_channels / groups, *kernel)")}
+
+
+def weight_layout(layout, expected):
+    """The stated weight layout of a convolution fold: 'OI' (Conv) or 'IO'
+    (ConvTranspose); the other one names the function that takes it."""
+    if layout == expected:
+        return layout
+    if isinstance(layout, str) and layout in WEIGHT_LAYOUTS:
+        fn, what = WEIGHT_LAYOUTS[layout]
+        raise ValueError(f"layout: {layout!r} is {what}, which "
+                         f"{WEIGHT_LAYOUTS[expected][0]} does not take: call bncore.{fn}")
+    raise ValueError(f"layout: expected {expected!r} ({WEIGHT_LAYOUTS[expected][1]}), "
+                     f"got {layout!r}")
+
+
+def fold_coefficient(v, C, name, other_C, hint):
+    """A batch norm coefficient of length C; a length equal to other_C (what the
+    other weight layout would need) adds a hint on the layout to the message."""
+    a = _array(v, name) if v is not None else None
+    if a is not None and a.ndim == 1 and a.shape[0] == other_C != C:
+        raise ValueError(f"{name}: expected shape ({C},), one value per channel, got "
+                         f"{a.shape} ({hint})")
+    return vector(v, C, name, required=True)
+
+
+def flag(v, name):
+    """A bool argument (True/False, not a truthy object)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {v!r}")
+    return bool(v)
+
+
+def onnx_model_source(model, model_type):
+    """An onnx.ModelProto, a path (str or os.PathLike) or serialized bytes."""
+    import os
+    if not isinstance(model, (model_type, str, bytes, os.PathLike)):
+        raise TypeError(f"model: expected an onnx.ModelProto, a path or serialized bytes, got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def optional_path(p, name):
+    """None or a str / os.PathLike file path."""
+    import os
+    if p is not None and not isinstance(p, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected None or a file path (str or os.PathLike), got "
+                        f"{type(p).__name__}")
+    return p
+
+
+def per_sample(L):
+    """A Layout whose channel axes leave axis 0 (the samples) alone: the layout
+    of group and instance norm."""
+    if L.first == 0:
+        raise ValueError(f"axis: expected channel axes after axis 0 (the samples), got "
+                         f"axis={L.axis} for x of shape {L.x.shape}")
+    return L
 
 
 # ---- population statistics (precise.py) ----------------------------------------------------

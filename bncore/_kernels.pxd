@@ -126,6 +126,30 @@ cdef extern from *:
                                    int64_t C, int64_t HW, int64_t G, const double *mean,
                                    const double *invstd, const double *weight,
                                    double *dweight, double *dbias, int nt) nogil
+    int bn_group_norm_cl_f32(const float *x, float *y, int64_t N, int64_t S, int64_t C,
+                             int64_t G, const double *weight, const double *bias, double eps,
+                             double *mean, double *invstd, int nt) nogil
+    int bn_group_norm_cl_f64(const double *x, double *y, int64_t N, int64_t S, int64_t C,
+                             int64_t G, const double *weight, const double *bias, double eps,
+                             double *mean, double *invstd, int nt) nogil
+    int bn_group_norm_cl_backward_f32(const float *dy, const float *x, float *dx, int64_t N,
+                                      int64_t S, int64_t C, int64_t G, const double *mean,
+                                      const double *invstd, const double *weight,
+                                      double *dweight, double *dbias, int nt) nogil
+    int bn_group_norm_cl_backward_f64(const double *dy, const double *x, double *dx, int64_t N,
+                                      int64_t S, int64_t C, int64_t G, const double *mean,
+                                      const double *invstd, const double *weight,
+                                      double *dweight, double *dbias, int nt) nogil
+    int bn_rms_norm_f32(const float *x, float *y, int64_t rows, int64_t cols,
+                        const double *weight, double eps, double *invrms, int nt) nogil
+    int bn_rms_norm_f64(const double *x, double *y, int64_t rows, int64_t cols,
+                        const double *weight, double eps, double *invrms, int nt) nogil
+    int bn_rms_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t rows,
+                                 int64_t cols, const double *invrms, const double *weight,
+                                 double *dweight, int nt) nogil
+    int bn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
+                                 int64_t cols, const double *invrms, const double *weight,
+                                 double *dweight, int nt) nogil
 
 cdef extern from "bncore_alloc.h":
     # fresh outputs through a bounded cache of freed buffers (not part of the C API)

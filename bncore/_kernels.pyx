@@ -192,25 +192,33 @@ cdef bint _disjoint(object a, object b):
 
 
 cdef int _geometry(object x, object axis, bn_shape *s):
-    """The (outer, C, inner) of a canonical x along an exact-int axis in range:
-    the kind of x, or NOPE."""
+    """The (outer, C, inner) of a canonical x along a canonical axis (see
+    channel_span; several adjacent axes make one channel dimension): the kind
+    of x, or NOPE."""
     cdef int k = _kind(x)
-    if k == NOPE or type(axis) is not int:
+    if k == NOPE:
         return NOPE
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(a), i
-    if nd < 2 or not -nd <= axis < nd:  # compared as Python ints: no overflow
+    span = channel_span(axis, nd) if nd >= 2 else None
+    if span is None:
         return NOPE
-    cdef long ax = axis
-    if ax < 0:
-        ax += nd
-    s.outer, s.channels, s.inner = 1, cnp.PyArray_DIMS(a)[ax], 1
+    cdef long first = span[0], last = span[1]
+    s.outer, s.channels, s.inner = 1, 1, 1
     for i in range(nd):
-        if i < ax:
+        if i < first:
             s.outer *= cnp.PyArray_DIMS(a)[i]
-        elif i > ax:
+        elif i > last:
             s.inner *= cnp.PyArray_DIMS(a)[i]
+        else:
+            s.channels *= cnp.PyArray_DIMS(a)[i]
     return k
+
+
+cdef bint _off_axis0(object axis, object x):
+    """Whether the channel axes (canonical, see channel_span) leave axis 0,
+    the samples that ghost batches split."""
+    return channel_span(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))[0] != 0
 
 
 cdef bint _like(object a, object x, int k):
@@ -310,16 +318,28 @@ def invstd(var, double eps):
     return v
 
 
+cdef void _moved(int64_t C, int64_t W, const double *mean, const double *var,
+                 const double *count, double momentum, double *rm, double *rv) noexcept nogil:
+    """bn_update_running with one count for all channels (W == 1) or one per
+    channel (W == C: masked statistics)."""
+    cdef int64_t c
+    if W == 1:
+        bn_update_running(C, mean, var, count[0], momentum, rm, rv)
+        return
+    for c in range(C):
+        bn_update_running(1, mean + c, var + c, count[c], momentum, rm + c, rv + c)
+
+
 cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
-                  const double *count, double momentum, double *rm, double *rv,
+                  const double *count, int64_t W, double momentum, double *rm, double *rv,
                   double *tmp) noexcept nogil:
     """The running-statistics update from K parts (ghost batches, instances):
     the average over the parts of each part's mean and (Bessel-corrected for
-    count > 1) variance, moved in with momentum by bn_update_running. tmp:
-    scratch of 4*C doubles (K > 1)."""
+    count > 1) variance, moved in with momentum by bn_update_running. count:
+    K x W (W = 1 or C, see _moved). tmp: scratch of 4*C doubles (K > 1)."""
     cdef int64_t k, c
     if K == 1:
-        bn_update_running(C, mean, var, count[0], momentum, rm, rv)
+        _moved(C, W, mean, var, count, momentum, rm, rv)
         return
     cdef double *am = tmp + 2 * C
     cdef double *av = tmp + 3 * C
@@ -329,7 +349,7 @@ cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
         for c in range(2 * C):
             tmp[c] = 0.0
         # momentum 1 yields the part's own mean and corrected variance
-        bn_update_running(C, mean + k * C, var + k * C, count[k], 1.0, tmp, tmp + C)
+        _moved(C, W, mean + k * C, var + k * C, count + k * W, 1.0, tmp, tmp + C)
         for c in range(C):
             am[c] += tmp[c]
             av[c] += tmp[C + c]
@@ -340,15 +360,16 @@ cdef void _update(int64_t K, int64_t C, const double *mean, const double *var,
 
 
 def update_running(const double[:, ::1] mean, const double[:, ::1] var,
-                   const double[::1] count, double momentum, double[::1] running_mean,
+                   const double[:, ::1] count, double momentum, double[::1] running_mean,
                    double[::1] running_var):
-    """_update on float64 arrays: mean, var (K, C), count (K,); running (C,)."""
+    """_update on float64 arrays: mean, var (K, C), count (K, 1) or (K, C);
+    running (C,)."""
     cdef double *tmp = <double *>malloc(sizeof(double) * (4 * mean.shape[1] + 1))
     if tmp == NULL:
         raise MemoryError("bncore: could not allocate kernel scratch space")
     with nogil:
-        _update(mean.shape[0], mean.shape[1], &mean[0, 0], &var[0, 0], &count[0], momentum,
-                &running_mean[0], &running_var[0], tmp)
+        _update(mean.shape[0], mean.shape[1], &mean[0, 0], &var[0, 0], &count[0, 0],
+                count.shape[1], momentum, &running_mean[0], &running_var[0], tmp)
     free(tmp)
 
 
@@ -376,8 +397,7 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
             or not real_in(momentum, 0.0, 1.0) or s.outer * s.inner < 2):
         return None
     e, mom = eps, momentum
-    cdef int64_t C = s.channels, K = _ghosts(virtual_batch_size, x, axis != 0 and
-                                             axis != -cnp.PyArray_NDIM(<cnp.ndarray>x),
+    cdef int64_t C = s.channels, K = _ghosts(virtual_batch_size, x, _off_axis0(axis, x),
                                              s.outer * s.inner)
     if K < 0:
         return None
@@ -449,7 +469,7 @@ def train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out, 
             if not unbiased:
                 for i in range(K):
                     count[i] = 1.0
-            _update(K, C, mean, var, count, mom, rm, rv, count + K)
+            _update(K, C, mean, var, count, 1, mom, rm, rv, count + K)
             _store(running_mean, rm, C)
             _store(running_var, rv, C)
         rows = virtual_batch_size is not None
@@ -557,8 +577,7 @@ def backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activat
     cdef bint tr = training
     cdef int64_t C = s.channels, K = 1, g, i, N = 0, per = 0, n0
     if virtual_batch_size is not None and tr:
-        K = _ghosts(virtual_batch_size, x, axis != 0 and
-                    axis != -cnp.PyArray_NDIM(<cnp.ndarray>x), s.outer * s.inner)
+        K = _ghosts(virtual_batch_size, x, _off_axis0(axis, x), s.outer * s.inner)
         if K < 0:
             return None
         for a in (save_mean, save_invstd):
@@ -652,12 +671,34 @@ def stats(const floating[::1] x, tuple shape, double[::1] mean, double[::1] m2, 
     _check(err)
 
 
-def merge_stats(const double[::1] count, const double[:, ::1] mean, const double[:, ::1] m2,
-                double[::1] out_mean, double[::1] out_m2):
-    cdef double total
+def merge_stats(const double[:, ::1] count, const double[:, ::1] mean,
+                const double[:, ::1] m2, double[::1] out_mean, double[::1] out_m2,
+                double[::1] out_count):
+    """bn_merge_stats of K parts: count (K, 1), one per part, or (K, C), one
+    per part and channel (masked statistics: channel by channel). Writes the
+    merged count of each channel to out_count (C,); returns the total."""
+    cdef int64_t K = mean.shape[0], C = mean.shape[1], j, c
+    cdef double total = 0
+    cdef double *col
+    if count.shape[1] == 1:
+        with nogil:
+            bn_merge_stats(K, C, &count[0, 0], &mean[0, 0], &m2[0, 0], &total,
+                           &out_mean[0] if C else NULL, &out_m2[0] if C else NULL)
+            for c in range(C):
+                out_count[c] = total
+        return total
+    col = <double *>malloc(sizeof(double) * (3 * K + 1))
+    if col == NULL:
+        raise MemoryError("bncore: could not allocate kernel scratch space")
     with nogil:
-        bn_merge_stats(mean.shape[0], mean.shape[1], &count[0], &mean[0, 0], &m2[0, 0],
-                       &total, &out_mean[0], &out_m2[0])
+        for c in range(C):
+            for j in range(K):
+                col[j] = count[j, c]
+                col[K + j] = mean[j, c]
+                col[2 * K + j] = m2[j, c]
+            bn_merge_stats(K, 1, col, col + K, col + 2 * K, &out_count[c], &out_mean[c],
+                           &out_m2[c])
+    free(col)
     return total
 
 
@@ -802,3 +843,98 @@ def output_cache(enabled=None, max_bytes=None):
     off and frees what it holds, max_bytes bounds the bytes it may hold
     (default 256 MiB, or BNCORE_OUTPUT_CACHE=<MiB>; =0 turns it off)."""
     return bn_out_cache(enabled, max_bytes)
+
+
+# ---- channel axes (the rule bncore._checks.channel_axis explains) --------------------------
+
+cpdef object channel_span(object axis, int nd):
+    """(first, last) of the channel axes of an array with nd dims, or None.
+    axis is an exact int in [-nd, nd), or a non-empty tuple of such ints naming
+    adjacent axes in increasing order (C order: their product is the channel
+    dimension)."""
+    cdef long a, prev = -1, first = -1
+    if type(axis) is int:
+        items = (axis,)
+    elif type(axis) is tuple and len(<tuple>axis) > 0:
+        items = axis
+    else:
+        return None
+    for v in items:
+        if type(v) is not int or not -nd <= v < nd:  # compared as Python ints: no overflow
+            return None
+        a = v
+        if a < 0:
+            a += nd
+        if prev >= 0 and a != prev + 1:
+            return None
+        if first < 0:
+            first = a
+        prev = a
+    return first, prev
+
+
+# ---- channels-last group norm and RMS norm (include/bncore_norms_template.h) --------------
+
+def group_norm_cl(const floating[::1] x, floating[::1] y, tuple shape, const double[::1] weight,
+                  const double[::1] bias, double eps, double[::1] mean, double[::1] invstd,
+                  int nt):
+    """shape = (N, S, C, G): per sample S rows of C contiguous channels."""
+    cdef int64_t N, S, C, G
+    N, S, C, G = shape
+    cdef const double *w = _opt(weight)
+    cdef const double *b = _opt(bias)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_cl_f32(&x[0], &y[0], N, S, C, G, w, b, eps, &mean[0],
+                                       &invstd[0], nt)
+        else:
+            err = bn_group_norm_cl_f64(&x[0], &y[0], N, S, C, G, w, b, eps, &mean[0],
+                                       &invstd[0], nt)
+    _check(err)
+
+
+def group_norm_cl_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                           tuple shape, const double[::1] mean, const double[::1] invstd,
+                           const double[::1] weight, double[::1] dweight, double[::1] dbias,
+                           int nt):
+    """shape = (N, S, C, G)."""
+    cdef int64_t N, S, C, G
+    N, S, C, G = shape
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_group_norm_cl_backward_f32(&dy[0], &x[0], &dx[0], N, S, C, G, &mean[0],
+                                                &invstd[0], w, &dweight[0], &dbias[0], nt)
+        else:
+            err = bn_group_norm_cl_backward_f64(&dy[0], &x[0], &dx[0], N, S, C, G, &mean[0],
+                                                &invstd[0], w, &dweight[0], &dbias[0], nt)
+    _check(err)
+
+
+def rms_norm(const floating[::1] x, floating[::1] y, int64_t rows, int64_t cols,
+             const double[::1] weight, double eps, double[::1] invrms, int nt):
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_rms_norm_f32(&x[0], &y[0], rows, cols, w, eps, &invrms[0], nt)
+        else:
+            err = bn_rms_norm_f64(&x[0], &y[0], rows, cols, w, eps, &invrms[0], nt)
+    _check(err)
+
+
+def rms_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::1] dx,
+                      int64_t rows, int64_t cols, const double[::1] invrms,
+                      const double[::1] weight, double[::1] dweight, int nt):
+    cdef const double *w = _opt(weight)
+    cdef int err
+    with nogil:
+        if floating is float:
+            err = bn_rms_norm_backward_f32(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
+                                           &dweight[0], nt)
+        else:
+            err = bn_rms_norm_backward_f64(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
+                                           &dweight[0], nt)
+    _check(err)

@@ -66,10 +66,10 @@ def _chan_reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
     for ra, rb in zip(a, b):
         pair = np.stack([ra, rb])
         count = _k.merge_stats(
-            np.ascontiguousarray(pair[:, 0]),
+            np.ascontiguousarray(pair[:, :1]),
             np.ascontiguousarray(pair[:, _HEAD:_HEAD + c]),
             np.ascontiguousarray(pair[:, _HEAD + c:]),
-            rb[_HEAD:_HEAD + c], rb[_HEAD + c:])
+            rb[_HEAD:_HEAD + c], rb[_HEAD + c:], np.empty(c))
         rb[:_HEAD] = (count, ra[1] + rb[1], min(ra[2], rb[2]),
                       max(ra[3], rb[3]))
 

@@ -180,12 +180,14 @@ def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any
 
 def update_running(running_mean, running_var, mean, var, count, momentum):
     """Moves checked running statistics toward K parts' statistics (mean, var
-    (K, C) or (C,); count per part; 1 applies no Bessel correction): the
-    kernels' one update rule, computed aside in float64 and then written, so
-    the arrays are never half updated."""
+    (K, C) or (C,); count per part, or per part and channel as (K, C); 1
+    applies no Bessel correction): the kernels' one update rule, computed
+    aside in float64 and then written, so the arrays are never half updated."""
     mean = np.array(mean, np.float64, ndmin=2, order="C")
     var = np.array(var, np.float64, ndmin=2, order="C")
-    count = np.broadcast_to(np.asarray(count, np.float64), mean.shape[:1]).copy()
+    count = np.asarray(count, np.float64)
+    shape = mean.shape if count.ndim == mean.ndim and count.size == mean.size else mean.shape[:1]
+    count = np.broadcast_to(count, shape).reshape(mean.shape[0], -1).copy()
     rm = np.array(running_mean, dtype=np.float64)
     rv = np.array(running_var, dtype=np.float64)
     _k.update_running(mean, var, count, momentum, rm, rv)
@@ -481,7 +483,7 @@ def batch_norm_stats(x: ArrayLike, *, axis: int = 1, n_threads: int | None = Non
 
 
 def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
-                ) -> tuple[int, Float64Array, Float64Array]:
+                ) -> tuple[Any, Float64Array, Float64Array]:
     """Chan's merge of K (count, mean, M2) triples, in the given order in float64.
 
     Combines the `batch_norm_stats` of K shards into the statistics of their
@@ -491,14 +493,17 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
     Parameters
     ----------
     counts : array_like
-        Shape ``(K,)``: finite, non-negative counts.
+        Finite, non-negative counts: shape ``(K,)``, one per part, or
+        ``(K, C)``, one per part and channel (masked statistics, where
+        channels count different values).
     means, m2s : array_like
         Real arrays of shape ``(K, C)``: each part's mean and M2.
 
     Returns
     -------
-    count : int
-        The total count.
+    count : int or numpy.ndarray
+        The total count: an int for ``(K,)`` counts, a float64 array of
+        shape ``(C,)`` for ``(K, C)`` counts.
     mean, m2 : numpy.ndarray
         float64 arrays of shape ``(C,)`` (zeros for K = 0).
 
@@ -518,14 +523,24 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
     ...                                      [p[2] for p in parts])
     >>> count, mean, m2 / count, x.var(axis=0)
     (4, array([4.]), array([5.]), array([5.]))
+
+    Per-channel counts merge channel by channel:
+
+    >>> bncore.merge_stats([[1, 2], [3, 0]], [[1.0, 2.0], [5.0, 0.0]],
+    ...                    [[0.0, 2.0], [8.0, 0.0]])
+    (array([4., 2.]), array([4., 2.]), array([20.,  2.]))
     """
     counts = chk.counts(counts)
-    means, m2s = chk.part_rows(((means, "means"), (m2s, "m2s")), counts.shape[0])
+    rows = [(means, "means"), (m2s, "m2s")] + [(counts, "counts")] * (counts.ndim == 2)
+    means, m2s = chk.part_rows(rows, counts.shape[0])[:2]
     C = means.shape[1]
-    mean, m2 = np.zeros(C), np.zeros(C)
-    total = _k.merge_stats(np.ascontiguousarray(counts), means, m2s, mean, m2) \
-        if counts.shape[0] else 0.0
-    return int(round(total)), mean, m2
+    mean, m2, total = np.zeros(C), np.zeros(C), np.zeros(C)
+    if counts.shape[0]:
+        whole = _k.merge_stats(np.ascontiguousarray(counts.reshape(counts.shape[0], -1)),
+                               means, m2s, mean, m2, total)
+    else:
+        whole = 0.0
+    return (total if counts.ndim == 2 else int(round(whole))), mean, m2
 
 
 def batch_norm_backward_reduce(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1,

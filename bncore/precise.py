@@ -49,11 +49,14 @@ class PopulationStats:
     ----------
     num_features : int
         C, the number of channels (positive).
-    axis : int, default 1
-        The channel axis of the batches (-1 for channels last).
+    axis : int or tuple of int, default 1
+        The channel axis of the batches (-1 for channels last; a tuple of
+        adjacent axes whose product is C, as the layers take).
 
     Raises
     ------
+    TypeError
+        If ``axis`` is not an int or a tuple.
     ValueError
         If ``num_features`` is not a positive int.
 
@@ -81,9 +84,11 @@ class PopulationStats:
 
     def __init__(self, num_features: int, *, axis: int = 1):
         self.num_features = C = chk.positive_int(num_features, "num_features")
-        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-            chk.refuse("axis", f"expected an int, got {type(axis).__name__}", TypeError)
-        self.axis = int(axis)
+        # the axis itself is checked against each batch (Layout), as the layers do
+        if not isinstance(axis, (int, np.integer, tuple)) or isinstance(axis, (bool, np.bool_)):
+            chk.refuse("axis", f"expected an int or a tuple of adjacent ints, got "
+                               f"{type(axis).__name__}", TypeError)
+        self.axis = axis
         self._count = 0
         self._mean = np.zeros(C)
         self._m2 = np.zeros(C)

@@ -270,6 +270,46 @@ int bn_group_norm_backward_f64(const double *dy, const double *x, double *dx, in
                                const double *invstd, const double *weight,
                                double *dweight, double *dbias, int n_threads);
 
+/* Group normalization, channels last: x is N x S x C C-contiguous (per sample
+ * S positions of C contiguous channels: NHWC, NLC); otherwise as
+ * bn_group_norm, with the same mean and invstd per (n, g) over S*C/G
+ * elements. Units of whole rows per sample run across threads. */
+int bn_group_norm_cl_f32(const float *x, float *y, int64_t N, int64_t S, int64_t C,
+                         int64_t G, const double *weight, const double *bias, double eps,
+                         double *mean, double *invstd, int n_threads);
+int bn_group_norm_cl_f64(const double *x, double *y, int64_t N, int64_t S, int64_t C,
+                         int64_t G, const double *weight, const double *bias, double eps,
+                         double *mean, double *invstd, int n_threads);
+
+/* Gradient of bn_group_norm_cl, as bn_group_norm_backward (dx may be dy). */
+int bn_group_norm_cl_backward_f32(const float *dy, const float *x, float *dx, int64_t N,
+                                  int64_t S, int64_t C, int64_t G, const double *mean,
+                                  const double *invstd, const double *weight,
+                                  double *dweight, double *dbias, int n_threads);
+int bn_group_norm_cl_backward_f64(const double *dy, const double *x, double *dx, int64_t N,
+                                  int64_t S, int64_t C, int64_t G, const double *mean,
+                                  const double *invstd, const double *weight,
+                                  double *dweight, double *dbias, int n_threads);
+
+/* RMS normalization of x, rows x cols C-contiguous: per row
+ * invrms[r] = 1/sqrt(mean(x^2) + eps) (the sum of squares in double; 0 where
+ * mean(x^2) + eps == 0), y = x * invrms[r] * weight[j] (weight NULL: ones).
+ * y may be x. */
+int bn_rms_norm_f32(const float *x, float *y, int64_t rows, int64_t cols,
+                    const double *weight, double eps, double *invrms, int n_threads);
+int bn_rms_norm_f64(const double *x, double *y, int64_t rows, int64_t cols,
+                    const double *weight, double eps, double *invrms, int n_threads);
+
+/* Gradient of bn_rms_norm: with g = dy * weight[j],
+ * dx = invrms * (g - x * invrms^2 * mean_r(g * x)) (dx may be dy),
+ * dweight[j] = sum_r dy * x * invrms (double[cols]). */
+int bn_rms_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t rows,
+                             int64_t cols, const double *invrms, const double *weight,
+                             double *dweight, int n_threads);
+int bn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
+                             int64_t cols, const double *invrms, const double *weight,
+                             double *dweight, int n_threads);
+
 #ifdef __cplusplus
 }
 #endif

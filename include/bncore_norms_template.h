@@ -524,5 +524,390 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
     return 0;
 }
 
+/* ---- group normalization, channels last: per sample n an S x C block with C
+ * contiguous (NHWC, NLC); rows (n, g) are the S x cpg sub-blocks ----------------
+ * Units are (sample, block of rows) with a block height fixed by C only, so
+ * the per-column partials, and their merge order, do not depend on the thread
+ * count. (N, P, C, Q) input with P, Q > 1 runs here too as S = P rows of
+ * C*Q columns, each channel repeated Q times (the Python layer expands the
+ * parameters). */
+
+#ifndef BN_GN_CL_ELEMS
+#define BN_GN_CL_ELEMS 16384       /* channels last: elements per unit (rows x C) */
+#endif
+
+static int64_t LN(gn_cl_rows)(int64_t S, int64_t C)
+{
+    return bn_max64(1, bn_min64(S, BN_GN_CL_ELEMS / bn_max64(1, C)));
+}
+
+static int LN(gn_cl_bad)(int64_t N, int64_t S, int64_t C, int64_t G, const T *x, const T *y,
+                         const T *dy, const double *mean, const double *invstd, int n_threads)
+{
+    return G < 1 || C < 0 || C % G != 0 || S < 0 || N < 0 || (N > 0 && G > INT64_MAX / N) ||
+           (S > 0 && C / G > INT64_MAX / S) ||
+           LN(bad_norm_args)(N * G, C / G * S, x, y, dy, mean, invstd, n_threads);
+}
+
+/* Per (n, g): Chan's merge of the per-(unit, column) partials `part` (mean,
+ * M2 pairs, 2*C per unit), block by block for each channel in order. */
+static void LN(gn_cl_merge)(const double *part, int64_t r, int64_t S, int64_t C, int64_t G,
+                            int64_t B, double *mo)
+{
+    int64_t nb = bn_cdiv(S, B), cpg = C / G, n = r / G, c0 = (r % G) * cpg;
+    double cnt = 0, m = 0, q = 0;
+    for (int64_t c = c0; c < c0 + cpg; c++)
+        for (int64_t b = 0; b < nb; b++) {
+            const double *pu = part + 2 * C * (n * nb + b);
+            bn_chan(&cnt, &m, &q, (double)bn_min64(B, S - b * B), pu[2 * c], pu[2 * c + 1]);
+        }
+    mo[0] = m;
+    mo[1] = q;
+}
+
+int LN(bn_group_norm_cl)(const T *x, T *y, int64_t N, int64_t S, int64_t C, int64_t G,
+                         const double *weight, const double *bias, double eps, double *mean,
+                         double *invstd, int n_threads)
+{
+    if (LN(gn_cl_bad)(N, S, C, G, x, y, NULL, mean, invstd, n_threads) || bn_bad_eps(eps))
+        return BN_EINVAL;
+    int64_t cpg = C / G, B = LN(gn_cl_rows)(S, C), nb = bn_cdiv(S, B), units = N * nb;
+    double len = (double)(cpg * S);
+    double *part = (double *)malloc(sizeof(double) * (2 * (size_t)(units * C) + 1));
+    /* per-sample column coefficients in T: mean (split), scale, shift */
+    T *co = (T *)malloc(sizeof(T) * (4 * (size_t)(N * C) + 1));
+    char *wide = (char *)calloc((size_t)(N * G) + 1, 1);  /* per (n, g): coefficients beyond T */
+    if (!part || !co || !wide) {
+        free(part);
+        free(co);
+        free(wide);
+        return BN_ENOMEM;
+    }
+    T *mh = co, *ml = co + N * C, *ka = co + 2 * N * C, *kb = co + 3 * N * C;
+    int nt = bn_threads_for(n_threads, N * S * C, units);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t n = u / nb, r0 = (u % nb) * B;
+            LN(tile_moments)(x + (n * S + r0) * C, bn_min64(B, S - r0), C, C, part + 2 * C * u);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N * G; r++) {
+            double mo[2];
+            LN(gn_cl_merge)(part, r, S, C, G, B, mo);
+            double inv = bn_invstd(mo[1] / len, eps);
+            mean[r] = mo[0];
+            invstd[r] = inv;
+            int64_t n = r / G, c0 = (r % G) * cpg;
+            for (int64_t c = c0; c < c0 + cpg; c++) {
+                double a = inv * (weight ? weight[c] : 1.0);
+                if (LN(overflows)(a)) wide[r] = 1;
+                mh[n * C + c] = (T)mo[0];
+                ml[n * C + c] = (T)(mo[0] - (double)(T)mo[0]);
+                ka[n * C + c] = (T)a;
+                kb[n * C + c] = bias ? (T)bias[c] : (T)0;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t n = u / nb, r0 = (u % nb) * B, nr = bn_min64(B, S - r0);
+            int64_t o = (n * S + r0) * C;
+            if (!memchr(wide + n * G, 1, (size_t)G)) {
+                LN(tile_apply)(x + o, y + o, nr, C, C, mh + n * C, ml + n * C, ka + n * C,
+                               kb + n * C, BN_ACT_NONE, 0);
+                continue;
+            }
+            for (int64_t i = 0; i < nr; i++)  /* coefficients beyond T: in double */
+                for (int64_t c = 0; c < C; c++) {
+                    int64_t g = n * G + c / cpg;
+                    y[o + i * C + c] = (T)(((double)x[o + i * C + c] - mean[g]) * invstd[g] *
+                                           (weight ? weight[c] : 1.0) + (bias ? bias[c] : 0.0));
+                }
+        }
+    }
+    free(part);
+    free(co);
+    free(wide);
+    return 0;
+}
+
+int LN(bn_group_norm_cl_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_t S,
+                                  int64_t C, int64_t G, const double *mean,
+                                  const double *invstd, const double *weight, double *dweight,
+                                  double *dbias, int n_threads)
+{
+    if (LN(gn_cl_bad)(N, S, C, G, x, dx, dy, mean, invstd, n_threads) ||
+        BN_MISSING(dy, N * C * S) || BN_MISSING(dweight, C) || BN_MISSING(dbias, C))
+        return BN_EINVAL;
+    int64_t cpg = C / G, B = LN(gn_cl_rows)(S, C), nb = bn_cdiv(S, B), units = N * nb;
+    double len = (double)(cpg * S);
+    size_t nc = (size_t)(N * C);
+    /* per (unit, column) {sum dy, sum dy*(x - m)}; per (n, c) the mean as a
+     * column, then sum dy and sum dy*xhat */
+    double *part = (double *)malloc(sizeof(double) *
+                                    (2 * (size_t)(units * C) + 3 * nc + 2 * (size_t)(N * G) + 1));
+    T *co = (T *)malloc(sizeof(T) * (6 * nc + 1));
+    char *wide = (char *)calloc((size_t)(N * G) + 1, 1);
+    if (!part || !co || !wide) {
+        free(part);
+        free(co);
+        free(wide);
+        return BN_ENOMEM;
+    }
+    double *mcol = part + 2 * units * C, *pdy = mcol + nc, *pdx = pdy + nc, *rb = pdx + nc;
+    T *mh = co, *ml = co + nc, *ka = co + 2 * nc, *kb = co + 3 * nc, *kc = co + 4 * nc,
+      *kk = co + 5 * nc;
+    int nt = bn_threads_for(n_threads, N * S * C, units);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < N * C; i++) mcol[i] = mean[(i / C) * G + (i % C) / cpg];
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t n = u / nb, r0 = (u % nb) * B, o = (n * S + r0) * C;
+            LN(tile_dot)(dy + o, x + o, NULL, bn_min64(B, S - r0), C, C, mcol + n * C,
+                         BN_ACT_NONE, 0, 1, part + 2 * C * u, NULL, NULL);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N * G; r++) {
+            int64_t n = r / G, c0 = (r % G) * cpg;
+            double inv = invstd[r], m = mean[r], s0 = 0, s1 = 0;
+            for (int64_t c = c0; c < c0 + cpg; c++) {
+                double a = 0, b = 0, w = weight ? weight[c] : 1.0;
+                for (int64_t blk = 0; blk < nb; blk++) {
+                    a += part[2 * C * (n * nb + blk) + 2 * c];
+                    b += part[2 * C * (n * nb + blk) + 2 * c + 1];
+                }
+                pdy[n * C + c] = a;
+                pdx[n * C + c] = b * inv;
+                s0 += w * a;
+                s1 += w * b;
+            }
+            /* dx = inv*(g - mean(g) - xhat*mean(g*xhat)), g = dy*w, with inv
+             * factored out: (g + (x - m)*bk + ck) * inv keeps float's range */
+            double bk = -inv * inv * s1 / len, ck = -s0 / len;
+            rb[2 * r] = bk;
+            rb[2 * r + 1] = ck;
+            wide[r] = LN(overflows)(inv) || LN(overflows)(bk) || LN(overflows)(ck);
+            for (int64_t c = c0; c < c0 + cpg; c++) {
+                mh[n * C + c] = (T)m;
+                ml[n * C + c] = (T)(m - (double)(T)m);
+                ka[n * C + c] = weight ? (T)weight[c] : (T)1;
+                kb[n * C + c] = (T)bk;
+                kc[n * C + c] = (T)ck;
+                kk[n * C + c] = (T)inv;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t n = u / nb, r0 = (u % nb) * B, nr = bn_min64(B, S - r0);
+            int64_t o = (n * S + r0) * C;
+            if (!memchr(wide + n * G, 1, (size_t)G)) {
+                LN(tile_dx)(dy + o, x + o, NULL, dx + o, nr, C, C, mh + n * C, ml + n * C,
+                            ka + n * C, kb + n * C, kc + n * C, kk + n * C, BN_ACT_NONE, 0, 1);
+                continue;
+            }
+            for (int64_t g = n * G; g < (n + 1) * G; g++) {  /* in double */
+                int64_t c0 = (g % G) * cpg;
+                double inv = invstd[g], bk = rb[2 * g], ck = rb[2 * g + 1];
+                for (int64_t i = 0; i < nr; i++)
+                    for (int64_t c = c0; c < c0 + cpg; c++) {
+                        int64_t e = o + i * C + c;
+                        dx[e] = (T)(((double)dy[e] * (weight ? weight[c] : 1.0) +
+                                     ((double)x[e] - mean[g]) * bk + ck) * inv);
+                    }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; c++) {
+            double sw = 0, sb = 0;
+            for (int64_t n = 0; n < N; n++) {
+                sw += pdx[n * C + c];
+                sb += pdy[n * C + c];
+            }
+            dweight[c] = sw;
+            dbias[c] = sb;
+        }
+    }
+    free(part);
+    free(co);
+    free(wide);
+    return 0;
+}
+
+/* ---- RMS normalization: y = x * invrms[r] * weight[j] per row ---------------------
+ * invrms = bn_invstd(mean(x^2), eps), the sum of squares in double; rows of
+ * up to BN_LN_ROW_MAX one per thread, longer ones in chunks of BN_RUN whose
+ * partial sums are added in chunk order. */
+
+/* sum of squares of n values in double over BN_LANES lanes */
+BN_CLONES static void LN(rms_sumsq)(const T *BN_RESTRICT x, int64_t n, double *out)
+{
+    double a[BN_LANES] = {0}, s = 0;
+    int64_t nv = n - n % BN_LANES, i;
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int l = 0; l < BN_LANES; l++) a[l] += (double)x[i + l] * (double)x[i + l];
+    for (; i < n; i++) s += (double)x[i] * (double)x[i];
+    for (int l = 0; l < BN_LANES; l++) s += a[l];
+    *out = s;
+}
+
+/* y = x * s * w over n values; in double when s leaves T's range */
+BN_CLONES static void LN(rms_seg_apply)(const T *x, T *y, int64_t n, double s,
+                                        const T *BN_RESTRICT w, const double *wd)
+{
+    if (LN(overflows)(s)) {
+        for (int64_t j = 0; j < n; j++) y[j] = (T)((double)x[j] * s * (wd ? wd[j] : 1.0));
+        return;
+    }
+    T st = (T)s;
+    for (int64_t j = 0; j < n; j++) y[j] = x[j] * st * w[j];
+}
+
+int LN(bn_rms_norm)(const T *x, T *y, int64_t rows, int64_t cols, const double *weight,
+                    double eps, double *invrms, int n_threads)
+{
+    if (LN(bad_norm_args)(rows, cols, x, y, NULL, invrms, invrms, n_threads) || bn_bad_eps(eps))
+        return BN_EINVAL;
+    T *w = LN(ln_params)(weight, NULL, cols);
+    if (!w) return BN_ENOMEM;
+    double dcols = (double)cols;
+    if (cols <= BN_LN_ROW_MAX) {
+        int nt = bn_threads_for(n_threads, rows * cols, rows);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t r = 0; r < rows; r++) {
+            double ss;
+            LN(rms_sumsq)(x + r * cols, cols, &ss);
+            invrms[r] = bn_invstd(ss / dcols, eps);
+            LN(rms_seg_apply)(x + r * cols, y + r * cols, cols, invrms[r], w, weight);
+        }
+        free(w);
+        return 0;
+    }
+    int64_t kc = bn_cdiv(cols, BN_RUN);
+    double *part = (double *)malloc(sizeof(double) * (size_t)(rows * kc + 1));
+    if (!part) {
+        free(w);
+        return BN_ENOMEM;
+    }
+    int nt = bn_threads_for(n_threads, rows * cols, rows * kc);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < rows * kc; u++) {
+            int64_t r = u / kc, j0 = (u % kc) * BN_RUN;
+            LN(rms_sumsq)(x + r * cols + j0, bn_min64(BN_RUN, cols - j0), part + u);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            double ss = 0;
+            for (int64_t k = 0; k < kc; k++) ss += part[r * kc + k];
+            invrms[r] = bn_invstd(ss / dcols, eps);
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < rows * kc; u++) {
+            int64_t r = u / kc, j0 = (u % kc) * BN_RUN;
+            LN(rms_seg_apply)(x + r * cols + j0, y + r * cols + j0, bn_min64(BN_RUN, cols - j0),
+                              invrms[r], w + j0, weight ? weight + j0 : NULL);
+        }
+    }
+    free(part);
+    free(w);
+    return 0;
+}
+
+/* {sum dy*w*x} of a row segment, and pw[j] += dy*x*s (dweight's partials). */
+BN_CLONES static void LN(rms_seg_sums)(const T *BN_RESTRICT dy, const T *BN_RESTRICT x,
+                                       const T *BN_RESTRICT w, int64_t n, double s,
+                                       double *BN_RESTRICT pw, double *out)
+{
+    double a[BN_LANES] = {0}, t = 0;
+    int64_t nv = n - n % BN_LANES, i;
+    for (i = 0; i < nv; i += BN_LANES)
+        for (int l = 0; l < BN_LANES; l++) {
+            double gx = (double)dy[i + l] * (double)x[i + l];
+            a[l] += gx * (double)w[i + l];
+            pw[i + l] += gx * s;
+        }
+    for (; i < n; i++) {
+        double gx = (double)dy[i] * (double)x[i];
+        t += gx * (double)w[i];
+        pw[i] += gx * s;
+    }
+    for (int l = 0; l < BN_LANES; l++) t += a[l];
+    *out = t;
+}
+
+/* dx = (dy*w + x*bk) * s over a row segment; in double when s or bk leave T's range */
+BN_CLONES static void LN(rms_seg_dx)(const T *dy, const T *x, T *dx, int64_t n,
+                                     const T *BN_RESTRICT w, const double *wd, double bk,
+                                     double s)
+{
+    if (LN(overflows)(s) || LN(overflows)(bk)) {
+        for (int64_t j = 0; j < n; j++)
+            dx[j] = (T)(((double)dy[j] * (wd ? wd[j] : 1.0) + (double)x[j] * bk) * s);
+        return;
+    }
+    T b = (T)bk, st = (T)s;
+    for (int64_t j = 0; j < n; j++) dx[j] = (dy[j] * w[j] + x[j] * b) * st;
+}
+
+int LN(bn_rms_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int64_t cols,
+                             const double *invrms, const double *weight, double *dweight,
+                             int n_threads)
+{
+    if (LN(bad_norm_args)(rows, cols, x, dx, dy, invrms, invrms, n_threads) ||
+        BN_MISSING(dy, rows * cols) || BN_MISSING(dweight, cols))
+        return BN_EINVAL;
+    T *w = LN(ln_params)(weight, NULL, cols);
+    if (!w) return BN_ENOMEM;
+    double dcols = (double)cols;
+    /* fixed blocks of rows (a function of the shape only), each with its
+     * per-column partials of dweight, merged in block order; long rows in
+     * chunks of BN_RUN whose row sums are added in chunk order */
+    int64_t kc = cols <= BN_LN_ROW_MAX ? 1 : bn_cdiv(cols, BN_RUN);
+    int64_t ck = cols <= BN_LN_ROW_MAX ? bn_max64(cols, 1) : BN_RUN;
+    int64_t nb = bn_max64(1, bn_min64(bn_min64(bn_cdiv(rows, 8), BN_LN_MAX_BLOCKS),
+                                      BN_LN_SCRATCH / (8 * bn_max64(1, cols))));
+    int64_t per = bn_cdiv(bn_max64(rows, 1), nb);
+    nb = bn_cdiv(bn_max64(rows, 1), per);
+    double *part = (double *)calloc((size_t)(nb * cols + rows * kc) + 1, sizeof(double));
+    if (!part) {
+        free(w);
+        return BN_ENOMEM;
+    }
+    double *rs = part + nb * cols;
+    int nt = bn_threads_for(n_threads, rows * cols, nb * kc);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < nb * kc; u++) {
+            int64_t blk = u / kc, j0 = (u % kc) * ck, len = bn_min64(ck, cols - j0);
+            for (int64_t r = blk * per; r < bn_min64(rows, (blk + 1) * per); r++)
+                LN(rms_seg_sums)(dy + r * cols + j0, x + r * cols + j0, w + j0, len, invrms[r],
+                                 part + blk * cols + j0, rs + r * kc + u % kc);
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < rows * kc; u++) {
+            int64_t r = u / kc, j0 = (u % kc) * ck, len = bn_min64(ck, cols - j0);
+            double s = invrms[r], t = 0;
+            for (int64_t k = 0; k < kc; k++) t += rs[r * kc + k];
+            /* dx = s*(g - x * s^2 * mean(g*x)), g = dy*w */
+            LN(rms_seg_dx)(dy + r * cols + j0, x + r * cols + j0, dx + r * cols + j0, len, w + j0,
+                           weight ? weight + j0 : NULL, -s * s * t / dcols, s);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < cols; j++) {
+            double sw = 0;
+            for (int64_t blk = 0; blk < nb; blk++) sw += part[blk * cols + j];
+            dweight[j] = sw;
+        }
+    }
+    free(part);
+    free(w);
+    return 0;
+}
+
 #undef LN_SPLIT
 #undef LN

@@ -324,3 +324,154 @@ def keras_batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum, tra
     else:
         mean, var = moving_mean, moving_var
     return gamma * (x - mean) / np.sqrt(var + eps) + beta, moving_mean, moving_var
+
+
+def _per_dim(v, nd):
+    return (v,) * nd if np.isscalar(v) else tuple(v)
+
+
+def conv_nd(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Convolution (cross-correlation) of x (N, C_in, *spatial) with W (C_out,
+    C_in / groups, *kernel): per spatial dim a stride, a dilation and a zero
+    padding, either one int for both sides or a (begin, end) pair."""
+    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    nd = W.ndim - 2
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
+    pads = [(p, p) if np.isscalar(p) else tuple(p)
+            for p in (padding if isinstance(padding, (list, tuple)) else (padding,) * nd)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + pads)
+    K = W.shape[2:]
+    L = [(xp.shape[2 + i] - dilation[i] * (K[i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    cin_g, cout_g = W.shape[1], W.shape[0] // groups
+    out = np.zeros((x.shape[0], W.shape[0], *L))
+    for k in np.ndindex(*K):
+        win = xp[(slice(None), slice(None)) + tuple(
+            slice(k[i] * dilation[i], k[i] * dilation[i] + (L[i] - 1) * stride[i] + 1, stride[i])
+            for i in range(nd))]
+        for g in range(groups):
+            xs = win[:, g * cin_g:(g + 1) * cin_g]              # (N, cin_g, *L)
+            ws = W[g * cout_g:(g + 1) * cout_g, :][(...,) + k]  # (cout_g, cin_g)
+            out[:, g * cout_g:(g + 1) * cout_g] += np.moveaxis(
+                np.tensordot(xs, ws, axes=([1], [1])), -1, 1)
+    if b is not None:
+        out += np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
+    return out
+
+
+def conv_transpose_nd(x, W, b=None, stride=1, padding=0, output_padding=0, dilation=1,
+                      groups=1):
+    """Transposed convolution of x (N, C_in, *spatial) with W (C_in, C_out /
+    groups, *kernel), by its definition: every input value, times the kernel,
+    is added at stride * position + dilation * tap of the full output (length
+    (L - 1) * stride + dilation * (K - 1) + 1, plus output_padding zeros at the
+    end), which is then cropped by the padding (an int for both sides or a
+    (begin, end) pair per dim). Input channel i of group g = i // (C_in /
+    groups) feeds output channels g * (C_out / groups) + j through W[i, j]."""
+    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    nd = W.ndim - 2
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
+    opad = _per_dim(output_padding, nd)
+    pads = [(p, p) if np.isscalar(p) else tuple(p)
+            for p in (padding if isinstance(padding, (list, tuple)) else (padding,) * nd)]
+    K, Lin = W.shape[2:], x.shape[2:]
+    full = [(Lin[i] - 1) * stride[i] + dilation[i] * (K[i] - 1) + 1 + opad[i] for i in range(nd)]
+    cin_g, cout_g = W.shape[0] // groups, W.shape[1]
+    out = np.zeros((x.shape[0], groups * cout_g, *full))
+    for k in np.ndindex(*K):
+        dst = (slice(None),) + tuple(
+            slice(k[i] * dilation[i], k[i] * dilation[i] + (Lin[i] - 1) * stride[i] + 1, stride[i])
+            for i in range(nd))
+        for g in range(groups):
+            xs = x[:, g * cin_g:(g + 1) * cin_g]              # (N, cin_g, *Lin)
+            ws = W[g * cin_g:(g + 1) * cin_g][(slice(None), slice(None)) + k]  # (cin_g, cout_g)
+            out[(slice(None), slice(g * cout_g, (g + 1) * cout_g)) + dst[1:]] += np.moveaxis(
+                np.tensordot(xs, ws, axes=([1], [0])), -1, 1)
+    out = out[(slice(None), slice(None)) + tuple(
+        slice(pads[i][0], full[i] - pads[i][1]) for i in range(nd))]
+    if b is not None:
+        out = out + np.asarray(b, np.float64).reshape((1, -1) + (1,) * nd)
+    return out
+
+# ---- group and instance norm on any channel axis; RMS norm -----------------------------------
+
+def channel_view(x, axis):
+    """x in float64 as (N, P, C, Q) around its channel axes: an int or a tuple
+    of adjacent axes whose product (C order) is C; axis 0 is the samples."""
+    x = np.asarray(x, np.float64)
+    ax = [a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))]
+    f, last, s = ax[0], ax[-1], x.shape
+    return x.reshape(s[0], int(np.prod(s[1:f])), int(np.prod(s[f:last + 1])),
+                     int(np.prod(s[last + 1:])))
+
+
+def group_norm_axis(x, G, weight=None, bias=None, eps=1e-5, axis=1):
+    """(y, mean, invstd) of group norm with the channels on `axis`: per sample
+    and group, the statistics of the group's channels over every position.
+    Statistics (N, G); weight and bias flat (C,)."""
+    v = channel_view(x, axis)
+    N, P, C, Q = v.shape
+    g = v.reshape(N, P, G, C // G, Q)
+    mean = g.mean(axis=(1, 3, 4))
+    d = g - mean[:, None, :, None, None]
+    invstd = 1 / np.sqrt((d ** 2).mean(axis=(1, 3, 4)) + eps)
+    y = (d * invstd[:, None, :, None, None]).reshape(N, P, C, Q)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(1, 1, C, 1)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(1, 1, C, 1)
+    return y.reshape(np.shape(x)), mean, invstd
+
+
+def group_norm_axis_backward(dy, x, G, mean, invstd, weight=None, axis=1):
+    """(dx, dweight, dbias) of group_norm_axis given its (N, G) statistics."""
+    v, d = channel_view(x, axis), channel_view(dy, axis)
+    N, P, C, Q = v.shape
+    shape5 = (N, P, G, C // G, Q)
+    m = np.asarray(mean, np.float64).reshape(N, 1, G, 1, 1)
+    inv = np.asarray(invstd, np.float64).reshape(N, 1, G, 1, 1)
+    xhat = (v.reshape(shape5) - m) * inv
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    g = (d * w.reshape(1, 1, C, 1)).reshape(shape5)
+    red = (1, 3, 4)
+    dx = inv * (g - g.mean(red, keepdims=True) - xhat * (g * xhat).mean(red, keepdims=True))
+    dw = (d.reshape(shape5) * xhat).reshape(N, P, C, Q).sum((0, 1, 3))
+    return dx.reshape(np.shape(x)), dw, d.sum((0, 1, 3))
+
+
+def instance_running(x, rm, rv, momentum, axis=1):
+    """PyTorch's instance-norm running update: the batch average of each
+    instance's mean and unbiased variance."""
+    v = channel_view(x, axis)
+    n = v.shape[1] * v.shape[3]
+    means = v.mean(axis=(1, 3))
+    var = ((v - means[:, None, :, None]) ** 2).sum(axis=(1, 3)) / (n - 1)
+    return ((1 - momentum) * np.asarray(rm, np.float64) + momentum * means.mean(0),
+            (1 - momentum) * np.asarray(rv, np.float64) + momentum * var.mean(0))
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """(y, invrms) over the trailing normalized_shape; eps None is the input
+    dtype's machine epsilon; invrms shaped like x's leading axes then ones."""
+    eps = float(np.finfo(np.asarray(x).dtype).eps) if eps is None else eps
+    x = np.asarray(x, np.float64)
+    k = len(normalized_shape)
+    lead = x.shape[:x.ndim - k]
+    xr = x.reshape(int(np.prod(lead)), -1)
+    invrms = 1 / np.sqrt((xr ** 2).mean(1, keepdims=True) + eps)
+    y = (xr * invrms).reshape(x.shape)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    return y, invrms.reshape(lead + (1,) * k)
+
+
+def rms_norm_backward(dy, x, normalized_shape, invrms, weight=None):
+    """(dx, dweight): with g = dy * weight and r = invrms,
+    dx = r * g - x * r**3 * mean(g * x) per row, dweight = sum(dy * x * r)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    k = len(normalized_shape)
+    rows = (int(np.prod(x.shape[:x.ndim - k])), int(np.prod(normalized_shape)))
+    r = np.asarray(invrms, np.float64).reshape(-1, 1)
+    g = dy if weight is None else dy * np.asarray(weight, np.float64)
+    g, xr = g.reshape(rows), x.reshape(rows)
+    dx = r * g - xr * r ** 3 * (g * xr).mean(1, keepdims=True)
+    return dx.reshape(x.shape), (dy.reshape(rows) * xr * r).sum(0).reshape(normalized_shape)

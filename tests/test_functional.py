@@ -230,6 +230,39 @@ def test_merge_stats_is_associative(rng):
         np.testing.assert_allclose(got[2], full[2], rtol=1e-12)
 
 
+def test_merge_stats_with_per_channel_counts(rng):
+    """(K, C) counts: each channel merges its own parts; equals the float64
+    statistics of each channel's values concatenated (a part may be empty)."""
+    C, sizes = 5, [(3, 0, 7, 1, 4), (6, 2, 0, 9, 1), (1, 5, 4, 0, 2)]
+    cols = [[rng.standard_normal(n) * 0.5 + 1e4 for n in row] for row in sizes]
+    counts = np.array(sizes, float)
+    means = np.array([[v.mean() if v.size else 0.0 for v in row] for row in cols])
+    m2s = np.array([[((v - v.mean()) ** 2).sum() if v.size else 0.0 for v in row]
+                    for row in cols])
+    count, mean, m2 = bncore.merge_stats(counts, means, m2s)
+    whole = [np.concatenate([row[c] for row in cols]) for c in range(C)]
+    np.testing.assert_array_equal(count, [w.size for w in whole])
+    np.testing.assert_allclose(mean, [w.mean() for w in whole], rtol=1e-14)
+    np.testing.assert_allclose(m2, [((w - w.mean()) ** 2).sum() for w in whole], rtol=1e-10)
+    # one count per part, repeated per channel, gives the same bits as (K,)
+    same = bncore.merge_stats(np.repeat(counts[:, :1], C, 1), means, m2s)
+    flat = bncore.merge_stats(counts[:, 0], means, m2s)
+    np.testing.assert_array_equal(same[1], flat[1])
+    np.testing.assert_array_equal(same[2], flat[2])
+    with pytest.raises(ValueError, match="counts"):
+        bncore.merge_stats(counts[:, :3], means, m2s)
+
+
+def test_running_update_with_per_channel_counts():
+    """Each channel's Bessel factor uses its own count."""
+    from bncore.functional import update_running
+    rm, rv = np.zeros(3), np.ones(3)
+    mean, var, count = np.array([[1.0, 2.0, 3.0]]), np.array([[4.0, 4.0, 4.0]]), [[2, 5, 1]]
+    update_running(rm, rv, mean, var, count, 0.25)
+    np.testing.assert_allclose(rm, 0.25 * mean[0])
+    np.testing.assert_allclose(rv, 0.75 + 0.25 * 4.0 * np.array([2 / 1, 5 / 4, 1.0]))
+
+
 def test_non_contiguous_inputs(rng):
     base = rng.standard_normal((6, 8, 10, 12))
     views = [base[:, ::2], base[::-1], base.transpose(0, 3, 1, 2), np.asfortranarray(base),

@@ -47,6 +47,15 @@ def test_float32_population_at_large_mean_is_exact(rng, layout, axis):
     assert np.max(np.abs(avg_var / stats.var - 1)) > 1e-3
 
 
+def test_tuple_channel_axes(rng):
+    """axis=(1, 2): the product of two adjacent axes is the channel dimension."""
+    batches = [(rng.standard_normal((n, 2, 3, 5)) * 2 + 50).astype(np.float32) for n in (3, 4)]
+    stats = PopulationStats(6, axis=(1, 2))
+    for x in batches:
+        stats.update(x)
+    _assert_exact(stats, [x.reshape(len(x), 6, 5) for x in batches], 1)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
 def test_other_dtypes(rng, dtype):
     batches = _batches(rng, 3, [4, 5], mean=10.0, dtype=dtype)

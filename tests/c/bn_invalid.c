@@ -237,12 +237,51 @@ int main(void)
         BAD(bn_group_norm_backward_f32(dy, x, y, 2, NC, 4, 2, mean, var, NULL, gw, gb, 0));
         BAD(bn_group_norm_backward_f32(dy, x, y, 2, NC, 4, 1, mean, var, NULL, NULL, gb, 0));
         BAD(bn_group_norm_backward_f32(dy, x, y, 2, NC, 4, 1, NULL, var, NULL, gw, gb, 0));
+        /* channels last: N x S x C = 2 x 4 x NC */
+        BAD(bn_group_norm_cl_f32(x, y, 2, 4, NC, 0, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f64(xd, yd, 2, 4, NC, 2, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, -2, 4, NC, 1, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, -4, NC, 1, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, INT64_MAX, NC, 1, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(NULL, y, 2, 4, NC, 1, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, 4, NC, 1, NULL, NULL, 1e-5, o0, NULL, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, 4, NC, 1, NULL, NULL, -1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, 4, NC, 1, NULL, NULL, NAN, o0, o1, 0));
+        BAD(bn_group_norm_cl_f32(x, y, 2, 4, NC, 1, NULL, NULL, 1e-5, o0, o1, -1));
+        BAD(bn_group_norm_cl_f32(xf, xf + 1, 2, 4, NC, 1, NULL, NULL, 1e-5, o0, o1, 0));
+        BAD(bn_group_norm_cl_backward_f32(dy, x, y, 2, 4, NC, 0, mean, var, NULL, gw, gb, 0));
+        BAD(bn_group_norm_cl_backward_f64(dyd, xd, yd, 2, 4, NC, 2, mean, var, NULL, gw, gb, 0));
+        BAD(bn_group_norm_cl_backward_f32(NULL, x, y, 2, 4, NC, 1, mean, var, NULL, gw, gb, 0));
+        BAD(bn_group_norm_cl_backward_f32(dy, x, y, 2, 4, NC, 1, mean, var, NULL, NULL, gb, 0));
+        BAD(bn_group_norm_cl_backward_f32(dy, x, y, 2, 4, NC, 1, NULL, var, NULL, gw, gb, 0));
+        BAD(bn_group_norm_cl_backward_f32(dy, x, y, 2, 4, NC, 1, mean, var, NULL, gw, gb, -1));
+        BAD(bn_group_norm_cl_backward_f32(dy, xf, xf + 1, 2, 4, NC, 1, mean, var, NULL, gw, gb,
+                                          0));
     }
+
+    /* RMS norm: 2 rows x 12 columns */
+    BAD(bn_rms_norm_f32(x, y, -1, 12, NULL, 1e-5, o0, 0));
+    BAD(bn_rms_norm_f32(x, y, 2, -12, NULL, 1e-5, o0, 0));
+    BAD(bn_rms_norm_f32(x, y, INT64_MAX, 2, NULL, 1e-5, o0, 0));
+    BAD(bn_rms_norm_f32(NULL, y, 2, 12, NULL, 1e-5, o0, 0));
+    BAD(bn_rms_norm_f32(x, y, 2, 12, NULL, 1e-5, NULL, 0));
+    BAD(bn_rms_norm_f32(x, y, 2, 12, NULL, -1e-5, o0, 0));
+    BAD(bn_rms_norm_f64(xd, yd, 2, 12, NULL, INFINITY, o0, 0));
+    BAD(bn_rms_norm_f32(x, y, 2, 12, NULL, 1e-5, o0, -1));
+    BAD(bn_rms_norm_f32(xf, xf + 4, 2, 12, NULL, 1e-5, o0, 0));
+    BAD(bn_rms_norm_backward_f32(NULL, x, y, 2, 12, var, NULL, pout[2], 0));
+    BAD(bn_rms_norm_backward_f32(dy, x, y, 2, 12, var, NULL, NULL, 0));
+    BAD(bn_rms_norm_backward_f32(dy, x, y, 2, 12, NULL, NULL, pout[2], 0));
+    BAD(bn_rms_norm_backward_f64(dyd, xd, yd, -2, 12, var, NULL, pout[2], 0));
+    BAD(bn_rms_norm_backward_f32(dy, x, y, 2, 12, var, NULL, pout[2], -1));
+    BAD(bn_rms_norm_backward_f32(dy, xf, xf + 1, 2, 12, var, NULL, pout[2], 0));
 
     /* valid edge calls */
     OK(bn_stats_f32(NULL, (bn_shape){0, NC, 4}, o0, o1, 0));
     OK(bn_apply_f32(NULL, NULL, (bn_shape){2, 0, 4}, NULL, NULL, NULL, BN_ACT_NONE, 0, 0));
     OK(bn_group_norm_f32(NULL, NULL, 0, NC, 4, NC, NULL, NULL, 1e-5, NULL, NULL, 0));
+    OK(bn_group_norm_cl_f32(NULL, NULL, 0, 4, NC, NC, NULL, NULL, 1e-5, NULL, NULL, 0));
+    OK(bn_rms_norm_f32(NULL, NULL, 0, 12, NULL, 1e-5, NULL, 0));
     OK(bn_merge_stats(0, NC, NULL, NULL, NULL, &out_count, o0, o1));
     OK(bn_apply_f32(xf, xf, s, mean, w, b, BN_ACT_NONE, 0, 0));  /* in place */
     for (int i = 0; i < NE; i++) xf[i] = xf0[i];
