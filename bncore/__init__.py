@@ -25,7 +25,9 @@ from .functional import (batch_norm_backward, batch_norm_backward_elemt,
                          batch_norm_backward_from_output, batch_norm_backward_reduce,
                          batch_norm_elemt, batch_norm_eval, batch_norm_stats, batch_norm_train,
                          merge_stats)
-from .interop import batch_norm_from_keras, batch_norm_from_onnx
+from .interop import (batch_norm_from_flax, batch_norm_from_keras, batch_norm_from_onnx,
+                      batch_norm_to_flax, batch_norm_to_keras, batch_norm_to_onnx,
+                      batch_norm_to_torch)
 from .layers import (BatchNorm, BatchRenorm, FrozenBatchNorm, GroupNorm, InPlaceABN,
                      InstanceNorm, LayerNorm, RecurrentBatchNorm, RMSNorm)
 from .norms import (group_norm, group_norm_backward, group_norm_train, instance_norm,
@@ -33,6 +35,7 @@ from .norms import (group_norm, group_norm_backward, group_norm_train, instance_
                     layer_norm_backward, layer_norm_train, rms_norm, rms_norm_backward,
                     rms_norm_train)
 from .onnx_folding import fold_onnx_model
+from .precise import PopulationStats, collect_population_stats, precise_batch_norm
 from .renorm import batch_renorm_backward, batch_renorm_train
 
 __all__ = [
@@ -52,4 +55,9 @@ __all__ = [
     "FrozenBatchNorm", "InPlaceABN", "batch_norm_backward_from_output", "fold_batch_norm",
     "fold_into_linear", "fold_into_conv", "batch_norm_from_keras", "batch_norm_from_onnx",
     "fold_into_conv_transpose", "fold_onnx_model",
+    # parameters out to other frameworks (and Flax in)
+    "batch_norm_from_flax", "batch_norm_to_torch", "batch_norm_to_keras", "batch_norm_to_flax",
+    "batch_norm_to_onnx",
+    # population statistics
+    "PopulationStats", "collect_population_stats", "precise_batch_norm",
 ]

@@ -50,7 +50,8 @@ def parser():
     sub.add_parser("selfcheck", help="print the build configuration and check the kernels "
                                      "against float64 NumPy (the default)")
     for name, text in (("demo", "the papers' experiments in plain NumPy: mnist (batch norm, "
-                                "the default), renorm, recurrent, layernorm; "
+                                "the default), renorm, recurrent, layernorm, "
+                                "precise; "
                                 "`demo [NAME] --help` for options"),
                        ("bench", "time bncore against NumPy and the peers installed here; "
                                  "`bench --help` for options")):

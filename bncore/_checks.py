@@ -750,3 +750,150 @@ def torch_group_ready(dist):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("group: expected an initialized torch.distributed (call "
                            "torch.distributed.init_process_group first), got none")
+
+
+# ---- population statistics (precise.py) ----------------------------------------------------
+
+def population_other(other, cls, C):
+    """Statistics to merge: a PopulationStats of the same width."""
+    if not isinstance(other, cls):
+        raise TypeError(f"other: expected a PopulationStats, got {type(other).__name__}")
+    if other.num_features != C:
+        raise ValueError(f"other: expected statistics of {C} channels, got {other.num_features}")
+    return other
+
+
+def population_nonempty(count, name="stats", hint="call update first"):
+    """Statistics to read or write must hold at least one value per channel."""
+    if count < 1:
+        raise ValueError(f"{name}: expected statistics of at least one value per channel, got "
+                         f"count 0 ({hint})")
+
+
+def communicator(comm):
+    """An mpi4py-style communicator: allgather of Python objects."""
+    if not callable(getattr(comm, "allgather", None)):
+        raise TypeError(f"comm: expected an mpi4py communicator (with allgather), got "
+                        f"{type(comm).__name__}")
+    return comm
+
+
+def gathered_widths(widths, what="statistics"):
+    """Every rank's statistics have one width (checked on every rank alike)."""
+    if any(w != widths[0] for w in widths):
+        raise ValueError(f"comm: expected {what} of one width on every rank, got widths "
+                         f"{list(widths)} by rank")
+
+
+def gathered_failures(failed):
+    """No rank raised inside collect_population_stats (every rank raises otherwise)."""
+    bad = [r for r, f in enumerate(failed) if f]
+    if bad:
+        raise RuntimeError(f"comm: rank(s) {bad} raised inside collect_population_stats; "
+                           f"every layer is restored on every rank (see the error on that rank)")
+
+
+def running_target(layer, C, name="layer"):
+    """A layer with per-channel running statistics of length C (the BatchNorm family,
+    FrozenBatchNorm) that load_state_dict can set."""
+    rm, rv = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+    if not (isinstance(rm, np.ndarray) and isinstance(rv, np.ndarray)
+            and callable(getattr(layer, "load_state_dict", None))):
+        raise TypeError(f"{name}: expected a BatchNorm-family layer with running statistics, "
+                        f"got {type(layer).__name__}"
+                        + (" with track_running_stats=False" if hasattr(layer, "running_mean")
+                           else ""))
+    if rm.shape != (C,) or rv.shape != (C,):
+        raise ValueError(f"{name}: expected running statistics of shape ({C},), got "
+                         f"{rm.shape} ({type(layer).__name__})")
+    return layer
+
+
+def state_targets(state, keys, C):
+    """Entries of a state dict to overwrite: present, floating point, C values each."""
+    if not hasattr(state, "keys") or not hasattr(state, "__setitem__"):
+        raise TypeError(f"state: expected a mutable mapping of names to arrays, got "
+                        f"{type(state).__name__}")
+    for k in keys:
+        if k not in state:
+            raise KeyError(f"state: missing key {k!r} (expected {list(keys)})")
+        cur = state[k]
+        dt = getattr(cur, "dtype", None)  # a NumPy array or a torch tensor
+        if not str(dt).removeprefix("torch.").startswith(("float", "half", "double", "bfloat")):
+            raise TypeError(f"state[{k!r}]: expected a floating-point array, got dtype {dt}")
+        if tuple(getattr(cur, "shape", ())) != (C,):
+            raise ValueError(f"state[{k!r}]: expected shape ({C},), got "
+                             f"{tuple(getattr(cur, 'shape', ()))}")
+
+
+def population_layers(layers, batch_norm_cls):
+    """The layers of collect_population_stats: BatchNorm-family layers (not
+    recurrent) with running statistics, each given once."""
+    single = isinstance(layers, batch_norm_cls)
+    try:
+        seq = [layers] if single else list(layers)
+    except TypeError:
+        raise TypeError(f"layers: expected a BatchNorm layer or an iterable of them, got "
+                        f"{type(layers).__name__}") from None
+    for i, layer in enumerate(seq):
+        if not isinstance(layer, batch_norm_cls):
+            raise TypeError(f"layers[{i}]: expected a BatchNorm-family layer (BatchNorm, "
+                            f"BatchRenorm, InPlaceABN, SyncBatchNorm), got "
+                            f"{type(layer).__name__}")
+        if not layer.track_running_stats:
+            raise ValueError(f"layers[{i}]: expected a layer with running statistics, got "
+                             f"one with track_running_stats=False")
+    if len({id(layer) for layer in seq}) != len(seq):
+        raise ValueError("layers: expected each layer once, got one several times")
+    return seq
+
+
+# ---- export (interop.py) -------------------------------------------------------------------
+
+def exportable(layer, kinds, what):
+    """A layer whose parameters another framework's batch norm can hold: one of
+    kinds (the BatchNorm family, FrozenBatchNorm) with per-channel running
+    statistics."""
+    if not isinstance(layer, kinds):
+        raise TypeError(f"layer: expected a BatchNorm, one of its subclasses or a "
+                        f"FrozenBatchNorm, got {type(layer).__name__} ({what} has no "
+                        f"equivalent)")
+    if getattr(layer, "running_mean", None) is None:
+        raise ValueError(f"layer: expected a layer with running statistics, got one with "
+                         f"track_running_stats=False (nothing for {what}'s eval mode)")
+    return layer
+
+
+def onnx_layout(layer, ndim):
+    """The input rank of an exported ONNX graph, whose channel axis must be 1."""
+    ndim = integer(ndim, "ndim", 2)
+    axis = layer.axis
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral) \
+            or not -ndim <= axis < ndim or axis % ndim != 1:
+        raise ValueError(f"layer: ONNX BatchNormalization takes channels on axis 1; the "
+                         f"layer's axis={axis} is not axis 1 of an input with ndim={ndim} "
+                         f"(transpose to channels first)")
+    return ndim
+
+
+def flax_variables(variables):
+    """Flax BatchNorm variables: {'batch_stats': {'mean', 'var'}, 'params': {'scale', 'bias'}}
+    (params, scale and bias optional)."""
+    if not hasattr(variables, "keys"):
+        raise TypeError(f"variables: expected a mapping (Flax variables), got "
+                        f"{type(variables).__name__}")
+    stats = variables.get("batch_stats")
+    if not hasattr(stats, "keys") or "mean" not in stats or "var" not in stats:
+        raise KeyError(f"variables: expected variables['batch_stats'] with 'mean' and 'var', "
+                       f"got keys {sorted(variables)}"
+                       + (f", batch_stats keys {sorted(stats)}" if hasattr(stats, "keys")
+                          else ""))
+    params = variables.get("params", {})
+    if not hasattr(params, "keys"):
+        raise TypeError(f"variables['params']: expected a mapping, got {type(params).__name__}")
+    unexpected = [k for k in params if k not in ("scale", "bias")]
+    if unexpected:
+        raise KeyError(f"variables['params']: unexpected keys {unexpected} (expected 'scale', "
+                       f"'bias')")
+    return {"weight": params.get("scale"), "bias": params.get("bias"),
+            "running_mean": stats["mean"], "running_var": stats["var"]}

