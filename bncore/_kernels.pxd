@@ -135,11 +135,11 @@ cdef extern from *:
     int bn_masked_backward_reduce_f32(const float *dy, const float *x, const float *y,
                                       const uint8_t *mask, bn_shape s, const double *mean,
                                       bn_act act, double slope, double *sum_dy,
-                                      double *sum_dy_xmu, int nt) nogil
+                                      double *sum_dy_xmu, double *count, int nt) nogil
     int bn_masked_backward_reduce_f64(const double *dy, const double *x, const double *y,
                                       const uint8_t *mask, bn_shape s, const double *mean,
                                       bn_act act, double slope, double *sum_dy,
-                                      double *sum_dy_xmu, int nt) nogil
+                                      double *sum_dy_xmu, double *count, int nt) nogil
     int bn_masked_zero_f32(float *x, const uint8_t *mask, int64_t n, int nt) nogil
     int bn_masked_zero_f64(double *x, const uint8_t *mask, int64_t n, int nt) nogil
 

@@ -287,17 +287,18 @@ int bn_masked_stats_f64(const double *x, const uint8_t *mask, bn_shape s, double
                         double *mean, double *m2, int n_threads);
 
 /* bn_backward_reduce over the unmasked values only: sum_dy[c] = sum(g),
- * sum_dy_xmu[c] = sum(g*(x-mean[c])), g = dy * act'(y). The dx of a masked
+ * sum_dy_xmu[c] = sum(g*(x-mean[c])), g = dy * act'(y), and the number of
+ * unmasked values count[c] (may be NULL: not written). The dx of a masked
  * training step is then bn_backward_apply with each channel's own count in
  * the coefficients, followed by bn_masked_zero(dx). */
 int bn_masked_backward_reduce_f32(const float *dy, const float *x, const float *y,
                                   const uint8_t *mask, bn_shape s, const double *mean,
                                   bn_act act, double slope, double *sum_dy,
-                                  double *sum_dy_xmu, int n_threads);
+                                  double *sum_dy_xmu, double *count, int n_threads);
 int bn_masked_backward_reduce_f64(const double *dy, const double *x, const double *y,
                                   const uint8_t *mask, bn_shape s, const double *mean,
                                   bn_act act, double slope, double *sum_dy,
-                                  double *sum_dy_xmu, int n_threads);
+                                  double *sum_dy_xmu, double *count, int n_threads);
 
 /* x[i] = 0 where mask[i] == 0, for i < n (padded entries get no gradient). */
 int bn_masked_zero_f32(float *x, const uint8_t *mask, int64_t n, int n_threads);

@@ -1200,22 +1200,25 @@ static void FN(masked_unit_dot)(const T *dy, const T *x, const T *y, const uint8
 {
     int64_t o0, o1, c, i0, i1;
     bn_mask_unit(p, u, &o0, &o1, &c, &i0, &i1);
-    double s1 = 0, s2 = 0, m = mean[c];
+    double s1 = 0, s2 = 0, n = 0, m = mean[c];
     for (int64_t o = o0; o < o1; o++) {
         int64_t off = (o * p->s.channels + c) * p->s.inner;
         for (int64_t i = off + i0; i < off + i1; i++) {
             double g = act == BN_ACT_NONE ? (double)dy[i] : BN_GRAD((double)dy[i], y[i], act, slope);
+            n += mask[i] != 0;
             s1 += mask[i] ? g : 0.0;
             s2 += mask[i] ? g * ((double)x[i] - m) : 0.0;
         }
     }
     out[0] = s1;
     out[1] = s2;
+    out[2] = n;
 }
 
 int FN(bn_masked_backward_reduce)(const T *dy, const T *x, const T *y, const uint8_t *mask,
                                   bn_shape s, const double *mean, bn_act act, double slope,
-                                  double *sum_dy, double *sum_dy_xmu, int n_threads)
+                                  double *sum_dy, double *sum_dy_xmu, double *count,
+                                  int n_threads)
 {
     int64_t n = bn_numel(s);
     if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, n) || BN_MISSING(x, n) ||
@@ -1224,28 +1227,30 @@ int FN(bn_masked_backward_reduce)(const T *dy, const T *x, const T *y, const uin
         BN_MISSING(sum_dy_xmu, s.channels) || bn_bad_act(act, &slope) || n_threads < 0)
         return BN_EINVAL;
     bn_mask_plan p = bn_make_mask_plan(s);
-    double *part = (double *)malloc(sizeof(double) * 2 * (size_t)bn_max64(1, p.nunits));
+    double *part = (double *)malloc(sizeof(double) * 3 * (size_t)bn_max64(1, p.nunits));
     if (!part) return BN_ENOMEM;
     int nt = bn_threads_for(n_threads, n, p.nunits);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < p.nunits; u++)
-            FN(masked_unit_dot)(dy, x, y, mask, &p, u, mean, act, slope, part + 2 * u);
+            FN(masked_unit_dot)(dy, x, y, mask, &p, u, mean, act, slope, part + 3 * u);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nt; t++) {
             int64_t a, b;
             bn_chunk(0, s.channels, t, nt, &a, &b);
             for (int64_t c = a; c < b; c++) {
-                double s1 = 0, s2 = 0;
+                double s1 = 0, s2 = 0, n1 = 0;
                 for (int64_t r = 0; r < p.nblocks; r++)
                     for (int64_t k = 0; k < p.kin; k++) {
-                        const double *e = part + 2 * ((r * s.channels + c) * p.kin + k);
+                        const double *e = part + 3 * ((r * s.channels + c) * p.kin + k);
                         s1 += e[0];
                         s2 += e[1];
+                        n1 += e[2];
                     }
                 sum_dy[c] = s1;
                 sum_dy_xmu[c] = s2;
+                if (count) count[c] = n1;
             }
         }
     }
