@@ -22,7 +22,7 @@ import numpy as np
 from . import _checks as chk
 from . import _kernels as _k
 from ._typing import Array, ArrayLike, FloatArray
-from .functional import batch_norm_eval, update_running
+from .functional import _masked_moments, _update_present, batch_norm_eval, update_running
 
 __all__ = [
     "layer_norm", "layer_norm_train", "layer_norm_backward",
@@ -274,8 +274,8 @@ def _group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any, n_thr
     mean, invstd = np.empty(L.N * L.G), np.empty(L.N * L.G)
     if L.x.size:
         _k.group_norm(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, nt)
-    else:
-        mean[:], invstd[:] = 0.0, np.nan
+    else:  # no value: mean 0 and invstd 0, as for a fully masked group (NaN-free)
+        mean[:], invstd[:] = 0.0, 0.0
     return chk.finish(buf, final, L.x.dtype), mean, invstd
 
 
@@ -297,7 +297,8 @@ def _group_backward(L: _Groups, dy: Any, mean: Any, invstd: Any, weight: Any, ou
 
 def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
                      bias: ArrayLike | None = None, eps: float = 1e-5, *,
-                     out: Array | None = None, n_threads: int | None = None
+                     out: Array | None = None, n_threads: int | None = None,
+                     mask: ArrayLike | None = None, lengths: ArrayLike | None = None
                      ) -> tuple[Array, FloatArray, FloatArray]:
     """Group normalization of x (N, C, \\*), with its statistics.
 
@@ -351,13 +352,18 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
            [ 1.,  1.]])
     """
     L = _Groups(x, num_groups)
-    y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
+    if mask is not None or lengths is not None:
+        y, mean, invstd = _masked_group_forward(L, weight, bias, eps, out, n_threads, mask,
+                                                lengths, "group")[:3]
+    else:
+        y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
     return y, _saved_as(mean, L.sd, (L.N, L.G)), _saved_as(invstd, L.sd, (L.N, L.G))
 
 
 def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
                bias: ArrayLike | None = None, eps: float = 1e-5, *, out: Array | None = None,
-               n_threads: int | None = None) -> Array:
+               n_threads: int | None = None, mask: ArrayLike | None = None,
+               lengths: ArrayLike | None = None) -> Array:
     """Group normalization, as ``torch.nn.functional.group_norm``: the output only.
 
     `group_norm_train` without the statistics.
@@ -399,12 +405,14 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     array([[-1.3416, -0.4472,  0.4472,  1.3416],
            [-1.3416, -0.4472,  0.4472,  1.3416]])
     """
-    return group_norm_train(x, num_groups, weight, bias, eps, out=out, n_threads=n_threads)[0]
+    return group_norm_train(x, num_groups, weight, bias, eps, out=out, n_threads=n_threads,
+                            mask=mask, lengths=lengths)[0]
 
 
 def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: ArrayLike,
                         invstd: ArrayLike, weight: ArrayLike | None = None, *,
-                        out: Array | None = None, n_threads: int | None = None
+                        out: Array | None = None, n_threads: int | None = None,
+                        mask: ArrayLike | None = None, lengths: ArrayLike | None = None
                         ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradient of `group_norm_train`: (dx, dweight, dbias).
 
@@ -455,7 +463,11 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: Arra
     >>> np.allclose(dx, 0), dbias
     (True, array([2., 2., 2., 2.]))
     """
-    return _group_backward(_Groups(x, num_groups), dy, mean, invstd, weight, out, n_threads)
+    L = _Groups(x, num_groups)
+    if mask is not None or lengths is not None:
+        return _masked_group_backward(L, dy, mean, invstd, weight, out, n_threads, mask,
+                                      lengths)
+    return _group_backward(L, dy, mean, invstd, weight, out, n_threads)
 
 
 def _instances(x: Any) -> _Groups:
@@ -471,7 +483,9 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
                         bias: ArrayLike | None = None, *, eps: float = 1e-5,
                         running_mean: Array | None = None, running_var: Array | None = None,
                         momentum: float = 0.1, out: Array | None = None,
-                        n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+                        n_threads: int | None = None, mask: ArrayLike | None = None,
+                        lengths: ArrayLike | None = None
+                        ) -> tuple[Array, FloatArray, FloatArray]:
     """Instance normalization of x (N, C, \\*) with each instance's statistics.
 
     Each (sample, channel) is normalized over its spatial positions. Running
@@ -533,10 +547,15 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     L = _instances(x)
     chk.running(running_mean, running_var, L.C)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
-    chk.spatial(L.x, 2, "when using the input's statistics")
-    if running_mean is not None:
-        chk.nonempty(L.x, "to update the running statistics from")
+    if mask is not None or lengths is not None:
+        return _masked_instance_train(L, weight, bias, eps, running_mean, running_var,
+                                      momentum, out, n_threads, mask, lengths)
+    if L.x.size:  # an empty batch is defined: empty output, running statistics untouched
+        chk.spatial(L.x, 2, "when using the input's statistics")
     chk.disjoint_from_running(out, running_mean, running_var)
+    if running_mean is not None and not L.x.size:
+        y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
+        return y, _saved_as(mean, L.sd, (L.N, L.C)), _saved_as(invstd, L.sd, (L.N, L.C))
     if running_mean is not None:
         # each instance's exact variance (M2 / HW), not one rebuilt from invstd;
         # taken before the output is written, which may be x itself
@@ -553,7 +572,8 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
                   running_var: Array | None = None, weight: ArrayLike | None = None,
                   bias: ArrayLike | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, out: Array | None = None,
-                  n_threads: int | None = None) -> Array:
+                  n_threads: int | None = None, mask: ArrayLike | None = None,
+                  lengths: ArrayLike | None = None) -> Array:
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     Normalizes with each instance's statistics (``use_input_stats=True``,
@@ -609,7 +629,9 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
     if use_input_stats:
         return instance_norm_train(x, weight, bias, eps=eps, running_mean=running_mean,
                                    running_var=running_var, momentum=momentum, out=out,
-                                   n_threads=n_threads)[0]
+                                   n_threads=n_threads, mask=mask, lengths=lengths)[0]
+    if mask is not None or lengths is not None:  # checked: the output does not depend on it
+        chk.padding(mask, lengths, chk.tensor(x), 1)
     chk.required(running_mean, "running_mean", "required when use_input_stats is False")
     chk.required(running_var, "running_var", "required when use_input_stats is False")
     # both are arrays here: chk.required refused None
@@ -619,7 +641,9 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
 
 def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                            weight: ArrayLike | None = None, *, out: Array | None = None,
-                           n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+                           n_threads: int | None = None, mask: ArrayLike | None = None,
+                           lengths: ArrayLike | None = None
+                           ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradient of `instance_norm_train`: (dx, dweight, dbias).
 
     For ``use_input_stats=False`` use ``batch_norm_backward(...,
@@ -667,6 +691,104 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
     (True, array([2., 2.]), array([0., 0.]))
     """
     L = _instances(x)
+    if mask is not None or lengths is not None:
+        return _masked_group_backward(L, dy, mean, invstd, weight, out, n_threads, mask,
+                                      lengths)
     return _group_backward(L, dy, mean, invstd, weight, out, n_threads)
 
 
+# ---- masks and padded sequences: per-sample statistics over the unmasked values ---------
+
+def _masked_group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any,
+                          n_threads: Any, mask: Any, lengths: Any, what: str) -> Any:
+    """(y, mean, invstd, count, var), flat per (n, group): bn_masked_stats on the
+    (1, N*G, C/G*HW) view (groups are contiguous), then the per-(n, c) affine
+    map through the one per-channel entry (elemt) on the (1, N*C, HW) view.
+    Padded entries get the same affine map (see batch_norm_train); a group
+    without unmasked values has mean 0 and invstd 0 (output = bias)."""
+    w = chk.vector(weight, L.C, "weight")
+    b = chk.vector(bias, L.C, "bias")
+    eps = chk.real(eps, "eps", 0.0)
+    nt = chk.n_threads(n_threads)
+    m8 = chk.padding(mask, lengths, L.x, 1)
+    buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    cg = C // G if G else 0
+    xc = chk.contiguous(L.x, L.cd)
+    count, mean, m2 = _masked_moments(xc, m8, (1, N * G, cg * HW), chk.threads(nt))
+    chk.masked_counts(count.reshape(N, G), what)
+    empty = count == 0
+    var = np.divide(m2, count, out=np.zeros_like(m2), where=~empty)
+    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
+    _group_apply(L, xc, buf, mean, invstd, w, b, nt)
+    return chk.finish(buf, final, L.x.dtype), mean, invstd, count, var
+
+
+def _group_apply(L: _Groups, xc: Any, buf: Any, mean: Any, invstd: Any, w: Any, b: Any,
+                 nt: Any) -> None:
+    """y = (x - mean[n, g]) * invstd[n, g] * w[c] + b[c] into buf (compute dtype)."""
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    if buf.size:
+        cg = C // G
+        center = np.repeat(mean.reshape(N, G), cg, axis=1).reshape(-1)
+        scale = np.repeat(invstd.reshape(N, G), cg, axis=1) * (1.0 if w is None else w)
+        shift = np.tile(np.zeros(C) if b is None else b, N)
+        r = _k.elemt(xc.reshape(1, N * C, HW), center, scale.reshape(-1), None, shift, 1,
+                     buf.reshape(1, N * C, HW), None, nt)
+        assert r is not None, "canonical arguments"
+
+
+def _masked_group_backward(L: _Groups, dy: Any, mean: Any, invstd: Any, weight: Any, out: Any,
+                           n_threads: Any, mask: Any, lengths: Any) -> Any:
+    """Group/instance norm backward over the unmasked values: per-(n, c) sums by
+    bn_masked_backward_reduce on the (1, N*C, HW) view, combined per group
+    with each group's count; dx by bn_backward_apply, 0 at padded entries."""
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.saved(mean, L.N * L.G, "mean")
+    inv = chk.saved(invstd, L.N * L.G, "invstd")
+    w = chk.vector(weight, L.C, "weight")
+    nt = chk.threads(n_threads)
+    m8 = chk.padding(mask, lengths, L.x, 1)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy))
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    if not buf.size:
+        z = np.zeros(C, L.sd)
+        return chk.finish(buf, final, L.x.dtype), z, z.copy()
+    cg = C // G
+    center = np.repeat(m.reshape(N, G), cg, axis=1).reshape(-1)
+    invc = np.repeat(inv.reshape(N, G), cg, axis=1)
+    wv = np.ones(C) if w is None else w
+    count, sdy, sdx = np.empty(N * C), np.empty(N * C), np.empty(N * C)
+    _k.masked_backward_reduce(L.flat(dy), L.flat(L.x), None, m8.reshape(-1), (1, N * C, HW),
+                              center, 0, 0.0, sdy, sdx, count, nt)
+    sdy, sdx = sdy.reshape(N, C), sdx.reshape(N, C)
+    db = sdy.sum(axis=0)
+    dw = (sdx * invc).sum(axis=0)
+    sg = (wv * sdy).reshape(N, G, cg).sum(axis=2)
+    sgx = (wv * sdx).reshape(N, G, cg).sum(axis=2)
+    n = np.maximum(count.reshape(N, G, cg).sum(axis=2), 1.0)  # 0: every entry padded
+    ig = inv.reshape(N, G)
+    a = invc * wv
+    cb = np.repeat(-ig ** 3 * sgx / n, cg, axis=1)
+    cc = np.repeat(-ig * sg / n, cg, axis=1)
+    _k.backward_apply(L.flat(dy), L.flat(L.x), None, buf.reshape(-1), (1, N * C, HW), center,
+                      a.reshape(-1), cb.reshape(-1), cc.reshape(-1), 0, 0.0, nt)
+    _k.masked_zero(buf.reshape(-1), m8.reshape(-1), nt)
+    return (chk.finish(buf, final, L.x.dtype), dw.astype(L.sd, copy=False),
+            db.astype(L.sd, copy=False))
+
+
+def _masked_instance_train(L: _Groups, weight: Any, bias: Any, eps: Any, running_mean: Any,
+                           running_var: Any, momentum: float, out: Any, n_threads: Any,
+                           mask: Any, lengths: Any) -> Any:
+    """instance_norm_train with a mask: each instance's statistics over its
+    unmasked positions; the running statistics move toward each channel's
+    average over the instances that have values (unbiased with each
+    instance's own count), untouched for a channel without any."""
+    chk.disjoint_from_running(out, running_mean, running_var)
+    y, mean, invstd, count, var = _masked_group_forward(L, weight, bias, eps, out, n_threads,
+                                                        mask, lengths, "instance")
+    if running_mean is not None and L.N * L.C:
+        _update_present(running_mean, running_var, mean.reshape(L.N, L.C),
+                        var.reshape(L.N, L.C), count.reshape(L.N, L.C), momentum, True)
+    return y, _saved_as(mean, L.sd, (L.N, L.C)), _saved_as(invstd, L.sd, (L.N, L.C))
