@@ -21,12 +21,13 @@ __all__ = ["BatchNorm", "BatchRenorm", "RecurrentBatchNorm", "InPlaceABN", "Froz
 
 class _Record:
     """What backward needs of one forward call."""
-    __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
+    __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra", "mask")
 
     def __init__(self, x: Any, mean: Any, invstd: Any, training: bool, ghost: int | None = None,
-                 y: Any = None, extra: Any = None):
+                 y: Any = None, extra: Any = None, mask: Any = None):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
         self.ghost, self.y, self.extra = ghost, y, extra
+        self.mask = mask  # the validated boolean mask of x's shape, or None
 
 
 class BatchNorm(Module):
@@ -166,8 +167,14 @@ class BatchNorm(Module):
         chk.separate_from_input(out, L.x)
         return L.x
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    _forward_options = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, _Record]:
         x = self._input(x, out)
+        # the mask, checked and materialized once (x.size bytes), for both passes
+        pad = (None if mask is None and lengths is None
+               else chk.padding(mask, lengths, x, self.axis).view(bool))
         if self.training or not self.track_running_stats:
             ghost = self.virtual_batch_size if self.training else None
             if self.training and self.track_running_stats:
@@ -176,20 +183,23 @@ class BatchNorm(Module):
                 y, mean, invstd, updated = train(
                     x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
                     self.running_var, factor, out, self.activation, n_threads, ghost,
-                    self.skip_nonfinite_update, self.running_var_unbiased)
+                    self.skip_nonfinite_update, self.running_var_unbiased, pad)
                 if updated:
                     self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(
                     x, self.weight, self.bias, axis=self.axis, eps=self.eps, out=out,
-                    activation=self.activation, n_threads=n_threads, virtual_batch_size=ghost)
-            record = _Record(x, mean, invstd, True, ghost)
+                    activation=self.activation, n_threads=n_threads, virtual_batch_size=ghost,
+                    mask=pad)
+            record = _Record(x, mean, invstd, True, ghost, mask=pad)
         else:
             y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 axis=self.axis, eps=self.eps, out=out,
                                 activation=self.activation, n_threads=n_threads)
+            # eval mode: padded entries get the same affine map as the others (the
+            # masked training output's rule); the mask only limits the gradients
             record = _Record(x, self.running_mean.astype(np.float64),
-                             _k.invstd(self.running_var, self.eps), False)
+                             _k.invstd(self.running_var, self.eps), False, mask=pad)
         # the activation's mask source, kept only when there is one
         record.y = y if self.activation is not None else None
         return y, record
@@ -197,7 +207,8 @@ class BatchNorm(Module):
     def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward(dy, r.x, r.mean, r.invstd, self.weight, axis=self.axis,
                                    training=r.training, out=out, activation=self.activation,
-                                   y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost)
+                                   y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost,
+                                   mask=r.mask)
 
     def freeze(self) -> FrozenBatchNorm:
         """A FrozenBatchNorm with copies of this layer's eval-mode parameters.
@@ -343,6 +354,8 @@ class BatchRenorm(BatchNorm):
         return (ramp(self.rmax, 1.0, self.rmax_ramp_steps),
                 ramp(self.dmax, 0.0, self.dmax_ramp_steps))
 
+    _forward_options = ()  # no masked renormalization (yet)
+
     def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         if not self.training:
             return super()._forward(x, out, n_threads)
@@ -462,6 +475,8 @@ class InPlaceABN(BatchNorm):
         y, record = self._forward(x, x, n_threads)
         self._saved = record
         return y
+
+    _forward_options = ()
 
     def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
         y, record = super()._forward(x, out, n_threads)

@@ -139,17 +139,22 @@ class GroupNorm(Module):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
                 f"affine={self.affine})")
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+    _forward_options = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, Any]:
         x = chk.Layout(x, 1).channels(self.num_channels).x
         chk.separate_from_input(out, x)
+        pad = None if mask is None and lengths is None else chk.padding(mask, lengths, x, 1)
+        pad = None if pad is None else pad.view(bool)
         y, mean, invstd = group_norm_train(x, self.num_groups, self.weight, self.bias, self.eps,
-                                           out=out, n_threads=n_threads)
-        return y, (x, mean, invstd)
+                                           out=out, n_threads=n_threads, mask=pad)
+        return y, (x, mean, invstd, pad)
 
     def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
-        x, mean, invstd = record
+        x, mean, invstd, pad = record
         return group_norm_backward(dy, x, self.num_groups, mean, invstd, self.weight, out=out,
-                                   n_threads=n_threads)
+                                   n_threads=n_threads, mask=pad)
 
 
 class InstanceNorm(Module):
@@ -231,9 +236,14 @@ class InstanceNorm(Module):
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+    _forward_options = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, Any]:
         x = chk.Layout(x, 1).channels(self.num_features).x
         chk.separate_from_input(out, x)
+        pad = None if mask is None and lengths is None else chk.padding(mask, lengths, x, 1)
+        pad = None if pad is None else pad.view(bool)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             y, mean, invstd = instance_norm_train(
@@ -241,17 +251,17 @@ class InstanceNorm(Module):
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None,
                 momentum=0.0 if self.momentum is None else self.momentum,
-                out=out, n_threads=n_threads)
-            return y, (x, mean, invstd, True)
+                out=out, n_threads=n_threads, mask=pad)
+            return y, (x, mean, invstd, True, pad)
         y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                             eps=self.eps, out=out, n_threads=n_threads)
         return y, (x, self.running_mean.astype(np.float64),
-                   _k.invstd(self.running_var, self.eps), False)
+                   _k.invstd(self.running_var, self.eps), False, pad)
 
     def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
-        x, mean, invstd, per_instance = record
+        x, mean, invstd, per_instance, pad = record
         if per_instance:
             return instance_norm_backward(dy, x, mean, invstd, self.weight, out=out,
-                                          n_threads=n_threads)
+                                          n_threads=n_threads, mask=pad)
         return batch_norm_backward(dy, x, mean, invstd, self.weight, training=False, out=out,
-                                   n_threads=n_threads)
+                                   n_threads=n_threads, mask=pad)
