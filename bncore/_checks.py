@@ -349,9 +349,11 @@ class Layout:
                              f"{self.x.shape}")
         return self
 
-    def trainable(self):
-        # an empty batch (count 0) is defined: empty output, statistics untouched
-        if self.count == 1:
+    def trainable(self, empty=False):
+        """Training needs more than 1 value per channel; with empty=True, an empty
+        batch (count 0) is accepted too (batch norm defines it: empty output,
+        running statistics untouched)."""
+        if self.count == 1 or (self.count == 0 and not empty):
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{self.count} (shape {self.x.shape}, axis={self.axis})")
         return self

@@ -160,7 +160,7 @@ def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any
                  virtual_batch_size)
     if r is not None:
         return r
-    L = chk.Layout(x, axis).trainable()
+    L = chk.Layout(x, axis).trainable(empty=True)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
     eps = chk.real(eps, "eps", 0.0)
@@ -172,7 +172,7 @@ def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
     chk.disjoint_from_running(out, running_mean, running_var)
     if L.count == 0:
-        return _train_empty(L, vbs, out, running_mean is not None)
+        return _train_empty(L, vbs, buf, final, running_mean is not None)
     # running statistics the entry cannot update in place are updated in copies
     rm, rv = running_mean, running_var
     if rm is not None and not (_k.is_canonical(rm) and _k.is_canonical(rv)):
@@ -788,12 +788,11 @@ def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: Ar
 
 # ---- empty batches and masked (padded) batches -------------------------------------------
 
-def _train_empty(L: Any, vbs: Any, out: Any, running: bool) -> Any:
+def _train_empty(L: Any, vbs: Any, buf: Any, final: Any, running: bool) -> Any:
     """Training on a batch with no value per channel (N = 0, or a zero-size
     axis): an empty output, mean 0 and invstd 0 per channel (per ghost batch),
     the running statistics untouched. Reported as a counted step, as PyTorch
     counts it in num_batches_tracked."""
-    buf, final = chk.output(out, L.x, L.cd, (L.x,))
     K = None if vbs is None else -(-L.x.shape[0] // vbs)
     shape = (L.C,) if K is None else (K, L.C)
     zeros = np.zeros(shape, L.sd)
