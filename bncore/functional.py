@@ -42,12 +42,24 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     float64 with shifted sums, so float32 input stays accurate when
     ``|mean| >> std``. ``activation`` is fused into the same pass.
 
+    With ``mask`` (or ``lengths``) the statistics are those of the unmasked
+    values only: each channel's mean, variance and running update (Bessel's
+    correction with that channel's own count) equal batch norm over the
+    unpadded values concatenated. Padded entries get the same affine map
+    with those statistics (defined and finite wherever x is; multiply by
+    the mask for zeros). A channel with no unmasked value gets mean 0 and
+    invstd 0 (its output is ``bias``) and keeps its running statistics; one
+    with exactly one unmasked value is refused, as unmasked training
+    refuses one value per channel. An empty batch (no value per channel:
+    N = 0 or a zero-size axis) returns an empty output with mean and invstd
+    0 and leaves the running statistics untouched, as PyTorch does.
+
     Parameters
     ----------
     x : array_like
-        Input of dtype float16, float32 or float64 with ``ndim >= 2`` and more
-        than one value per channel. float16 is computed in float32 and
-        returned as float16.
+        Input of dtype float16, float32 or float64 with ``ndim >= 2`` and
+        more than one value per channel, or none (an empty batch). float16 is
+        computed in float32 and returned as float16.
     weight, bias : array_like, optional
         Per-channel scale and shift, floating point of length C. None means
         1 and 0.
@@ -94,6 +106,20 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
         ``save_invstd`` are still returned as computed. Off by default: the
         update is then PyTorch's, and a non-finite channel makes that
         channel's running statistics non-finite.
+    mask : array_like of bool, optional
+        True where a value counts (padded entries False), broadcastable to
+        x, e.g. ``(N, 1, T)`` for ``(N, C, T)``. It is materialized as a
+        contiguous uint8 array of x's shape (x.size bytes). Composes with
+        ``virtual_batch_size``: each ghost batch's masked statistics, the
+        running statistics moving toward each channel's average over the
+        ghost batches in which it has values. Pass the same mask to
+        `batch_norm_backward`.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for padded sequences: shape ``(N,)``, ``0 <=
+        lengths[i] <= T``; sample i counts at positions ``< lengths[i]`` of
+        the sequence axis, the one axis of x that is neither axis 0 nor the
+        channel axis (``(N, C, T)``, or ``(N, T, C)`` with ``axis=-1``; other
+        shapes are refused: use ``mask``).
 
     Returns
     -------
@@ -107,13 +133,15 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     Raises
     ------
     TypeError
-        If x, a parameter or ``out`` has an unsupported type or dtype, or
-        ``axis`` is not an int.
+        If x, a parameter or ``out`` has an unsupported type or dtype,
+        ``axis`` is not an int, ``mask`` is not boolean or ``lengths`` not
+        integer.
     ValueError
-        If a shape does not match, a channel has only one value, ``eps``,
-        ``momentum``, ``activation``, ``n_threads`` or ``virtual_batch_size``
-        is out of range, or ``out`` is read-only or overlaps the running
-        statistics. Nothing is written when an argument is refused.
+        If a shape does not match, a channel has only one (unmasked) value,
+        ``eps``, ``momentum``, ``activation``, ``n_threads``,
+        ``virtual_batch_size`` or ``lengths`` is out of range, both ``mask``
+        and ``lengths`` are given, or ``out`` is read-only or overlaps the
+        running statistics. Nothing is written when an argument is refused.
 
     See Also
     --------
@@ -139,6 +167,13 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     >>> y, _, _ = bncore.batch_norm_train(xt, axis=-1, activation="relu")
     >>> np.array_equal(y, np.maximum(bncore.batch_norm_train(x, axis=0)[0].T, 0))
     True
+
+    Padded sequences (N, C, T): the padding enters no statistic:
+
+    >>> seq = np.array([[[1.0, 3.0, 99.0]], [[5.0, 99.0, 99.0]]])  # lengths 2 and 1
+    >>> y, mean, invstd = bncore.batch_norm_train(seq, lengths=np.array([2, 1]), eps=0.0)
+    >>> mean, np.round(y[0, 0, :2] * np.sqrt(8 / 3), 4)
+    (array([3.]), array([-2.,  0.]))
     """
     return train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
                  activation, n_threads, virtual_batch_size, skip_nonfinite_update,
@@ -355,7 +390,11 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     (times the activation's derivative), per channel over its n values:
     ``dx = save_invstd * (g - mean(g) - xhat * mean(g * xhat))`` in training
     mode, ``dx = g * save_invstd`` in eval mode; ``dweight = sum(dy * xhat)``
-    and ``dbias = sum(dy)``.
+    and ``dbias = sum(dy)``. With ``mask`` (the forward's), the sums and
+    means run over the unmasked values only (each channel's own count) and
+    ``dx`` is 0 at padded entries: the gradient of the loss over the
+    unmasked outputs. An empty batch gives an empty ``dx`` and zero
+    ``dweight`` and ``dbias``.
 
     Parameters
     ----------
@@ -389,6 +428,10 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     virtual_batch_size : int, optional
         Training only: the forward's ghost batch size; ``save_mean`` and
         ``save_invstd`` then have one row per ghost batch.
+    mask : array_like of bool, optional
+        The forward's mask (see `batch_norm_train`), broadcastable to x.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
@@ -402,11 +445,12 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     ------
     TypeError
         If an array has an unsupported type or dtype, ``dy`` or ``y`` differs
-        from x's dtype, or ``axis`` is not an int.
+        from x's dtype, ``axis`` is not an int, ``mask`` is not boolean or
+        ``lengths`` not integer.
     ValueError
-        If a shape does not match, ``y`` is missing with an activation, or
-        ``activation``, ``n_threads`` or ``virtual_batch_size`` is out of
-        range.
+        If a shape does not match, ``y`` is missing with an activation,
+        ``activation``, ``n_threads``, ``virtual_batch_size`` or ``lengths``
+        is out of range, or both ``mask`` and ``lengths`` are given.
 
     Examples
     --------

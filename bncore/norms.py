@@ -324,6 +324,15 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each group's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; a group without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -384,6 +393,15 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each group's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; a group without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -438,6 +456,11 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: Arra
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        The forward's mask: sums over the unmasked values only, ``dx`` 0 at
+        padded entries.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
@@ -514,6 +537,15 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each instance's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; an instance without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -601,6 +633,15 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each instance's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; an instance without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -665,6 +706,11 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        The forward's mask: sums over the unmasked values only, ``dx`` 0 at
+        padded entries.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
