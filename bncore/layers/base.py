@@ -7,8 +7,9 @@ any running statistic moves and returns (y, record); only then is the record
 out, n_threads) -> (dx, dweight, dbias)` and only then sets grad_weight and
 grad_bias. `options` are the extra forward arguments a layer declares in
 `_forward_options` (``mask``, ``lengths``: padded batches), passed only when
-given; a layer without them refuses them here, by name. State dicts use PyTorch's keys and are checked whole (keys,
-shapes, dtypes, count ranges) before anything is assigned.
+given; a layer without them refuses them here, by name. State dicts use
+PyTorch's keys and are checked whole (keys, shapes, dtypes, count ranges)
+before anything is assigned.
 """
 from __future__ import annotations
 
