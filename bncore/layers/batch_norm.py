@@ -41,6 +41,13 @@ class BatchNorm(Module):
     the layer's dtype under PyTorch's names (``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``).
 
+    ``forward(x, mask=...)`` or ``forward(x, lengths=...)`` normalizes a
+    padded batch with the statistics of its unmasked values (see
+    `batch_norm_train`); the record keeps the mask, so ``backward`` gives
+    padded entries no gradient. An empty training batch returns an empty
+    output and leaves the running statistics untouched (the step still
+    counts in ``num_batches_tracked``, as in PyTorch).
+
     Parameters
     ----------
     num_features : int

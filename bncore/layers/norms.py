@@ -90,7 +90,8 @@ class GroupNorm(Module):
 
     num_groups groups of num_channels/num_groups channels, per-channel weight
     (ones) and bias (zeros) when affine; training and eval mode behave the
-    same.
+    same. ``forward(x, mask=...)`` / ``forward(x, lengths=...)`` takes each
+    group's statistics over its unmasked values (see `group_norm_train`).
 
     Parameters
     ----------
@@ -165,7 +166,9 @@ class InstanceNorm(Module):
     (running statistics, when tracked, updated with the batch average of each
     instance's mean and unbiased variance, as PyTorch does). Eval mode with
     tracked statistics: the running statistics. momentum=None means 0
-    (running statistics stay put), as in PyTorch.
+    (running statistics stay put), as in PyTorch. ``forward(x, mask=...)`` /
+    ``forward(x, lengths=...)`` takes each instance's statistics over its
+    unmasked values (see `instance_norm_train`).
 
     Parameters
     ----------
