@@ -274,8 +274,8 @@ def _group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any, n_thr
     mean, invstd = np.empty(L.N * L.G), np.empty(L.N * L.G)
     if L.x.size:
         _k.group_norm(L.flat(L.x), buf.reshape(-1), L.shape, w, b, eps, mean, invstd, nt)
-    else:  # no value: mean 0 and invstd 0, as for a fully masked group (NaN-free)
-        mean[:], invstd[:] = 0.0, 0.0
+    else:
+        mean[:], invstd[:] = 0.0, np.nan
     return chk.finish(buf, final, L.x.dtype), mean, invstd
 
 
