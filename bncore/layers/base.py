@@ -41,8 +41,7 @@ class Module:
     eps: float
 
     if TYPE_CHECKING:  # what each layer defines (see the module docstring)
-        def _forward(self, x: Any, out: Any, n_threads: Any, **options: Any
-                     ) -> tuple[Array, Any]: ...
+        def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]: ...
         def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any
                       ) -> tuple[Array, Any, Any]: ...
 

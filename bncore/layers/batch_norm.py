@@ -174,7 +174,7 @@ class BatchNorm(Module):
         chk.separate_from_input(out, L.x)
         return L.x
 
-    _forward_options = ("mask", "lengths")
+    _forward_options: tuple[str, ...] = ("mask", "lengths")
 
     def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
                  lengths: Any = None) -> tuple[Array, _Record]:
@@ -363,7 +363,7 @@ class BatchRenorm(BatchNorm):
 
     _forward_options = ()  # no masked renormalization (yet)
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:  # type: ignore[override]
         if not self.training:
             return super()._forward(x, out, n_threads)
         x = self._input(x, out)
@@ -485,7 +485,7 @@ class InPlaceABN(BatchNorm):
 
     _forward_options = ()
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:  # type: ignore[override]
         y, record = super()._forward(x, out, n_threads)
         record.x, record.y = None, y  # x is gone: y is all backward has
         return y, record
@@ -687,8 +687,8 @@ class RecurrentBatchNorm(Module):
         """
         return self.forward(x, t, **kwargs)
 
-    def forward(self, x: Any, t: int | None = None, *, out: Array | None = None,
-                n_threads: int | None = None) -> Array:
+    def forward(self, x: Any, t: int | None = None, *,  # type: ignore[override]  # no mask
+                out: Array | None = None, n_threads: int | None = None) -> Array:
         """Normalize one step (N, C) at step t, or a sequence (T, N, C) from step t.
 
         In training mode each step uses its batch statistics and updates its
@@ -1050,8 +1050,8 @@ class FrozenBatchNorm(Module):
             chk.refuse("mode", "a FrozenBatchNorm has no training mode (use BatchNorm)")
         return self
 
-    def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
-                ) -> Array:
+    def forward(self, x: Any, *, out: Array | None = None,  # type: ignore[override]
+                n_threads: int | None = None) -> Array:
         """``act((x - running_mean) * scale + bias)`` in one pass; keeps no state.
 
         Parameters
