@@ -329,7 +329,7 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
         each group's statistics are taken over its unmasked values only
         (materialized as a uint8 array of x's shape). Padded entries get the
         same affine map; a group without unmasked values gets mean 0 and
-        invstd 0 (output ``bias``); one with a single value is refused.
+        invstd 0 (output ``bias``).
     lengths : array_like of int, optional
         Instead of ``mask``, for (N, C, T) input: sample i counts at
         positions ``< lengths[i]`` of axis 2.
@@ -398,7 +398,7 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
         each group's statistics are taken over its unmasked values only
         (materialized as a uint8 array of x's shape). Padded entries get the
         same affine map; a group without unmasked values gets mean 0 and
-        invstd 0 (output ``bias``); one with a single value is refused.
+        invstd 0 (output ``bias``).
     lengths : array_like of int, optional
         Instead of ``mask``, for (N, C, T) input: sample i counts at
         positions ``< lengths[i]`` of axis 2.
@@ -762,7 +762,8 @@ def _masked_group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any
     cg = C // G if G else 0
     xc = chk.contiguous(L.x, L.cd)
     count, mean, m2 = _masked_moments(xc, m8, (1, N * G, cg * HW), chk.threads(nt))
-    chk.masked_counts(count.reshape(N, G), what)
+    if what == "instance":  # as unmasked instance norm refuses one spatial value
+        chk.masked_counts(count.reshape(N, G), what)
     empty = count == 0
     var = np.divide(m2, count, out=np.zeros_like(m2), where=~empty)
     invstd = np.where(empty, 0.0, _k.invstd(var, eps))

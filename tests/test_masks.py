@@ -336,10 +336,18 @@ def test_instance_norm_running_statistics_and_layers(rng):
     gn = bncore.GroupNorm(3, 3, dtype=np.float64)
     np.testing.assert_array_equal(gn(x, lengths=lengths), y)
     np.testing.assert_array_equal(gn.backward(dy), dx)
-    # a refused mask leaves the record
-    record = gn._saved
+    # a refused mask leaves the record; one value per instance is refused (as
+    # unmasked instance norm refuses one spatial value), not per group
+    one = np.eye(6, dtype=bool)[None, :3, :].repeat(4, 0)
+    record = layer._saved
     with pytest.raises(ValueError, match="^mask: expected 0 or more than 1"):
-        gn(x, mask=np.eye(6, dtype=bool)[None, :3, :].repeat(4, 0))
+        layer(x, mask=one)
+    assert layer._saved is record
+    y1 = gn(x, mask=one)  # a group of one value: that value normalizes to bias
+    np.testing.assert_array_equal(y1[one], np.broadcast_to(gn.bias[None, :, None], x.shape)[one])
+    record = gn._saved
+    with pytest.raises(ValueError, match="^mask: expected a shape"):
+        gn(x, mask=np.ones((4, 2, 6), bool))
     assert gn._saved is record
 
 
