@@ -388,3 +388,17 @@ def test_activation_with_a_mask(rng):
     np.testing.assert_allclose(dx, gx, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dw, gw, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(db, gb, rtol=1e-10, atol=1e-10)
+
+
+def test_group_norm_thread_counts_are_bit_identical(rng):
+    x = (rng.standard_normal((16, 8, 1000)) + 3).astype(np.float32)  # > 64K values
+    lengths = rng.integers(2, 1001, 16)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    runs = []
+    for nt in (1, 2, 3):
+        y, m, inv = bncore.group_norm_train(x, 4, lengths=lengths, n_threads=nt)
+        runs.append((y, m, inv) + bncore.group_norm_backward(dy, x, 4, m, inv, lengths=lengths,
+                                                             n_threads=nt))
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            np.testing.assert_array_equal(a, b)
