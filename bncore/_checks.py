@@ -380,8 +380,11 @@ class Layout:
                              f"{self.x.shape}")
         return self
 
-    def trainable(self):
-        if self.count < 2:
+    def trainable(self, empty=False):
+        """Training needs more than 1 value per channel; with empty=True, an empty
+        batch (count 0) is accepted too (batch norm defines it: empty output,
+        running statistics untouched)."""
+        if self.count == 1 or (self.count == 0 and not empty):
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{self.count} (shape {self.x.shape}, axis={self.axis})")
         return self
@@ -393,9 +396,9 @@ def ghost_batches(L, virtual_batch_size):
     if virtual_batch_size is None:
         return None
     v = positive_int(virtual_batch_size, "virtual_batch_size")
-    if L.first == 0:
-        raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
-                         f"must not be a channel axis (axis={L.axis})")
+    ghost_axis(L.axis, L.x.ndim)
+    if L.count == 0:  # an empty batch: no ghost batch has a value to count
+        return v
     N = L.x.shape[0]
     per_sample = L.count // max(N, 1)
     last = N % v if v < N else N
@@ -739,10 +742,10 @@ def gathered(got, send, rank):
 
 
 def ghost_axis(axis, ndim):
-    """Ghost batches split axis 0 (the samples), which must not be the channel axis."""
-    if channel_axis(axis, ndim) == 0:
+    """Ghost batches split axis 0 (the samples), which must not be a channel axis."""
+    if axis_span(channel_axis(axis, ndim))[0] == 0:
         raise ValueError("virtual_batch_size: ghost batches split axis 0 (the samples), which "
-                         "must not be the channel axis (axis=0)")
+                         f"must not be a channel axis (axis={axis})")
 
 
 def torch_group_ready(dist):
@@ -897,3 +900,81 @@ def flax_variables(variables):
                        f"'bias')")
     return {"weight": params.get("scale"), "bias": params.get("bias"),
             "running_mean": stats["mean"], "running_var": stats["var"]}
+
+# ---- masks and padded sequences (masked statistics) ----------------------------------------
+
+def mask(m, x) -> np.ndarray:
+    """A boolean mask broadcastable to x, materialized as a C-contiguous uint8
+    array of x's shape (1 where a value counts): x.size bytes."""
+    a = _array(m, "mask")
+    if a.dtype != np.bool_:
+        raise TypeError(f"mask: expected a boolean array (True where a value counts), got "
+                        f"dtype {a.dtype}")
+    try:
+        ok = np.broadcast_shapes(a.shape, x.shape) == x.shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask: expected a shape that broadcasts to x's shape {x.shape}, got "
+                         f"{a.shape}")
+    return np.ascontiguousarray(np.broadcast_to(a, x.shape)).view(np.uint8)
+
+
+def sequence_axis(x, axis):
+    """The one axis of x that is neither the batch axis 0 nor the channel axis."""
+    first, last = axis_span(channel_axis(axis, x.ndim))
+    rest = [d for d in range(x.ndim) if d != 0 and not first <= d <= last]
+    if len(rest) != 1:
+        raise ValueError(f"lengths: expected x with exactly one sequence axis besides the batch "
+                         f"axis 0 and the channel axis {axis}, e.g. (N, C, T) or channels-last "
+                         f"(N, T, C); x has shape {x.shape} (pass mask= instead)")
+    return rest[0]
+
+
+def lengths(v, x, axis) -> np.ndarray:
+    """Per-sample lengths (N,) of a padded batch as the mask they define over the
+    sequence axis (see sequence_axis): uint8 of x's shape."""
+    t = sequence_axis(x, axis)
+    a = _array(v, "lengths")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"lengths: expected an integer array, got dtype {a.dtype}")
+    N, T = x.shape[0], x.shape[t]
+    if a.shape != (N,):
+        raise ValueError(f"lengths: expected shape ({N},), one length per sample, got {a.shape}")
+    bad = np.flatnonzero((a < 0) | (a > T))
+    if bad.size:
+        raise ValueError(f"lengths: expected lengths in [0, {T}] (axis {t} of x), got "
+                         f"{a[bad[:5]].tolist()} at samples {bad[:5].tolist()}")
+    shape = [1] * x.ndim
+    shape[0], shape[t] = N, T
+    m = (np.arange(T)[None, :] < a.astype(np.int64)[:, None]).reshape(shape)
+    return np.ascontiguousarray(np.broadcast_to(m, x.shape)).view(np.uint8)
+
+
+def padding(m, lens, x, axis):
+    """The uint8 mask of `mask` or `lengths` (not both), or None for neither."""
+    if m is not None and lens is not None:
+        raise ValueError("lengths: expected None when mask is given (mask and lengths are two "
+                         "ways to say the same thing; pass one), got an array")
+    if m is not None:
+        return mask(m, x)
+    return None if lens is None else lengths(lens, x, axis)
+
+
+def masked_counts(count, what="channel"):
+    """Training with a mask: every channel (ghost batch, instance, group) has
+    either no unmasked value or more than one."""
+    bad = np.argwhere(np.asarray(count) == 1)
+    if bad.size:
+        raise ValueError(f"mask: expected 0 or more than 1 unmasked value per {what} when "
+                         f"training, got 1 at index {bad[0].tolist()}")
+
+
+def ghost_size(L, virtual_batch_size):
+    """virtual_batch_size for masked or empty batches, where the counts are
+    checked from the data: None or a positive int, axis 0 not the channel axis."""
+    if virtual_batch_size is None:
+        return None
+    v = positive_int(virtual_batch_size, "virtual_batch_size")
+    ghost_axis(L.axis, L.x.ndim)
+    return v

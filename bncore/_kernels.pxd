@@ -2,7 +2,7 @@
 # include/bncore_impl.h that the Python layer shares: one invstd rule, one
 # running-statistics update, one Chan merge). _kernels.pyx cimports these
 # implicitly (same module name).
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 
 cdef extern from *:
     """
@@ -150,6 +150,22 @@ cdef extern from *:
     int bn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
                                  int64_t cols, const double *invrms, const double *weight,
                                  double *dweight, int nt) nogil
+
+    # masked statistics (padded batches)
+    int bn_masked_stats_f32(const float *x, const uint8_t *mask, bn_shape s, double *count,
+                            double *mean, double *m2, int nt) nogil
+    int bn_masked_stats_f64(const double *x, const uint8_t *mask, bn_shape s, double *count,
+                            double *mean, double *m2, int nt) nogil
+    int bn_masked_backward_reduce_f32(const float *dy, const float *x, const float *y,
+                                      const uint8_t *mask, bn_shape s, const double *mean,
+                                      bn_act act, double slope, double *sum_dy,
+                                      double *sum_dy_xmu, double *count, int nt) nogil
+    int bn_masked_backward_reduce_f64(const double *dy, const double *x, const double *y,
+                                      const uint8_t *mask, bn_shape s, const double *mean,
+                                      bn_act act, double slope, double *sum_dy,
+                                      double *sum_dy_xmu, double *count, int nt) nogil
+    int bn_masked_zero_f32(float *x, const uint8_t *mask, int64_t n, int nt) nogil
+    int bn_masked_zero_f64(double *x, const uint8_t *mask, int64_t n, int nt) nogil
 
 cdef extern from "bncore_alloc.h":
     # fresh outputs through a bounded cache of freed buffers (not part of the C API)

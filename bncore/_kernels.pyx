@@ -20,7 +20,7 @@ import os
 cimport numpy as cnp
 from cython cimport floating
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -937,4 +937,61 @@ def rms_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::
         else:
             err = bn_rms_norm_backward_f64(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
                                            &dweight[0], nt)
+# ---- masked statistics (padded batches; arguments made canonical by the Python layer) ------
+
+def masked_stats(const floating[::1] x, const uint8_t[::1] mask, tuple shape,
+                 double[::1] count, double[::1] mean, double[::1] m2, int nt):
+    """bn_masked_stats: per-channel count, mean and M2 of the unmasked values;
+    mask is uint8 in x's layout."""
+    cdef bn_shape s = _shape(shape)
+    cdef int err
+    if x.shape[0] == 0 or count.shape[0] == 0:  # empty: no data pointer to pass
+        count[:] = 0
+        mean[:] = 0
+        m2[:] = 0
+        return
+    with nogil:
+        if floating is float:
+            err = bn_masked_stats_f32(&x[0], &mask[0], s, &count[0], &mean[0], &m2[0], nt)
+        else:
+            err = bn_masked_stats_f64(&x[0], &mask[0], s, &count[0], &mean[0], &m2[0], nt)
+    _check(err)
+
+
+def masked_backward_reduce(const floating[::1] dy, const floating[::1] x, const floating[::1] y,
+                           const uint8_t[::1] mask, tuple shape, const double[::1] mean,
+                           int act, double slope, double[::1] sum_dy, double[::1] sum_dy_xmu,
+                           double[::1] count, int nt):
+    """bn_masked_backward_reduce: per-channel sum(g), sum(g * (x - mean)) and
+    count over the unmasked values."""
+    cdef bn_shape s = _shape(shape)
+    cdef const floating *yp = NULL if y is None else &y[0]
+    cdef int err
+    if x.shape[0] == 0 or sum_dy.shape[0] == 0:
+        sum_dy[:] = 0
+        sum_dy_xmu[:] = 0
+        count[:] = 0
+        return
+    with nogil:
+        if floating is float:
+            err = bn_masked_backward_reduce_f32(&dy[0], &x[0], yp, &mask[0], s, &mean[0],
+                                                <bn_act>act, slope, &sum_dy[0], &sum_dy_xmu[0],
+                                                &count[0], nt)
+        else:
+            err = bn_masked_backward_reduce_f64(&dy[0], &x[0], yp, &mask[0], s, &mean[0],
+                                                <bn_act>act, slope, &sum_dy[0], &sum_dy_xmu[0],
+                                                &count[0], nt)
+    _check(err)
+
+
+def masked_zero(floating[::1] x, const uint8_t[::1] mask, int nt):
+    """bn_masked_zero: x = 0 where mask is 0."""
+    cdef int err
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        if floating is float:
+            err = bn_masked_zero_f32(&x[0], &mask[0], x.shape[0], nt)
+        else:
+            err = bn_masked_zero_f64(&x[0], &mask[0], x.shape[0], nt)
     _check(err)

@@ -31,7 +31,8 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
                      momentum: float = 0.1, out: Array | None = None,
                      activation: Activation = None, n_threads: int | None = None,
                      virtual_batch_size: int | None = None, running_var_unbiased: bool = True,
-                     skip_nonfinite_update: bool = False) -> tuple[Array, FloatArray, FloatArray]:
+                     skip_nonfinite_update: bool = False, mask: ArrayLike | None = None,
+                     lengths: ArrayLike | None = None) -> tuple[Array, FloatArray, FloatArray]:
     """Normalize with the batch statistics; update running statistics in place.
 
     Per channel ``c`` (the entries of ``x`` along ``axis``),
@@ -41,12 +42,24 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     float64 with shifted sums, so float32 input stays accurate when
     ``|mean| >> std``. ``activation`` is fused into the same pass.
 
+    With ``mask`` (or ``lengths``) the statistics are those of the unmasked
+    values only: each channel's mean, variance and running update (Bessel's
+    correction with that channel's own count) equal batch norm over the
+    unpadded values concatenated. Padded entries get the same affine map
+    with those statistics (defined and finite wherever x is; multiply by
+    the mask for zeros). A channel with no unmasked value gets mean 0 and
+    invstd 0 (its output is ``bias``) and keeps its running statistics; one
+    with exactly one unmasked value is refused, as unmasked training
+    refuses one value per channel. An empty batch (no value per channel:
+    N = 0 or a zero-size axis) returns an empty output with mean and invstd
+    0 and leaves the running statistics untouched, as PyTorch does.
+
     Parameters
     ----------
     x : array_like
-        Input of dtype float16, float32 or float64 with ``ndim >= 2`` and more
-        than one value per channel. float16 is computed in float32 and
-        returned as float16.
+        Input of dtype float16, float32 or float64 with ``ndim >= 2`` and
+        more than one value per channel, or none (an empty batch). float16 is
+        computed in float32 and returned as float16.
     weight, bias : array_like, optional
         Per-channel scale and shift, floating point of length C. None means
         1 and 0.
@@ -93,6 +106,20 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
         ``save_invstd`` are still returned as computed. Off by default: the
         update is then PyTorch's, and a non-finite channel makes that
         channel's running statistics non-finite.
+    mask : array_like of bool, optional
+        True where a value counts (padded entries False), broadcastable to
+        x, e.g. ``(N, 1, T)`` for ``(N, C, T)``. It is materialized as a
+        contiguous uint8 array of x's shape (x.size bytes). Composes with
+        ``virtual_batch_size``: each ghost batch's masked statistics, the
+        running statistics moving toward each channel's average over the
+        ghost batches in which it has values. Pass the same mask to
+        `batch_norm_backward`.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for padded sequences: shape ``(N,)``, ``0 <=
+        lengths[i] <= T``; sample i counts at positions ``< lengths[i]`` of
+        the sequence axis, the one axis of x that is neither axis 0 nor the
+        channel axis (``(N, C, T)``, or ``(N, T, C)`` with ``axis=-1``; other
+        shapes are refused: use ``mask``).
 
     Returns
     -------
@@ -106,13 +133,15 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     Raises
     ------
     TypeError
-        If x, a parameter or ``out`` has an unsupported type or dtype, or
-        ``axis`` is not an int.
+        If x, a parameter or ``out`` has an unsupported type or dtype,
+        ``axis`` is not an int, ``mask`` is not boolean or ``lengths`` not
+        integer.
     ValueError
-        If a shape does not match, a channel has only one value, ``eps``,
-        ``momentum``, ``activation``, ``n_threads`` or ``virtual_batch_size``
-        is out of range, or ``out`` is read-only or overlaps the running
-        statistics. Nothing is written when an argument is refused.
+        If a shape does not match, a channel has only one (unmasked) value,
+        ``eps``, ``momentum``, ``activation``, ``n_threads``,
+        ``virtual_batch_size`` or ``lengths`` is out of range, both ``mask``
+        and ``lengths`` are given, or ``out`` is read-only or overlaps the
+        running statistics. Nothing is written when an argument is refused.
 
     See Also
     --------
@@ -138,23 +167,35 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     >>> y, _, _ = bncore.batch_norm_train(xt, axis=-1, activation="relu")
     >>> np.array_equal(y, np.maximum(bncore.batch_norm_train(x, axis=0)[0].T, 0))
     True
+
+    Padded sequences (N, C, T): the padding enters no statistic:
+
+    >>> seq = np.array([[[1.0, 3.0, 99.0]], [[5.0, 99.0, 99.0]]])  # lengths 2 and 1
+    >>> y, mean, invstd = bncore.batch_norm_train(seq, lengths=np.array([2, 1]), eps=0.0)
+    >>> mean, np.round(y[0, 0, :2] * np.sqrt(8 / 3), 4)
+    (array([3.]), array([-2.,  0.]))
     """
     return train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
                  activation, n_threads, virtual_batch_size, skip_nonfinite_update,
-                 running_var_unbiased)[:3]
+                 running_var_unbiased, mask, lengths)[:3]
 
 
 def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any,
           running_var: Any, momentum: Any, out: Any, activation: Any, n_threads: Any,
           virtual_batch_size: Any = None, skip_nonfinite_update: Any = False,
-          running_var_unbiased: Any = True) -> Any:
-    """batch_norm_train, plus whether the running statistics were updated."""
+          running_var_unbiased: Any = True, mask: Any = None, lengths: Any = None) -> Any:
+    """batch_norm_train, plus whether the running statistics were updated
+    (this step counted: False only when skip_nonfinite_update skipped it)."""
+    if mask is not None or lengths is not None:
+        return _train_masked(x, weight, bias, axis, eps, running_mean, running_var, momentum,
+                             out, activation, n_threads, virtual_batch_size,
+                             skip_nonfinite_update, running_var_unbiased, mask, lengths)
     r = _k.train(x, weight, bias, axis, eps, running_mean, running_var, momentum, out,
                  activation, n_threads, running_var_unbiased, skip_nonfinite_update,
                  virtual_batch_size)
     if r is not None:
         return r
-    L = chk.Layout(x, axis).trainable()
+    L = chk.Layout(x, axis).trainable(empty=True)
     w = chk.vector(weight, L.C, "weight")
     b = chk.vector(bias, L.C, "bias")
     eps = chk.real(eps, "eps", 0.0)
@@ -165,6 +206,8 @@ def train(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any
     vbs = chk.ghost_batches(L, virtual_batch_size)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
     chk.disjoint_from_running(out, running_mean, running_var)
+    if L.count == 0:
+        return _train_empty(L, vbs, buf, final, running_mean is not None)
     # running statistics the entry cannot update in place are updated in copies
     rm, rv = running_mean, running_var
     if rm is not None and not (_k.is_canonical(rm) and _k.is_canonical(rv)):
@@ -340,7 +383,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                         save_invstd: ArrayLike, weight: ArrayLike | None = None, *,
                         axis: int = 1, training: bool = True, out: Array | None = None,
                         activation: Activation = None, y: ArrayLike | None = None,
-                        n_threads: int | None = None, virtual_batch_size: int | None = None
+                        n_threads: int | None = None, virtual_batch_size: int | None = None,
+                        mask: ArrayLike | None = None, lengths: ArrayLike | None = None
                         ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradients of `batch_norm_train` (``training=True``) or of the eval-mode
     normalization (``training=False``).
@@ -349,7 +393,11 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     (times the activation's derivative), per channel over its n values:
     ``dx = save_invstd * (g - mean(g) - xhat * mean(g * xhat))`` in training
     mode, ``dx = g * save_invstd`` in eval mode; ``dweight = sum(dy * xhat)``
-    and ``dbias = sum(dy)``.
+    and ``dbias = sum(dy)``. With ``mask`` (the forward's), the sums and
+    means run over the unmasked values only (each channel's own count) and
+    ``dx`` is 0 at padded entries: the gradient of the loss over the
+    unmasked outputs. An empty batch gives an empty ``dx`` and zero
+    ``dweight`` and ``dbias``.
 
     Parameters
     ----------
@@ -383,6 +431,10 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     virtual_batch_size : int, optional
         Training only: the forward's ghost batch size; ``save_mean`` and
         ``save_invstd`` then have one row per ghost batch.
+    mask : array_like of bool, optional
+        The forward's mask (see `batch_norm_train`), broadcastable to x.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
@@ -396,11 +448,12 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     ------
     TypeError
         If an array has an unsupported type or dtype, ``dy`` or ``y`` differs
-        from x's dtype, or ``axis`` is not an int.
+        from x's dtype, ``axis`` is not an int, ``mask`` is not boolean or
+        ``lengths`` not integer.
     ValueError
-        If a shape does not match, ``y`` is missing with an activation, or
-        ``activation``, ``n_threads`` or ``virtual_batch_size`` is out of
-        range.
+        If a shape does not match, ``y`` is missing with an activation,
+        ``activation``, ``n_threads``, ``virtual_batch_size`` or ``lengths``
+        is out of range, or both ``mask`` and ``lengths`` are given.
 
     Examples
     --------
@@ -411,6 +464,9 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     (array([[0., 0.],
            [0., 0.]]), array([0., 0.]), array([2., 2.]))
     """
+    if mask is not None or lengths is not None:
+        return _backward_masked(dy, x, save_mean, save_invstd, weight, axis, training, out,
+                                activation, y, n_threads, virtual_batch_size, mask, lengths)
     r = _k.backward(dy, x, save_mean, save_invstd, weight, axis, training, out, activation, y,
                     n_threads, virtual_batch_size)
     if r is not None:
@@ -432,6 +488,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     y = chk.mask_source(y, L.x, act)
     nt = chk.n_threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    if L.count == 0:  # an empty batch: empty dx, zero parameter gradients
+        return chk.finish(buf, final, L.x.dtype), np.zeros(L.C, L.sd), np.zeros(L.C, L.sd)
     dx, dw, db = _k.backward(L.canonical(dy), L.canonical(L.x), m, inv, w, L.axis, training,
                              buf, act, L.canonical(y), nt, vbs)
     return chk.finish(dx, final, L.x.dtype), dw, db
@@ -773,3 +831,271 @@ def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: Ar
                             bool(training), dw, db, code, slope, nt)
     dx = chk.finish(buf, final, L.x.dtype)
     return dx, dw.astype(L.sd, copy=False), db.astype(L.sd, copy=False)
+
+
+# ---- empty batches and masked (padded) batches -------------------------------------------
+
+def _train_empty(L: Any, vbs: Any, buf: Any, final: Any, running: bool) -> Any:
+    """Training on a batch with no value per channel (N = 0, or a zero-size
+    axis): an empty output, mean 0 and invstd 0 per channel (per ghost batch),
+    the running statistics untouched. Reported as a counted step, as PyTorch
+    counts it in num_batches_tracked."""
+    K = None if vbs is None else -(-L.x.shape[0] // vbs)
+    shape = (L.C,) if K is None else (K, L.C)
+    zeros = np.zeros(shape, L.sd)
+    return chk.finish(buf, final, L.x.dtype), zeros, zeros.copy(), running
+
+
+def _parts(L: Any, vbs: Any) -> list[tuple[slice, tuple[int, int, int]]]:
+    """The (outer, C, inner) pieces of canonical x statistics are taken over:
+    the whole batch, or each ghost batch of vbs samples along axis 0 (a
+    contiguous slice of the canonical arrays)."""
+    if vbs is None:
+        return [(slice(None), L.shape)]
+    N = L.x.shape[0]
+    per = L.shape[0] // N if N else 0
+    return [(slice(g, min(g + vbs, N)), (min(vbs, N - g) * per, L.C, L.shape[2]))
+            for g in range(0, N, vbs)]
+
+
+def _masked_moments(xc: Any, m8: Any, shape: Any, nt: int) -> tuple[Any, Any, Any]:
+    """bn_masked_stats on a canonical array and its uint8 mask."""
+    C = shape[1]
+    count, mean, m2 = np.empty(C), np.empty(C), np.empty(C)
+    _k.masked_stats(xc.reshape(-1), m8.reshape(-1), tuple(shape), count, mean, m2, nt)
+    return count, mean, m2
+
+
+def masked_stats(x: ArrayLike, mask: ArrayLike, *, axis: int = 1, n_threads: int | None = None
+                 ) -> tuple[Float64Array, Float64Array, Float64Array]:
+    """Per-channel (count, mean, M2) of the values of x where ``mask`` is True.
+
+    The masked counterpart of `batch_norm_stats` (not public: the local
+    statistics of a masked synchronized batch norm): each triple merges
+    across shards with `merge_stats`, which takes the per-channel counts as
+    a ``(K, C)`` array. Computed by the C kernel bn_masked_stats (float64
+    shifted sums, fixed-order Chan merges: identical for any thread count).
+
+    Parameters
+    ----------
+    x : array_like
+        dtype float16, float32 or float64, ``ndim >= 2``.
+    mask : array_like of bool
+        Broadcastable to x; True where a value counts. Materialized as a
+        contiguous uint8 array of x's shape (x.size bytes).
+    axis : int, default 1
+        The channel axis.
+    n_threads : int, optional
+        The most threads to use.
+
+    Returns
+    -------
+    count, mean, m2 : numpy.ndarray
+        float64, shape ``(C,)``; a channel with no unmasked value has count,
+        mean and M2 0.
+
+    Raises
+    ------
+    TypeError
+        If x has an unsupported dtype or ``mask`` is not boolean.
+    ValueError
+        If ``mask`` does not broadcast to x, or ``axis`` / ``n_threads`` is
+        invalid.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0], [100.0, 5.0]])
+    >>> masked_stats(x, np.array([True, True, False])[:, None])
+    (array([2., 2.]), array([2., 4.]), array([2., 8.]))
+    """
+    L = chk.Layout(x, axis)
+    m8 = chk.mask(mask, L.x)
+    nt = chk.threads(n_threads)
+    return _masked_moments(L.canonical(L.x), m8, L.shape, nt)
+
+
+def masked_backward_reduce(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, mask: ArrayLike, *,
+                           axis: int = 1, activation: Activation = None,
+                           y: ArrayLike | None = None, n_threads: int | None = None
+                           ) -> tuple[Float64Array, Float64Array, Float64Array]:
+    """Per channel ``(count, sum(dy), sum(dy * (x - mean)))`` over the unmasked values.
+
+    The masked counterpart of `batch_norm_backward_reduce` (not public: the
+    local reduction of a masked synchronized batch norm's backward). Sum
+    the three over every shard, then ``dx = k * (g - sum_dy / count - (x -
+    mean) * invstd**2 * sum_dy_xmu / count)`` with ``k = weight * invstd``
+    at unmasked entries and 0 at padded ones (bn_backward_apply, then
+    bn_masked_zero; see `batch_norm_backward` with ``mask``).
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the output: x's shape and dtype.
+    x : array_like
+        The forward's input (this shard).
+    mean : array_like
+        The (global) per-channel mean the forward used, length C.
+    mask : array_like of bool
+        Broadcastable to x; True where a value counts.
+    axis : int, default 1
+        The channel axis.
+    activation : None, 'relu', 'leaky_relu' or ('leaky_relu', slope), optional
+        The activation fused into the forward.
+    y : array_like, optional
+        The forward's output, required with an activation.
+    n_threads : int, optional
+        The most threads to use.
+
+    Returns
+    -------
+    count, sum_dy, sum_dy_xmu : numpy.ndarray
+        float64, shape ``(C,)``.
+
+    Raises
+    ------
+    TypeError
+        If an array has an unsupported dtype or ``mask`` is not boolean.
+    ValueError
+        If a shape does not match or an argument is out of range.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0], [3.0], [9.0]])
+    >>> masked_backward_reduce(np.ones_like(x), x, [2.0], np.array([[True], [True], [False]]))
+    (array([2.]), array([2.]), array([0.]))
+    """
+    L = chk.Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.vector(mean, L.C, "mean", required=True)
+    m8 = chk.mask(mask, L.x)
+    code, slope = chk.activation_code(activation)
+    y = chk.mask_source(y, L.x, activation if code else None)
+    nt = chk.threads(n_threads)
+    count, sdy, sdx = np.empty(L.C), np.empty(L.C), np.empty(L.C)
+    _k.masked_backward_reduce(L.flat(dy), L.flat(L.x), L.flat(y), m8.reshape(-1), L.shape, m,
+                              code, slope, sdy, sdx, count, nt)
+    return count, sdy, sdx
+
+
+def _update_present(running_mean: Any, running_var: Any, mean: Any, var: Any, count: Any,
+                    momentum: float, unbiased: bool) -> None:
+    """The running update from K parts' masked statistics (K, C): each channel
+    moves toward its average over the parts in which it has values (each with
+    its own count for Bessel's correction); a channel without a value in any
+    part stays as it is. Channels sharing the same parts go through one
+    update_running call; written once, at the end."""
+    present = count > 0
+    rm = np.array(running_mean, np.float64)
+    rv = np.array(running_var, np.float64)
+    cnt = count if unbiased else np.ones_like(count)
+    cols, inv = np.unique(present, axis=1, return_inverse=True)
+    inv = np.asarray(inv).reshape(-1)
+    for j in range(cols.shape[1]):
+        rows = np.flatnonzero(cols[:, j])
+        if rows.size == 0:
+            continue
+        ch = np.flatnonzero(inv == j)
+        sm, sv = rm[ch], rv[ch]
+        update_running(sm, sv, mean[np.ix_(rows, ch)], var[np.ix_(rows, ch)],
+                       cnt[np.ix_(rows, ch)], momentum)
+        rm[ch], rv[ch] = sm, sv
+    running_mean[...] = rm
+    running_var[...] = rv
+
+
+def _train_masked(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_mean: Any,
+                  running_var: Any, momentum: Any, out: Any, activation: Any, n_threads: Any,
+                  virtual_batch_size: Any, skip_nonfinite: Any, unbiased: Any, mask: Any,
+                  lengths: Any) -> Any:
+    """batch_norm_train with a mask (see its docstring): masked statistics per
+    part (the batch, or each ghost batch) by bn_masked_stats, the output by the
+    one per-channel affine entry (elemt) with those statistics."""
+    L = chk.Layout(x, axis)
+    w = chk.vector(weight, L.C, "weight")
+    b = chk.vector(bias, L.C, "bias")
+    eps = chk.real(eps, "eps", 0.0)
+    momentum = chk.real(momentum, "momentum", 0.0, 1.0)
+    chk.running(running_mean, running_var, L.C)
+    act = chk.activation(activation)
+    nt = chk.n_threads(n_threads)
+    vbs = chk.ghost_size(L, virtual_batch_size)
+    m8 = chk.padding(mask, lengths, L.x, L.axis)
+    buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    chk.disjoint_from_running(out, running_mean, running_var)
+    xc = L.canonical(L.x)
+    parts = _parts(L, vbs)
+    K = len(parts)
+    count, mean, m2 = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
+    for g, (sl, shape) in enumerate(parts):
+        count[g], mean[g], m2[g] = _masked_moments(xc[sl], m8[sl], shape, chk.threads(nt))
+    # data-dependent, but still before anything is written
+    chk.masked_counts(count, "channel" if vbs is None else "channel of a ghost batch")
+    empty = count == 0
+    var = np.divide(m2, count, out=np.zeros_like(m2), where=~empty)
+    # a channel without values: mean 0 and invstd 0, so its output is bias
+    # (NaN-free where x is finite) and its gradient 0
+    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
+    # padded entries get the same affine map with the masked statistics: one
+    # pass writes every entry (no second pass to zero them), the output is
+    # defined everywhere, and finite wherever x is; downstream code that
+    # needs zeros there multiplies by the mask
+    for g, (sl, _) in enumerate(parts):
+        r = _k.elemt(xc[sl], mean[g], invstd[g], w, b, L.axis, buf[sl], act, nt)
+        assert r is not None, "canonical arguments"
+    updated = running_mean is not None
+    if updated and skip_nonfinite and not (np.isfinite(mean) & np.isfinite(var)).all():
+        updated = False
+    if updated:
+        _update_present(running_mean, running_var, mean, var, count, momentum, bool(unbiased))
+    rows = (lambda a: a) if vbs is not None else (lambda a: a[0])
+    with np.errstate(over="ignore"):
+        sm, si = rows(mean).astype(L.sd), rows(invstd).astype(L.sd)
+    return chk.finish(buf, final, L.x.dtype), sm, si, updated
+
+
+def _backward_masked(dy: Any, x: Any, save_mean: Any, save_invstd: Any, weight: Any,
+                     axis: Any, training: Any, out: Any, activation: Any, y: Any,
+                     n_threads: Any, virtual_batch_size: Any, mask: Any, lengths: Any) -> Any:
+    """batch_norm_backward with a mask: per part, the masked reduce
+    (bn_masked_backward_reduce, with each channel's count), dx by
+    bn_backward_apply with coefficients over that count, then 0 at padded
+    entries (bn_masked_zero)."""
+    L = chk.Layout(x, axis)
+    dy = chk.like(dy, L.x, "dy")
+    training = bool(training)
+    vbs = chk.ghost_size(L, virtual_batch_size) if training else None
+    if vbs is None:
+        m = chk.vector(save_mean, L.C, "save_mean", required=True).reshape(1, -1)
+        inv = chk.vector(save_invstd, L.C, "save_invstd", required=True).reshape(1, -1)
+    else:
+        K = -(-L.x.shape[0] // vbs)
+        rows = dict(required=True, what="one row per ghost batch")
+        m = chk.param(save_mean, (K, L.C), "save_mean", **rows)
+        inv = chk.param(save_invstd, (K, L.C), "save_invstd", **rows)
+    w = chk.vector(weight, L.C, "weight")
+    code, slope = chk.activation_code(activation)
+    y = chk.mask_source(y, L.x, activation if code else None)
+    nt = chk.threads(n_threads)
+    m8 = chk.padding(mask, lengths, L.x, L.axis)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
+    dyc, xc, yc = L.canonical(dy), L.canonical(L.x), L.canonical(y)
+    dw, db = np.zeros(L.C), np.zeros(L.C)
+    for g, (sl, shape) in enumerate(_parts(L, vbs)):
+        count, sdy, sdx = np.empty(L.C), np.empty(L.C), np.empty(L.C)
+        flat = (lambda a: None if a is None else a[sl].reshape(-1))
+        _k.masked_backward_reduce(flat(dyc), flat(xc), flat(yc), flat(m8), shape, m[g], code,
+                                  slope, sdy, sdx, count, nt)
+        dw += sdx * inv[g]
+        db += sdy
+        k = inv[g] if w is None else w * inv[g]
+        if training:
+            n = np.maximum(count, 1.0)  # count 0: no entry to write (all padded)
+            cb, cc = -k * inv[g] * inv[g] * sdx / n, -k * sdy / n
+        else:
+            cb = cc = None
+        if buf[sl].size:
+            _k.backward_apply(flat(dyc), flat(xc), flat(yc), buf[sl].reshape(-1), shape, m[g],
+                              k, cb, cc, code, slope, nt)
+    if buf.size:
+        _k.masked_zero(buf.reshape(-1), m8.reshape(-1), nt)
+    return chk.finish(buf, final, L.x.dtype), dw.astype(L.sd), db.astype(L.sd)

@@ -27,7 +27,7 @@ import numpy as np
 from . import _checks as chk
 from . import _kernels as _k
 from ._typing import Array, ArrayLike, FloatArray
-from .functional import batch_norm_eval, update_running
+from .functional import _masked_moments, _update_present, batch_norm_eval, update_running
 
 __all__ = [
     "layer_norm", "layer_norm_train", "layer_norm_backward",
@@ -327,7 +327,8 @@ def _group_backward(L: _Groups, dy: Any, mean: Any, invstd: Any, weight: Any, ou
 def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
                      bias: ArrayLike | None = None, eps: float = 1e-5, *,
                      axis: int | tuple[int, ...] = 1,
-                     out: Array | None = None, n_threads: int | None = None
+                     out: Array | None = None, n_threads: int | None = None,
+                     mask: ArrayLike | None = None, lengths: ArrayLike | None = None
                      ) -> tuple[Array, FloatArray, FloatArray]:
     """Group normalization of x (N, C, \\*) or channels last, with its statistics.
 
@@ -361,6 +362,15 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each group's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; a group without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``).
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -398,14 +408,19 @@ def group_norm_train(x: ArrayLike, num_groups: int, weight: ArrayLike | None = N
     (True, array([[4., 1.]]))
     """
     L = _Groups(x, num_groups, axis)
-    y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
+    if mask is not None or lengths is not None:
+        y, mean, invstd = _masked_group_forward(L, weight, bias, eps, out, n_threads, mask,
+                                                lengths, "group")[:3]
+    else:
+        y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
     return y, _saved_as(mean, L.sd, (L.N, L.G)), _saved_as(invstd, L.sd, (L.N, L.G))
 
 
 def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
                bias: ArrayLike | None = None, eps: float = 1e-5, *,
                axis: int | tuple[int, ...] = 1, out: Array | None = None,
-               n_threads: int | None = None) -> Array:
+               n_threads: int | None = None, mask: ArrayLike | None = None,
+               lengths: ArrayLike | None = None) -> Array:
     """Group normalization, as ``torch.nn.functional.group_norm``: the output only.
 
     `group_norm_train` without the statistics.
@@ -432,6 +447,15 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each group's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; a group without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``).
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -463,13 +487,14 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     True
     """
     return group_norm_train(x, num_groups, weight, bias, eps, axis=axis, out=out,
-                            n_threads=n_threads)[0]
+                            n_threads=n_threads, mask=mask, lengths=lengths)[0]
 
 
 def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: ArrayLike,
                         invstd: ArrayLike, weight: ArrayLike | None = None, *,
                         axis: int | tuple[int, ...] = 1,
-                        out: Array | None = None, n_threads: int | None = None
+                        out: Array | None = None, n_threads: int | None = None,
+                        mask: ArrayLike | None = None, lengths: ArrayLike | None = None
                         ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradient of `group_norm_train`: (dx, dweight, dbias).
 
@@ -498,6 +523,11 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: Arra
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        The forward's mask: sums over the unmasked values only, ``dx`` 0 at
+        padded entries.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
@@ -529,8 +559,11 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, num_groups: int, mean: Arra
     >>> np.allclose(dxl, 0), dbl
     (True, array([2., 2., 2., 2.]))
     """
-    return _group_backward(_Groups(x, num_groups, axis), dy, mean, invstd, weight, out,
-                           n_threads)
+    L = _Groups(x, num_groups, axis)
+    if mask is not None or lengths is not None:
+        return _masked_group_backward(L, dy, mean, invstd, weight, out, n_threads, mask,
+                                      lengths)
+    return _group_backward(L, dy, mean, invstd, weight, out, n_threads)
 
 
 def _instances(x: Any, axis: Any) -> _Groups:
@@ -548,7 +581,9 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
                         running_mean: Array | None = None, running_var: Array | None = None,
                         momentum: float = 0.1, axis: int | tuple[int, ...] = 1,
                         out: Array | None = None,
-                        n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+                        n_threads: int | None = None, mask: ArrayLike | None = None,
+                        lengths: ArrayLike | None = None
+                        ) -> tuple[Array, FloatArray, FloatArray]:
     """Instance normalization of x (N, C, \\*) or channels last, with each
     instance's statistics.
 
@@ -585,6 +620,15 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each instance's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; an instance without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -624,10 +668,15 @@ def instance_norm_train(x: ArrayLike, weight: ArrayLike | None = None,
     L = _instances(x, axis)
     chk.running(running_mean, running_var, L.C)
     momentum = chk.real(momentum, "momentum", 0.0, 1.0)
-    chk.spatial(L.x, 2, "when using the input's statistics", L.HW)
-    if running_mean is not None:
-        chk.nonempty(L.x, "to update the running statistics from", L.C)
+    if mask is not None or lengths is not None:
+        return _masked_instance_train(L, weight, bias, eps, running_mean, running_var,
+                                      momentum, out, n_threads, mask, lengths)
+    if L.x.size:  # an empty batch is defined: empty output, running statistics untouched
+        chk.spatial(L.x, 2, "when using the input's statistics", L.HW)
     chk.disjoint_from_running(out, running_mean, running_var)
+    if running_mean is not None and not L.x.size:
+        y, mean, invstd = _group_forward(L, weight, bias, eps, out, n_threads)
+        return y, _saved_as(mean, L.sd, (L.N, L.C)), _saved_as(invstd, L.sd, (L.N, L.C))
     if running_mean is not None:
         # each instance's exact variance (M2 / HW), not one rebuilt from invstd;
         # taken before the output is written, which may be x itself
@@ -652,7 +701,8 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
                   bias: ArrayLike | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *,
                   axis: int | tuple[int, ...] = 1, out: Array | None = None,
-                  n_threads: int | None = None) -> Array:
+                  n_threads: int | None = None, mask: ArrayLike | None = None,
+                  lengths: ArrayLike | None = None) -> Array:
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     Normalizes with each instance's statistics (``use_input_stats=True``,
@@ -686,6 +736,15 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        True where a value counts, broadcastable to x (e.g. ``(N, 1, T)``):
+        each instance's statistics are taken over its unmasked values only
+        (materialized as a uint8 array of x's shape). Padded entries get the
+        same affine map; an instance without unmasked values gets mean 0 and
+        invstd 0 (output ``bias``); one with a single value is refused.
+    lengths : array_like of int, optional
+        Instead of ``mask``, for (N, C, T) input: sample i counts at
+        positions ``< lengths[i]`` of axis 2.
 
     Returns
     -------
@@ -714,7 +773,9 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
     if use_input_stats:
         return instance_norm_train(x, weight, bias, eps=eps, running_mean=running_mean,
                                    running_var=running_var, momentum=momentum, axis=axis,
-                                   out=out, n_threads=n_threads)[0]
+                                   out=out, n_threads=n_threads, mask=mask, lengths=lengths)[0]
+    if mask is not None or lengths is not None:  # checked: the output does not depend on it
+        chk.padding(mask, lengths, chk.tensor(x), axis)
     chk.required(running_mean, "running_mean", "required when use_input_stats is False")
     chk.required(running_var, "running_var", "required when use_input_stats is False")
     axis = chk.per_sample(chk.Layout(x, axis)).axis
@@ -726,7 +787,9 @@ def instance_norm(x: ArrayLike, running_mean: Array | None = None,
 def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
                            weight: ArrayLike | None = None, *,
                            axis: int | tuple[int, ...] = 1, out: Array | None = None,
-                           n_threads: int | None = None) -> tuple[Array, FloatArray, FloatArray]:
+                           n_threads: int | None = None, mask: ArrayLike | None = None,
+                           lengths: ArrayLike | None = None
+                           ) -> tuple[Array, FloatArray, FloatArray]:
     """Gradient of `instance_norm_train`: (dx, dweight, dbias).
 
     For ``use_input_stats=False`` use ``batch_norm_backward(...,
@@ -751,6 +814,11 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
     n_threads : int, optional
         The most threads to use. None uses `get_num_threads` at
         the time of the call.
+    mask : array_like of bool, optional
+        The forward's mask: sums over the unmasked values only, ``dx`` 0 at
+        padded entries.
+    lengths : array_like of int, optional
+        The forward's lengths, instead of ``mask``.
 
     Returns
     -------
@@ -781,9 +849,10 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
     (True, array([2., 2.]))
     """
     L = _instances(x, axis)
+    if mask is not None or lengths is not None:
+        return _masked_group_backward(L, dy, mean, invstd, weight, out, n_threads, mask,
+                                      lengths)
     return _group_backward(L, dy, mean, invstd, weight, out, n_threads)
-
-
 
 
 # ---- RMS norm ------------------------------------------------------------------------------
@@ -988,3 +1057,126 @@ def rms_norm_backward(dy: ArrayLike, x: ArrayLike, normalized_shape: int | tuple
                              chk.contiguous(x, cd).reshape(-1), buf.reshape(-1), rows, cols, r,
                              w, dw, nt)
     return chk.finish(buf, final, x.dtype), dw.astype(sd, copy=False).reshape(ns)
+
+
+# ---- masks and padded sequences: per-sample statistics over the unmasked values ---------
+
+def _masked_group_forward(L: _Groups, weight: Any, bias: Any, eps: Any, out: Any,
+                          n_threads: Any, mask: Any, lengths: Any, what: str) -> Any:
+    """(y, mean, invstd, count, var), flat per (n, group): bn_masked_stats on the
+    (1, N*G, C/G*HW) view (groups are contiguous), then the per-(n, c) affine
+    map through the one per-channel entry (elemt) on the (1, N*C, HW) view.
+    Padded entries get the same affine map (see batch_norm_train); a group
+    without unmasked values has mean 0 and invstd 0 (output = bias)."""
+    w = chk.vector(weight, L.C, "weight")
+    b = chk.vector(bias, L.C, "bias")
+    eps = chk.real(eps, "eps", 0.0)
+    nt = chk.n_threads(n_threads)
+    m8 = chk.padding(mask, lengths, L.x, L.axis)
+    buf, final = chk.output(out, L.x, L.cd, (L.x,))
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    cg = C // G if G else 0
+    xc, m8 = _channels_first(L, chk.contiguous(L.x, L.cd)), _channels_first(L, m8)
+    count, mean, m2 = _masked_moments(xc, m8, (1, N * G, cg * HW), chk.threads(nt))
+    if what == "instance":  # as unmasked instance norm refuses one spatial value
+        chk.masked_counts(count.reshape(N, G), what)
+    empty = count == 0
+    var = np.divide(m2, count, out=np.zeros_like(m2), where=~empty)
+    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
+    if L.P == 1:
+        _group_apply(L, xc, buf, mean, invstd, w, b, nt)
+    else:
+        y = np.empty_like(xc)
+        _group_apply(L, xc, y, mean, invstd, w, b, nt)
+        buf[...] = _channels_back(L, y)
+    return chk.finish(buf, final, L.x.dtype), mean, invstd, count, var
+
+
+def _channels_first(L: _Groups, a: Any) -> Any:
+    """a (x's shape, C-contiguous) as the (N, C, HW) layout the masked group
+    kernels read: itself for channels first, else one transposed copy (masked
+    channels-last group and instance norm go through it)."""
+    if L.P == 1:
+        return a
+    return np.ascontiguousarray(
+        a.reshape(L.N, L.P, L.C, L.Q).transpose(0, 2, 1, 3)).reshape(L.N, L.C, L.HW)
+
+
+def _channels_back(L: _Groups, a: Any) -> Any:
+    """The inverse of _channels_first: (N, C, HW) back in x's layout (a view)."""
+    return a.reshape(L.N, L.C, L.P, L.Q).transpose(0, 2, 1, 3).reshape(L.x.shape)
+
+
+def _group_apply(L: _Groups, xc: Any, buf: Any, mean: Any, invstd: Any, w: Any, b: Any,
+                 nt: Any) -> None:
+    """y = (x - mean[n, g]) * invstd[n, g] * w[c] + b[c] into buf (compute dtype)."""
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    if buf.size:
+        cg = C // G
+        center = np.repeat(mean.reshape(N, G), cg, axis=1).reshape(-1)
+        scale = np.repeat(invstd.reshape(N, G), cg, axis=1) * (1.0 if w is None else w)
+        shift = np.tile(np.zeros(C) if b is None else b, N)
+        r = _k.elemt(xc.reshape(1, N * C, HW), center, scale.reshape(-1), None, shift, 1,
+                     buf.reshape(1, N * C, HW), None, nt)
+        assert r is not None, "canonical arguments"
+
+
+def _masked_group_backward(L: _Groups, dy: Any, mean: Any, invstd: Any, weight: Any, out: Any,
+                           n_threads: Any, mask: Any, lengths: Any) -> Any:
+    """Group/instance norm backward over the unmasked values: per-(n, c) sums by
+    bn_masked_backward_reduce on the (1, N*C, HW) view, combined per group
+    with each group's count; dx by bn_backward_apply, 0 at padded entries."""
+    dy = chk.like(dy, L.x, "dy")
+    m = chk.saved(mean, L.N * L.G, "mean")
+    inv = chk.saved(invstd, L.N * L.G, "invstd")
+    w = chk.vector(weight, L.C, "weight")
+    nt = chk.threads(n_threads)
+    m8 = chk.padding(mask, lengths, L.x, L.axis)
+    buf, final = chk.output(out, L.x, L.cd, (L.x, dy))
+    N, C, G, HW = L.N, L.C, L.G, L.HW
+    if not buf.size:
+        z = np.zeros(C, L.sd)
+        return chk.finish(buf, final, L.x.dtype), z, z.copy()
+    dyc, xc = (_channels_first(L, chk.contiguous(a, L.cd)).reshape(-1) for a in (dy, L.x))
+    m8 = _channels_first(L, m8).reshape(-1)
+    dx = buf if L.P == 1 else np.empty((N, C, HW), L.cd)
+    cg = C // G
+    center = np.repeat(m.reshape(N, G), cg, axis=1).reshape(-1)
+    invc = np.repeat(inv.reshape(N, G), cg, axis=1)
+    wv = np.ones(C) if w is None else w
+    count, sdy, sdx = np.empty(N * C), np.empty(N * C), np.empty(N * C)
+    _k.masked_backward_reduce(dyc, xc, None, m8, (1, N * C, HW), center, 0, 0.0, sdy, sdx,
+                              count, nt)
+    sdy, sdx = sdy.reshape(N, C), sdx.reshape(N, C)
+    db = sdy.sum(axis=0)
+    dw = (sdx * invc).sum(axis=0)
+    sg = (wv * sdy).reshape(N, G, cg).sum(axis=2)
+    sgx = (wv * sdx).reshape(N, G, cg).sum(axis=2)
+    n = np.maximum(count.reshape(N, G, cg).sum(axis=2), 1.0)  # 0: every entry padded
+    ig = inv.reshape(N, G)
+    a = invc * wv
+    cb = np.repeat(-ig ** 3 * sgx / n, cg, axis=1)
+    cc = np.repeat(-ig * sg / n, cg, axis=1)
+    _k.backward_apply(dyc, xc, None, dx.reshape(-1), (1, N * C, HW), center, a.reshape(-1),
+                      cb.reshape(-1), cc.reshape(-1), 0, 0.0, nt)
+    _k.masked_zero(dx.reshape(-1), m8, nt)
+    if L.P != 1:
+        buf[...] = _channels_back(L, dx)
+    return (chk.finish(buf, final, L.x.dtype), dw.astype(L.sd, copy=False),
+            db.astype(L.sd, copy=False))
+
+
+def _masked_instance_train(L: _Groups, weight: Any, bias: Any, eps: Any, running_mean: Any,
+                           running_var: Any, momentum: float, out: Any, n_threads: Any,
+                           mask: Any, lengths: Any) -> Any:
+    """instance_norm_train with a mask: each instance's statistics over its
+    unmasked positions; the running statistics move toward each channel's
+    average over the instances that have values (unbiased with each
+    instance's own count), untouched for a channel without any."""
+    chk.disjoint_from_running(out, running_mean, running_var)
+    y, mean, invstd, count, var = _masked_group_forward(L, weight, bias, eps, out, n_threads,
+                                                        mask, lengths, "instance")
+    if running_mean is not None and L.N * L.C:
+        _update_present(running_mean, running_var, mean.reshape(L.N, L.C),
+                        var.reshape(L.N, L.C), count.reshape(L.N, L.C), momentum, True)
+    return y, _saved_as(mean, L.sd, (L.N, L.C)), _saved_as(invstd, L.sd, (L.N, L.C))

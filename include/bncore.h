@@ -309,6 +309,39 @@ int bn_rms_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t
 int bn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
                              int64_t cols, const double *invrms, const double *weight,
                              double *dweight, int n_threads);
+/* ---- Masked statistics (padded batches, variable-length sequences) -------
+ * mask is a uint8 buffer in x's layout and size (bn_shape s): a value counts
+ * where its mask byte is non-zero. Padded values (mask 0) are never read
+ * into a sum, so NaN or garbage there does not propagate. Same numerics as
+ * bn_stats (double sums, exact two-pass within a unit, Chan merges in a
+ * fixed order): bitwise identical for any thread count.
+ *
+ * Per channel: count[c] = number of unmasked values, mean[c], m2[c] (sum of
+ * squared deviations) over them (double[channels] each); a channel with no
+ * unmasked value gets count 0, mean 0, m2 0. Merge across processes or
+ * ghost batches with bn_merge_stats channel by channel (per-channel counts). */
+int bn_masked_stats_f32(const float *x, const uint8_t *mask, bn_shape s, double *count,
+                        double *mean, double *m2, int n_threads);
+int bn_masked_stats_f64(const double *x, const uint8_t *mask, bn_shape s, double *count,
+                        double *mean, double *m2, int n_threads);
+
+/* bn_backward_reduce over the unmasked values only: sum_dy[c] = sum(g),
+ * sum_dy_xmu[c] = sum(g*(x-mean[c])), g = dy * act'(y), and the number of
+ * unmasked values count[c] (may be NULL: not written). The dx of a masked
+ * training step is then bn_backward_apply with each channel's own count in
+ * the coefficients, followed by bn_masked_zero(dx). */
+int bn_masked_backward_reduce_f32(const float *dy, const float *x, const float *y,
+                                  const uint8_t *mask, bn_shape s, const double *mean,
+                                  bn_act act, double slope, double *sum_dy,
+                                  double *sum_dy_xmu, double *count, int n_threads);
+int bn_masked_backward_reduce_f64(const double *dy, const double *x, const double *y,
+                                  const uint8_t *mask, bn_shape s, const double *mean,
+                                  bn_act act, double slope, double *sum_dy,
+                                  double *sum_dy_xmu, double *count, int n_threads);
+
+/* x[i] = 0 where mask[i] == 0, for i < n (padded entries get no gradient). */
+int bn_masked_zero_f32(float *x, const uint8_t *mask, int64_t n, int n_threads);
+int bn_masked_zero_f64(double *x, const uint8_t *mask, int64_t n, int n_threads);
 
 #ifdef __cplusplus
 }

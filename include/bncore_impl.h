@@ -481,6 +481,45 @@ const char *bn_build_info(void)
         ;
 }
 
+/* ---- masked statistics: a fixed decomposition into (row block, channel,
+ * inner chunk) units of about BN_MASK_BLOCK elements per row block (all
+ * channels), so a thread's consecutive units share a block in cache. */
+#define BN_MASK_BLOCK 65536
+
+typedef struct {
+    bn_shape s;
+    int64_t rb;       /* outer rows per block */
+    int64_t nblocks;  /* row blocks */
+    int64_t ic;       /* inner values per chunk */
+    int64_t kin;      /* chunks per inner run */
+    int64_t nunits;   /* nblocks * channels * kin */
+} bn_mask_plan;
+
+static bn_mask_plan bn_make_mask_plan(bn_shape s)
+{
+    bn_mask_plan p;
+    int64_t row = bn_max64(1, s.channels * s.inner);
+    p.s = s;
+    p.rb = bn_max64(1, BN_MASK_BLOCK / row);
+    p.nblocks = bn_cdiv(s.outer, p.rb);
+    p.ic = bn_max64(1, bn_min64(s.inner, BN_MASK_BLOCK));
+    p.kin = s.inner > 0 ? bn_cdiv(s.inner, p.ic) : 1;
+    p.nunits = p.nblocks * s.channels * p.kin;
+    return p;
+}
+
+/* Unit u: rows [*o0, *o1) of channel *c, inner values [*i0, *i1). */
+static void bn_mask_unit(const bn_mask_plan *p, int64_t u, int64_t *o0, int64_t *o1,
+                         int64_t *c, int64_t *i0, int64_t *i1)
+{
+    int64_t k = u % p->kin, rc = u / p->kin;
+    *c = rc % p->s.channels;
+    *o0 = rc / p->s.channels * p->rb;
+    *o1 = bn_min64(p->s.outer, *o0 + p->rb);
+    *i0 = k * p->ic;
+    *i1 = bn_min64(p->s.inner, *i0 + p->ic);
+}
+
 /* The templates' names: FN(name) is name_f32 or name_f64. */
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)

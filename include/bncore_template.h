@@ -1114,6 +1114,162 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
     return err;
 }
 
+
+/* ---- masked statistics (padded batches; bncore.h, "Masked statistics") ----
+ * Work units are (row block, channel, inner chunk) triples of a fixed
+ * decomposition (bn_mask_plan, independent of the thread count); each unit
+ * is reduced by one thread in order and the partials of a channel are merged
+ * in unit order, so results are bitwise identical for any thread count. */
+
+/* count, mean and M2 of the unmasked values of unit u: two passes over the
+ * unit (in cache), the second summing squared deviations from the first's
+ * mean, so float32 input with |mean| >> std stays accurate. Selects, not
+ * multiplies: a NaN under a zero mask never enters. */
+static void FN(masked_unit_moments)(const T *x, const uint8_t *mask, const bn_mask_plan *p,
+                                    int64_t u, double *out)
+{
+    int64_t o0, o1, c, i0, i1;
+    bn_mask_unit(p, u, &o0, &o1, &c, &i0, &i1);
+    double n = 0, s = 0, q = 0;
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t off = (o * p->s.channels + c) * p->s.inner;
+        const T *xr = x + off;
+        const uint8_t *mr = mask + off;
+        for (int64_t i = i0; i < i1; i++) {
+            int on = mr[i] != 0;
+            n += on;
+            s += on ? (double)xr[i] : 0.0;
+        }
+    }
+    double m = n > 0 ? s / n : 0.0;
+    for (int64_t o = o0; o < o1 && n > 0; o++) {
+        int64_t off = (o * p->s.channels + c) * p->s.inner;
+        const T *xr = x + off;
+        const uint8_t *mr = mask + off;
+        for (int64_t i = i0; i < i1; i++) {
+            double d = (double)xr[i] - m;
+            q += mr[i] ? d * d : 0.0;
+        }
+    }
+    out[0] = n;
+    out[1] = m;
+    out[2] = q;
+}
+
+int FN(bn_masked_stats)(const T *x, const uint8_t *mask, bn_shape s, double *count,
+                        double *mean, double *m2, int n_threads)
+{
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(x, bn_numel(s)) ||
+        BN_MISSING(mask, bn_numel(s)) || BN_MISSING(count, s.channels) ||
+        BN_MISSING(mean, s.channels) || BN_MISSING(m2, s.channels) || n_threads < 0)
+        return BN_EINVAL;
+    bn_mask_plan p = bn_make_mask_plan(s);
+    double *part = (double *)malloc(sizeof(double) * 3 * (size_t)bn_max64(1, p.nunits));
+    if (!part) return BN_ENOMEM;
+    int nt = bn_threads_for(n_threads, bn_numel(s), p.nunits);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < p.nunits; u++) FN(masked_unit_moments)(x, mask, &p, u, part + 3 * u);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            for (int64_t c = a; c < b; c++) {
+                double n = 0, mc = 0, q = 0;
+                for (int64_t r = 0; r < p.nblocks; r++)
+                    for (int64_t k = 0; k < p.kin; k++) {
+                        const double *e = part + 3 * ((r * s.channels + c) * p.kin + k);
+                        bn_chan(&n, &mc, &q, e[0], e[1], e[2]);
+                    }
+                count[c] = n;
+                mean[c] = mc;
+                m2[c] = q;
+            }
+        }
+    }
+    free(part);
+    return 0;
+}
+
+/* {sum g, sum g * (x - mean[c])} over the unmasked values of unit u,
+ * g = dy * act'(y). */
+static void FN(masked_unit_dot)(const T *dy, const T *x, const T *y, const uint8_t *mask,
+                                const bn_mask_plan *p, int64_t u, const double *mean,
+                                bn_act act, double slope, double *out)
+{
+    int64_t o0, o1, c, i0, i1;
+    bn_mask_unit(p, u, &o0, &o1, &c, &i0, &i1);
+    double s1 = 0, s2 = 0, n = 0, m = mean[c];
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t off = (o * p->s.channels + c) * p->s.inner;
+        for (int64_t i = off + i0; i < off + i1; i++) {
+            double g = act == BN_ACT_NONE ? (double)dy[i] : BN_GRAD((double)dy[i], y[i], act, slope);
+            n += mask[i] != 0;
+            s1 += mask[i] ? g : 0.0;
+            s2 += mask[i] ? g * ((double)x[i] - m) : 0.0;
+        }
+    }
+    out[0] = s1;
+    out[1] = s2;
+    out[2] = n;
+}
+
+int FN(bn_masked_backward_reduce)(const T *dy, const T *x, const T *y, const uint8_t *mask,
+                                  bn_shape s, const double *mean, bn_act act, double slope,
+                                  double *sum_dy, double *sum_dy_xmu, double *count,
+                                  int n_threads)
+{
+    int64_t n = bn_numel(s);
+    if (bn_bad_shape(s, sizeof(T)) || BN_MISSING(dy, n) || BN_MISSING(x, n) ||
+        BN_MISSING(mask, n) || (act != BN_ACT_NONE && BN_MISSING(y, n)) ||
+        BN_MISSING(mean, s.channels) || BN_MISSING(sum_dy, s.channels) ||
+        BN_MISSING(sum_dy_xmu, s.channels) || bn_bad_act(act, &slope) || n_threads < 0)
+        return BN_EINVAL;
+    bn_mask_plan p = bn_make_mask_plan(s);
+    double *part = (double *)malloc(sizeof(double) * 3 * (size_t)bn_max64(1, p.nunits));
+    if (!part) return BN_ENOMEM;
+    int nt = bn_threads_for(n_threads, n, p.nunits);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < p.nunits; u++)
+            FN(masked_unit_dot)(dy, x, y, mask, &p, u, mean, act, slope, part + 3 * u);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nt; t++) {
+            int64_t a, b;
+            bn_chunk(0, s.channels, t, nt, &a, &b);
+            for (int64_t c = a; c < b; c++) {
+                double s1 = 0, s2 = 0, n1 = 0;
+                for (int64_t r = 0; r < p.nblocks; r++)
+                    for (int64_t k = 0; k < p.kin; k++) {
+                        const double *e = part + 3 * ((r * s.channels + c) * p.kin + k);
+                        s1 += e[0];
+                        s2 += e[1];
+                        n1 += e[2];
+                    }
+                sum_dy[c] = s1;
+                sum_dy_xmu[c] = s2;
+                if (count) count[c] = n1;
+            }
+        }
+    }
+    free(part);
+    return 0;
+}
+
+int FN(bn_masked_zero)(T *x, const uint8_t *mask, int64_t n, int n_threads)
+{
+    if (n < 0 || BN_MISSING(x, n) || BN_MISSING(mask, n) || n_threads < 0) return BN_EINVAL;
+    int64_t nb = bn_cdiv(n, BN_MASK_BLOCK);
+    int nt = bn_threads_for(n_threads, n, nb);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t i = b * BN_MASK_BLOCK; i < bn_min64(n, (b + 1) * BN_MASK_BLOCK); i++)
+            if (!mask[i]) x[i] = 0;
+    return 0;
+}
+
 #undef BN_GRAD
 #undef BN_PRE
 #undef BN_OPAQUE

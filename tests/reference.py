@@ -523,3 +523,73 @@ def parts_backward(dy, x, r, d, virtual_batch_size=None, weight=None, axis=1, ep
         dweight += (dy64 * (xhat * r[k].reshape(shape) + d[k].reshape(shape))).sum(red)
         dbias += dy64.sum(red)
     return np.concatenate(dxs), dweight, dbias
+
+# ---- masked (padded) batches ---------------------------------------------------------------
+
+def _channel_rows(a, axis):
+    """a moved to (values, C): one column per channel."""
+    a = np.moveaxis(np.asarray(a), axis % a.ndim, -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def masked_train(x, mask, weight=None, bias=None, axis=1, eps=1e-5):
+    """Batch norm over each channel's unmasked values, concatenated (float64):
+    (y, mean, invstd, count, var). y uses the same affine map at padded
+    entries; a channel without values has mean 0, invstd 0 (y = bias)."""
+    x = np.asarray(x, np.float64)
+    m = np.broadcast_to(mask, x.shape)
+    xs, ms = _channel_rows(x, axis), _channel_rows(m, axis)
+    C = xs.shape[1]
+    mean, invstd, count, var = np.zeros(C), np.zeros(C), np.zeros(C), np.zeros(C)
+    for c in range(C):
+        v = xs[ms[:, c], c]
+        count[c] = v.size
+        if v.size:
+            mean[c], var[c] = v.mean(), ((v - v.mean()) ** 2).mean()
+            invstd[c] = 1 / np.sqrt(var[c] + eps) if var[c] + eps > 0 else 0.0
+    _, shape = axes(x, axis)
+    w = _per_channel(weight, shape, 1.0)
+    b = _per_channel(bias, shape, 0.0)
+    y = (x - mean.reshape(shape)) * invstd.reshape(shape) * w + b
+    return y, mean, invstd, count, var
+
+
+def masked_backward(dy, x, mask, mean, invstd, weight=None, axis=1):
+    """Gradients of masked_train's loss sum(dy * y) over the unmasked entries:
+    (dx, dweight, dbias), dx 0 at padded entries."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    m = np.broadcast_to(mask, x.shape)
+    _, shape = axes(x, axis)
+    w = _per_channel(weight, shape, 1.0)
+    mean, invstd = np.reshape(mean, shape), np.reshape(invstd, shape)
+    red = axes(x, axis)[0]
+    n = np.maximum(m.sum(axis=red, keepdims=True), 1)
+    g = np.where(m, dy, 0.0)
+    xhat = (x - mean) * invstd
+    dx = w * invstd * (g - g.sum(red, keepdims=True) / n
+                       - xhat * (g * xhat).sum(red, keepdims=True) / n)
+    return np.where(m, dx, 0.0), (g * xhat).sum(red), g.sum(red)
+
+
+def masked_group_norm(x, mask, G, weight=None, bias=None, eps=1e-5):
+    """Group norm (N, C, *) over each (n, group)'s unmasked values (float64):
+    (y, mean (N, G), invstd (N, G))."""
+    x = np.asarray(x, np.float64)
+    m = np.broadcast_to(mask, x.shape)
+    N, C = x.shape[:2]
+    cg = C // G
+    mean, invstd = np.zeros((N, G)), np.zeros((N, G))
+    y = np.empty_like(x)
+    for n in range(N):
+        for g in range(G):
+            blk = slice(g * cg, (g + 1) * cg)
+            v = x[n, blk][m[n, blk]]
+            if v.size:
+                mean[n, g] = v.mean()
+                var = ((v - v.mean()) ** 2).mean()
+                invstd[n, g] = 1 / np.sqrt(var + eps) if var + eps > 0 else 0.0
+            y[n, blk] = (x[n, blk] - mean[n, g]) * invstd[n, g]
+    shape = (1, C) + (1,) * (x.ndim - 2)
+    y = y * _per_channel(weight, shape, 1.0) + _per_channel(bias, shape, 0.0)
+    return y, mean, invstd

@@ -1,12 +1,15 @@
 """The one layer base class.
 
 A layer validates everything, then changes state: `forward` calls the
-subclass's `_forward(x, out, n_threads)`, which checks its arguments before
+subclass's `_forward(x, out, n_threads, **options)`, which checks its arguments before
 any running statistic moves and returns (y, record); only then is the record
 (what `backward` needs) stored. `backward` calls `_backward(dy, record,
 out, n_threads) -> (dx, dweight, dbias)` and only then sets grad_weight and
-grad_bias. State dicts use PyTorch's keys and are checked whole (keys,
-shapes, dtypes, count ranges) before anything is assigned.
+grad_bias. `options` are the extra forward arguments a layer declares in
+`_forward_options` (``mask``, ``lengths``: padded batches), passed only when
+given; a layer without them refuses them here, by name. State dicts use
+PyTorch's keys and are checked whole (keys, shapes, dtypes, count ranges)
+before anything is assigned.
 
 Input observers: a layer's ``_observers`` (a tuple, empty by default) holds
 callables ``observer(layer, x) -> done``, called with the input before each
@@ -40,6 +43,8 @@ class Module:
     grad_bias: Array | None = None
     _saved: Any = None
     _observers: tuple[Any, ...] = ()  # see the module docstring
+    # extra forward arguments the layer's _forward takes (see the module docstring)
+    _forward_options: tuple[str, ...] = ()
     dtype: np.dtype[Any]
     eps: float
 
@@ -125,8 +130,8 @@ class Module:
         """
         return self.forward(*args, **kwargs)
 
-    def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
-                ) -> Array:
+    def forward(self, x: Any, *, mask: Any = None, lengths: Any = None,
+                out: Array | None = None, n_threads: int | None = None) -> Array:
         """Normalize ``x``; keep what `backward` needs.
 
         The arguments are checked before any state changes: a refused call
@@ -136,6 +141,16 @@ class Module:
         ----------
         x : array_like
             Input of the layer's layout, dtype float16, float32 or float64.
+        mask : array_like of bool, optional
+            Layers with masked statistics (`BatchNorm`, `GroupNorm`,
+            `InstanceNorm`): True where a value counts, broadcastable to x.
+            Padded entries enter no statistic and get no gradient (see
+            `batch_norm_train`); the record keeps the mask for `backward`.
+            Other layers refuse it.
+        lengths : array_like of int, optional
+            Instead of ``mask``, for padded sequences: the length of each
+            sample along the one axis that is neither axis 0 nor the channel
+            axis (``(N, C, T)`` or channels-last ``(N, T, C)``).
         out : numpy.ndarray, optional
             Writable array of x's shape and dtype that receives the output;
             it must not overlap ``x`` (the layer keeps x for its backward).
@@ -151,10 +166,12 @@ class Module:
         Raises
         ------
         TypeError
-            If x or ``out`` has an unsupported type or dtype.
+            If x, ``mask``, ``lengths`` or ``out`` has an unsupported type or
+            dtype.
         ValueError
-            If x's shape does not fit the layer, ``out`` overlaps x, or
-            ``n_threads`` is invalid.
+            If x's shape does not fit the layer, ``out`` overlaps x, the mask
+            does not fit x (or the layer takes none), or ``n_threads`` is
+            invalid.
 
         Examples
         --------
@@ -162,14 +179,23 @@ class Module:
         >>> ln.forward(np.array([[1.0, 3.0]]))
         array([[-0.99999...,  0.99999...]])
         """
-        y, record = self._observed_forward(x, out, n_threads)
+        options = {}
+        for name, v in (("mask", mask), ("lengths", lengths)):
+            if v is not None:
+                if name not in self._forward_options:
+                    chk.refuse(name, f"{type(self).__name__} does not take a {name} (only "
+                                     f"layers with masked statistics do), got an array")
+                options[name] = v
+        y, record = self._observed_forward(x, out, n_threads, options)
         self._saved = record
         return y
 
-    def _observed_forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+    def _observed_forward(self, x: Any, out: Any, n_threads: Any,
+                          options: dict[str, Any] | None = None) -> tuple[Array, Any]:
         """`_forward`, shown to the input observers (see the module docstring)."""
-        pending = [observe(self, x) for observe in self._observers]
-        y, record = self._forward(x, out, n_threads)
+        options = options or {}
+        pending = [observe(self, x, **options) for observe in self._observers]
+        y, record = self._forward(x, out, n_threads, **options)
         for done in pending:
             done()
         return y, record

@@ -21,12 +21,13 @@ __all__ = ["BatchNorm", "BatchRenorm", "RecurrentBatchNorm", "InPlaceABN", "Froz
 
 class _Record:
     """What backward needs of one forward call."""
-    __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra")
+    __slots__ = ("x", "mean", "invstd", "training", "ghost", "y", "extra", "mask")
 
     def __init__(self, x: Any, mean: Any, invstd: Any, training: bool, ghost: int | None = None,
-                 y: Any = None, extra: Any = None):
+                 y: Any = None, extra: Any = None, mask: Any = None):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
         self.ghost, self.y, self.extra = ghost, y, extra
+        self.mask = mask  # the validated boolean mask of x's shape, or None
 
 
 class BatchNorm(Module):
@@ -39,6 +40,13 @@ class BatchNorm(Module):
     layer as a `FrozenBatchNorm`. Parameters and buffers are NumPy arrays of
     the layer's dtype under PyTorch's names (``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``).
+
+    ``forward(x, mask=...)`` or ``forward(x, lengths=...)`` normalizes a
+    padded batch with the statistics of its unmasked values (see
+    `batch_norm_train`); the record keeps the mask, so ``backward`` gives
+    padded entries no gradient. An empty training batch returns an empty
+    output and leaves the running statistics untouched (the step still
+    counts in ``num_batches_tracked``, as in PyTorch).
 
     Parameters
     ----------
@@ -166,8 +174,14 @@ class BatchNorm(Module):
         chk.separate_from_input(out, L.x)
         return L.x
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    _forward_options: tuple[str, ...] = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, _Record]:
         x = self._input(x, out)
+        # the mask, checked and materialized once (x.size bytes), for both passes
+        pad = (None if mask is None and lengths is None
+               else chk.padding(mask, lengths, x, self.axis).view(bool))
         if self.training or not self.track_running_stats:
             ghost = self.virtual_batch_size if self.training else None
             if self.training and self.track_running_stats:
@@ -176,20 +190,23 @@ class BatchNorm(Module):
                 y, mean, invstd, updated = train(
                     x, self.weight, self.bias, self.axis, self.eps, self.running_mean,
                     self.running_var, factor, out, self.activation, n_threads, ghost,
-                    self.skip_nonfinite_update, self.running_var_unbiased)
+                    self.skip_nonfinite_update, self.running_var_unbiased, pad)
                 if updated:
                     self.num_batches_tracked[...] = n
             else:
                 y, mean, invstd = batch_norm_train(
                     x, self.weight, self.bias, axis=self.axis, eps=self.eps, out=out,
-                    activation=self.activation, n_threads=n_threads, virtual_batch_size=ghost)
-            record = _Record(x, mean, invstd, True, ghost)
+                    activation=self.activation, n_threads=n_threads, virtual_batch_size=ghost,
+                    mask=pad)
+            record = _Record(x, mean, invstd, True, ghost, mask=pad)
         else:
             y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 axis=self.axis, eps=self.eps, out=out,
                                 activation=self.activation, n_threads=n_threads)
+            # eval mode: padded entries get the same affine map as the others (the
+            # masked training output's rule); the mask only limits the gradients
             record = _Record(x, self.running_mean.astype(np.float64),
-                             _k.invstd(self.running_var, self.eps), False)
+                             _k.invstd(self.running_var, self.eps), False, mask=pad)
         # the activation's mask source, kept only when there is one
         record.y = y if self.activation is not None else None
         return y, record
@@ -197,7 +214,8 @@ class BatchNorm(Module):
     def _backward(self, dy: Any, r: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         return batch_norm_backward(dy, r.x, r.mean, r.invstd, self.weight, axis=self.axis,
                                    training=r.training, out=out, activation=self.activation,
-                                   y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost)
+                                   y=r.y, n_threads=n_threads, virtual_batch_size=r.ghost,
+                                   mask=r.mask)
 
     def freeze(self) -> FrozenBatchNorm:
         """A FrozenBatchNorm with copies of this layer's eval-mode parameters.
@@ -359,7 +377,9 @@ class BatchRenorm(BatchNorm):
         return (ramp(self.rmax, 1.0, self.rmax_ramp_steps),
                 ramp(self.dmax, 0.0, self.dmax_ramp_steps))
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    _forward_options = ()  # no masked renormalization (yet)
+
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:  # type: ignore[override]
         if not self.training:
             return super()._forward(x, out, n_threads)
         x = self._input(x, out)
@@ -480,7 +500,9 @@ class InPlaceABN(BatchNorm):
         self._saved = record
         return y
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    _forward_options = ()
+
+    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:  # type: ignore[override]
         y, record = super()._forward(x, out, n_threads)
         record.x, record.y = None, y  # x is gone: y is all backward has
         return y, record
@@ -682,8 +704,8 @@ class RecurrentBatchNorm(Module):
         """
         return self.forward(x, t, **kwargs)
 
-    def forward(self, x: Any, t: int | None = None, *, out: Array | None = None,
-                n_threads: int | None = None) -> Array:
+    def forward(self, x: Any, t: int | None = None, *,  # type: ignore[override]  # no mask
+                out: Array | None = None, n_threads: int | None = None) -> Array:
         """Normalize one step (N, C) at step t, or a sequence (T, N, C) from step t.
 
         In training mode each step uses its batch statistics and updates its
@@ -1045,8 +1067,8 @@ class FrozenBatchNorm(Module):
             chk.refuse("mode", "a FrozenBatchNorm has no training mode (use BatchNorm)")
         return self
 
-    def forward(self, x: Any, *, out: Array | None = None, n_threads: int | None = None
-                ) -> Array:
+    def forward(self, x: Any, *, out: Array | None = None,  # type: ignore[override]
+                n_threads: int | None = None) -> Array:
         """``act((x - running_mean) * scale + bias)`` in one pass; keeps no state.
 
         Parameters

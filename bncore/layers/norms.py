@@ -92,7 +92,8 @@ class GroupNorm(Module):
 
     num_groups groups of num_channels/num_groups channels, per-channel weight
     (ones) and bias (zeros) when affine; training and eval mode behave the
-    same.
+    same. ``forward(x, mask=...)`` / ``forward(x, lengths=...)`` takes each
+    group's statistics over its unmasked values (see `group_norm_train`).
 
     Parameters
     ----------
@@ -151,18 +152,24 @@ class GroupNorm(Module):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
                 f"affine={self.affine}, axis={self.axis})")
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+    _forward_options = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, Any]:
         L = chk.per_sample(chk.Layout(x, self.axis)).channels(self.num_channels)
         x = L.x
         chk.separate_from_input(out, x)
+        pad = None if mask is None and lengths is None else chk.padding(mask, lengths, x, L.axis)
+        pad = None if pad is None else pad.view(bool)
         y, mean, invstd = group_norm_train(x, self.num_groups, self.weight, self.bias, self.eps,
-                                           axis=L.axis, out=out, n_threads=n_threads)
-        return y, (x, mean, invstd, L.axis)
+                                           axis=L.axis, out=out, n_threads=n_threads,
+                                           mask=pad)
+        return y, (x, mean, invstd, L.axis, pad)
 
     def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
-        x, mean, invstd, axis = record
+        x, mean, invstd, axis, pad = record
         return group_norm_backward(dy, x, self.num_groups, mean, invstd, self.weight,
-                                   axis=axis, out=out, n_threads=n_threads)
+                                   axis=axis, out=out, n_threads=n_threads, mask=pad)
 
 
 class InstanceNorm(Module):
@@ -174,7 +181,9 @@ class InstanceNorm(Module):
     (running statistics, when tracked, updated with the batch average of each
     instance's mean and unbiased variance, as PyTorch does). Eval mode with
     tracked statistics: the running statistics. momentum=None means 0
-    (running statistics stay put), as in PyTorch.
+    (running statistics stay put), as in PyTorch. ``forward(x, mask=...)`` /
+    ``forward(x, lengths=...)`` takes each instance's statistics over its
+    unmasked values (see `instance_norm_train`).
 
     Parameters
     ----------
@@ -254,10 +263,15 @@ class InstanceNorm(Module):
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names
 
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, Any]:
+    _forward_options = ("mask", "lengths")
+
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, Any]:
         L = chk.per_sample(chk.Layout(x, self.axis)).channels(self.num_features)
         x, axis = L.x, L.axis
         chk.separate_from_input(out, x)
+        pad = None if mask is None and lengths is None else chk.padding(mask, lengths, x, axis)
+        pad = None if pad is None else pad.view(bool)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             y, mean, invstd = instance_norm_train(
@@ -265,20 +279,20 @@ class InstanceNorm(Module):
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None,
                 momentum=0.0 if self.momentum is None else self.momentum,
-                axis=axis, out=out, n_threads=n_threads)
-            return y, (x, mean, invstd, True, axis)
+                axis=axis, out=out, n_threads=n_threads, mask=pad)
+            return y, (x, mean, invstd, True, axis, pad)
         y = batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
                             axis=axis, eps=self.eps, out=out, n_threads=n_threads)
         return y, (x, self.running_mean.astype(np.float64),
-                   _k.invstd(self.running_var, self.eps), False, axis)
+                   _k.invstd(self.running_var, self.eps), False, axis, pad)
 
     def _backward(self, dy: Any, record: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
-        x, mean, invstd, per_instance, axis = record
+        x, mean, invstd, per_instance, axis, pad = record
         if per_instance:
             return instance_norm_backward(dy, x, mean, invstd, self.weight, axis=axis, out=out,
-                                          n_threads=n_threads)
+                                          n_threads=n_threads, mask=pad)
         return batch_norm_backward(dy, x, mean, invstd, self.weight, axis=axis, training=False,
-                                   out=out, n_threads=n_threads)
+                                   out=out, n_threads=n_threads, mask=pad)
 
 
 class RMSNorm(Module):
