@@ -978,3 +978,19 @@ def ghost_size(L, virtual_batch_size):
     v = positive_int(virtual_batch_size, "virtual_batch_size")
     ghost_axis(L.axis, L.x.ndim)
     return v
+
+
+def elemt_count(v, C):
+    """batch_norm_backward_elemt's count: values per channel over every shard,
+    one real >= 1, or C of them >= 0 (masked statistics; 0: a channel with no
+    value, which has nothing to write)."""
+    if np.ndim(v) == 0:
+        return real(v, "count", 1.0)
+    a = _array(v, "count")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"count: expected real numbers, got dtype {a.dtype}")
+    c = a.astype(np.float64)
+    if c.shape != (C,) or not ((c >= 0) & np.isfinite(c)).all():
+        raise ValueError(f"count: expected a number >= 1 or {C} finite counts >= 0, got "
+                         f"{np.asarray(v)!r:.80}")
+    return c

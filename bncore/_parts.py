@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks as chk
 from . import _kernels as _k
-from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce,
-                         batch_norm_elemt, batch_norm_stats)
+from . import functional as F  # called at run time: functional uses `plan` and `coefficients`
 
 WHOLE = slice(None)
 
@@ -59,14 +59,20 @@ def plan(sizes: Any, rank: int, vbs: int | None) -> Plan:
     return Plan(K, segments)
 
 
-def local_stats(x: Any, axis: int, p: Plan, n_threads: Any) -> tuple[Any, Any, Any]:
+def local_stats(x: Any, axis: Any, p: Plan, n_threads: Any, mask: Any = None
+                ) -> tuple[Any, Any, Any]:
     """Per part (K, C) count, mean and M2 of this process's segments (zeros
-    for parts it holds none of). Counts are per channel, so masked statistics
-    fit the same arrays."""
-    C = x.shape[axis]
+    for parts it holds none of); with ``mask`` (bool, x's shape) over the
+    unmasked values only, each channel with its own count."""
+    C = chk.Layout(x, axis).C
     counts, means, m2s = np.zeros((p.K, C)), np.zeros((p.K, C)), np.zeros((p.K, C))
     for g, sl in p.segments:
-        counts[g], means[g], m2s[g] = batch_norm_stats(x[sl], axis=axis, n_threads=n_threads)
+        if mask is None:
+            counts[g], means[g], m2s[g] = F.batch_norm_stats(x[sl], axis=axis,
+                                                             n_threads=n_threads)
+        else:
+            counts[g], means[g], m2s[g] = F.masked_stats(x[sl], mask[sl], axis=axis,
+                                                         n_threads=n_threads)
     return counts, means, m2s
 
 
@@ -84,14 +90,19 @@ def coefficients(counts: Any, mean: Any, m2: Any, eps: float, limits: Any = None
     """(var, invstd, r, d) per part (K, C): var = M2 / count, invstd by the
     kernels' rule; r and d are None without ``limits`` = (rmax, dmax)."""
     counts = np.asarray(counts, np.float64)
-    var = m2 / (counts[:, None] if counts.ndim == 1 else counts)
-    invstd = _k.invstd(var, eps)
+    counts = np.broadcast_to(counts[:, None] if counts.ndim == 1 else counts, m2.shape)
+    # a channel with no value in a part (masked statistics): var 0 and invstd
+    # 0, so its output is bias and its gradient 0; r 1 and d 0 under renorm
+    empty = counts == 0
+    var = np.divide(m2, counts, out=np.zeros_like(m2), where=~empty)
+    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
     if limits is None:
         return var, invstd, None, None
     rmax, dmax = limits
     inv_sigma = _k.invstd(np.asarray(running_var, np.float64), eps)
-    r = np.clip(np.sqrt(var + eps) * inv_sigma, 1.0 / rmax, rmax)
-    d = np.clip((mean - np.asarray(running_mean, np.float64)) * inv_sigma, -dmax, dmax)
+    r = np.where(empty, 1.0, np.clip(np.sqrt(var + eps) * inv_sigma, 1.0 / rmax, rmax))
+    d = np.where(empty, 0.0, np.clip((mean - np.asarray(running_mean, np.float64)) * inv_sigma,
+                                     -dmax, dmax))
     return var, invstd, r, d
 
 
@@ -105,34 +116,44 @@ def apply(x: Any, p: Plan, mean: Any, invstd: Any, r: Any, d: Any, weight: Any, 
         shift = bias
         if d is not None:
             shift = (d[g] if weight is None else weight * d[g]) + (0.0 if bias is None else bias)
-        batch_norm_elemt(x[sl], mean[g], scale, weight, shift, axis=axis, out=buf[sl],
+        F.batch_norm_elemt(x[sl], mean[g], scale, weight, shift, axis=axis, out=buf[sl],
                          activation=activation, n_threads=n_threads)
 
 
-def part_sums(dy: Any, x: Any, y: Any, p: Plan, mean: Any, axis: int, activation: Any,
-              n_threads: Any) -> tuple[Any, Any]:
+def part_sums(dy: Any, x: Any, y: Any, p: Plan, mean: Any, axis: Any, activation: Any,
+              n_threads: Any, mask: Any = None) -> tuple[Any, Any]:
     """Per part (K, C) sum(dy) and sum(dy * (x - mean)) over this process's
-    segments, in float64 (zeros for parts it holds none of)."""
-    C = x.shape[axis]
+    segments (with ``mask``: its unmasked values), in float64 (zeros for parts
+    it holds none of)."""
+    C = chk.Layout(x, axis).C
     sum_dy, sum_dy_xmu = np.zeros((p.K, C)), np.zeros((p.K, C))
     for g, sl in p.segments:
-        sum_dy[g], sum_dy_xmu[g] = batch_norm_backward_reduce(
-            dy[sl], x[sl], mean[g], axis=axis, activation=activation,
-            y=None if y is None else y[sl], n_threads=n_threads)
+        ys = None if y is None else y[sl]
+        if mask is None:
+            sum_dy[g], sum_dy_xmu[g] = F.batch_norm_backward_reduce(
+                dy[sl], x[sl], mean[g], axis=axis, activation=activation, y=ys,
+                n_threads=n_threads)
+        else:
+            sum_dy[g], sum_dy_xmu[g] = F.masked_backward_reduce(
+                dy[sl], x[sl], mean[g], mask[sl], axis=axis, activation=activation, y=ys,
+                n_threads=n_threads)[1:]
     return sum_dy, sum_dy_xmu
 
 
 def backward_apply(dy: Any, x: Any, y: Any, p: Plan, mean: Any, invstd: Any, r: Any,
-                   weight: Any, sum_dy: Any, sum_dy_xmu: Any, counts: Any, axis: int,
-                   buf: Any, activation: Any, n_threads: Any) -> None:
-    """dx of each segment into ``buf`` from its part's global sums, with
-    weight * r (r constant). counts: (K,) one per part."""
+                   weight: Any, sum_dy: Any, sum_dy_xmu: Any, counts: Any, axis: Any,
+                   buf: Any, activation: Any, n_threads: Any, mask: Any = None) -> None:
+    """dx of each segment into ``buf`` (C-contiguous) from its part's global
+    sums, with weight * r (r constant). counts: (K,) one per part, or (K, C)
+    per channel; with ``mask`` (uint8, x's shape), 0 at the padded entries."""
     for g, sl in p.segments:
         w = weight if r is None else (r[g] if weight is None else weight * r[g])
-        batch_norm_backward_elemt(dy[sl], x[sl], mean[g], invstd[g], w, sum_dy[g],
-                                  sum_dy_xmu[g], counts[g], axis=axis, out=buf[sl],
-                                  activation=activation, y=None if y is None else y[sl],
-                                  n_threads=n_threads)
+        F.batch_norm_backward_elemt(dy[sl], x[sl], mean[g], invstd[g], w, sum_dy[g],
+                                    sum_dy_xmu[g], counts[g], axis=axis, out=buf[sl],
+                                    activation=activation, y=None if y is None else y[sl],
+                                    n_threads=n_threads)
+    if mask is not None and buf.size:
+        _k.masked_zero(buf.reshape(-1), mask.reshape(-1), chk.threads(n_threads))
 
 
 def param_grads(invstd: Any, r: Any, d: Any, sum_dy: Any, sum_dy_xmu: Any) -> tuple[Any, Any]:

@@ -10,8 +10,9 @@ it: statistics per part (the whole batch, or ghost batches of the
 concatenated batch), exchanged and merged part by part, then plain or
 renormalized, then the running update over the parts.
 
-Per training step and layer: forward makes one collective on ``K * (2*C +
-4)`` float64 per rank for K parts (count, error flag, dtype code, mean, M2);
+Per training step and layer: forward makes one collective on ``K * (3*C +
+3)`` float64 per rank for K parts (error flag, dtype code, and per channel
+count, mean, M2: a count per channel, as masked shards count their own);
 backward makes one collective on ``2*K*C + 1`` float64 (error flag, sum(dy),
 sum(dy * (x - mean)) per part). Ghost batches add a small collective of 2
 float64 per rank (channel count and sample count: where each rank's samples
@@ -51,15 +52,16 @@ except ImportError:  # pragma: no cover - exercised only without mpi4py
 from . import _checks as chk
 from . import _kernels as _k
 from . import _parts
-from .functional import merge_stats, update_running
+from .functional import _update_present, merge_stats, update_running
 from ._typing import Array
 from .layers import BatchNorm, BatchRenorm
 from .layers.batch_norm import _Record
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "torch_allgather"]
 
-# Forward record layout, one per part: [count, n_bad, dtype_min, dtype_max, mean (C), m2 (C)]
-_HEAD = 4
+# Forward record layout, one per part: [n_bad, dtype_min, dtype_max, count (C), mean (C),
+# m2 (C)]: a count per channel, as masked shards count each channel's own values
+_HEAD = 3
 _DTYPE_CODES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2,
                 np.dtype(np.float64): 3}
 
@@ -72,16 +74,14 @@ def _chan_reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
     width = datatype.Get_extent()[1] // 8
     a = np.frombuffer(inbuf, dtype=np.float64).reshape(-1, width)
     b = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, width)
-    c = (width - _HEAD) // 2
+    c = (width - _HEAD) // 3
     for ra, rb in zip(a, b):
         pair = np.stack([ra, rb])
-        count = _k.merge_stats(
-            np.ascontiguousarray(pair[:, :1]),
-            np.ascontiguousarray(pair[:, _HEAD:_HEAD + c]),
-            np.ascontiguousarray(pair[:, _HEAD + c:]),
-            rb[_HEAD:_HEAD + c], rb[_HEAD + c:], np.empty(c))
-        rb[:_HEAD] = (count, ra[1] + rb[1], min(ra[2], rb[2]),
-                      max(ra[3], rb[3]))
+        _k.merge_stats(np.ascontiguousarray(pair[:, _HEAD:_HEAD + c]),
+                       np.ascontiguousarray(pair[:, _HEAD + c:_HEAD + 2 * c]),
+                       np.ascontiguousarray(pair[:, _HEAD + 2 * c:]),
+                       rb[_HEAD + c:_HEAD + 2 * c], rb[_HEAD + 2 * c:], rb[_HEAD:_HEAD + c])
+        rb[:_HEAD] = (ra[0] + rb[0], min(ra[1], rb[1]), max(ra[2], rb[2]))
 
 
 _CHAN_OP: Any = None
@@ -133,7 +133,7 @@ class _Parts:
     __slots__ = ("plan", "counts", "r", "d")
 
     def __init__(self, plan: Any, counts: Any, r: Any, d: Any):
-        self.plan, self.counts, self.r, self.d = plan, counts, r, d
+        self.plan, self.counts, self.r, self.d = plan, counts, r, d  # counts (K, C)
 
 
 class SyncBatchNorm(BatchNorm):
@@ -319,33 +319,33 @@ class SyncBatchNorm(BatchNorm):
 
     def _exchange_stats(self, counts: Any, mean: Any, m2: Any, bad: bool, code: int
                         ) -> tuple[Any, Any, list[int] | None, bool]:
-        """Every rank's per-part (count, mean, M2) merged part by part with
-        Chan's formula in rank order: ((K,) counts, (K, C) mean, M2)."""
+        """Every rank's per-part (count, mean, M2), each (K, C), merged part by
+        part with Chan's formula in rank order (counts per channel)."""
         K, c = mean.shape
-        send = np.empty((K, _HEAD + 2 * c))
-        send[:, 0] = counts
-        send[:, 1:_HEAD] = (bad, code, code)
-        send[:, _HEAD:_HEAD + c] = mean
-        send[:, _HEAD + c:] = m2
+        send = np.empty((K, _HEAD + 3 * c))
+        send[:, :_HEAD] = (bad, code, code)
+        send[:, _HEAD:_HEAD + c] = counts
+        send[:, _HEAD + c:_HEAD + 2 * c] = mean
+        send[:, _HEAD + 2 * c:] = m2
         if self.reduction == "allgather":
             recv = self._gather(send)
             head = recv[:, 0, :_HEAD]
-            bad_ranks = np.flatnonzero(head[:, 1]).tolist()
-            n_bad, lo, hi = len(bad_ranks), head[:, 2].min(), head[:, 3].max()
+            bad_ranks = np.flatnonzero(head[:, 0]).tolist()
+            n_bad, lo, hi = len(bad_ranks), head[:, 1].min(), head[:, 2].max()
             merged = None
             if n_bad == 0 and lo == hi:
                 # Fixed rank order: every rank computes the same bits.
-                parts = [merge_stats(recv[:, g, 0], recv[:, g, _HEAD:_HEAD + c],
-                                     recv[:, g, _HEAD + c:]) for g in range(K)]
-                merged = (np.array([q[0] for q in parts], np.float64),
-                          np.stack([q[1] for q in parts]), np.stack([q[2] for q in parts]))
+                parts = [merge_stats(recv[:, g, _HEAD:_HEAD + c],
+                                     recv[:, g, _HEAD + c:_HEAD + 2 * c],
+                                     recv[:, g, _HEAD + 2 * c:]) for g in range(K)]
+                merged = tuple(np.stack([q[i] for q in parts]) for i in range(3))
         else:
             recv = np.empty_like(send)
             rtype = _record_type(send.shape[1])
             self.comm.Allreduce([send, K, rtype], [recv, K, rtype], op=_chan_op())
-            bad_ranks, n_bad, lo, hi = None, recv[0, 1], recv[0, 2], recv[0, 3]
-            merged = (recv[:, 0].copy(), recv[:, _HEAD:_HEAD + c].copy(),
-                      recv[:, _HEAD + c:].copy())
+            bad_ranks, n_bad, lo, hi = None, recv[0, 0], recv[0, 1], recv[0, 2]
+            merged = (recv[:, _HEAD:_HEAD + c].copy(), recv[:, _HEAD + c:_HEAD + 2 * c].copy(),
+                      recv[:, _HEAD + 2 * c:].copy())
         return merged, n_bad, bad_ranks, lo != hi
 
     def _exchange_grads(self, sum_dy: Any, sum_dy_xmu: Any, bad: bool
@@ -389,15 +389,11 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward / backward ------------------------------------------------
 
-    def _local_stats(self, x: Any, plan: Any, n_threads: Any) -> tuple[Any, Any, Any]:
-        """This rank's (count, mean, M2) per part, each (K, C) (counts per
-        channel): the one place that reads x for the statistics."""
-        return _parts.local_stats(x, self.axis, plan, n_threads)
-
-    def _forward(self, x: Any, out: Any, n_threads: Any) -> tuple[Array, _Record]:
+    def _forward(self, x: Any, out: Any, n_threads: Any, mask: Any = None,
+                 lengths: Any = None) -> tuple[Array, _Record]:
         if not self.training and self.track_running_stats:
             # Running statistics: nothing to exchange.
-            return super()._forward(x, out, n_threads)
+            return super()._forward(x, out, n_threads, mask, lengths)
         c = self.num_features
         vbs = self.virtual_batch_size if self.training else None
         n = np.shape(x)[0] if vbs is not None and np.ndim(x) >= 2 else 0
@@ -410,25 +406,30 @@ class SyncBatchNorm(BatchNorm):
             chk.n_threads(n_threads)
             if vbs is not None:
                 chk.ghost_axis(self.axis, x.ndim)
-            counts, mean, m2 = self._local_stats(x, plan, n_threads)
+            pad = (None if mask is None and lengths is None
+                   else chk.padding(mask, lengths, x, self.axis))
+            counts, mean, m2 = _parts.local_stats(x, self.axis, plan, n_threads,
+                                                  None if pad is None else pad.view(bool))
             code = _DTYPE_CODES[x.dtype]
         except (TypeError, ValueError) as exc:
             error = exc
             counts, mean, m2, code = (np.zeros((plan.K, c)), np.zeros((plan.K, c)),
                                       np.zeros((plan.K, c)), 0)
-        # per-channel counts differ only with masks, which the exchange does not carry yet
-        merged, n_bad, bad_ranks, mixed = self._exchange_stats(
-            _parts.uniform(counts), mean, m2, error is not None, code)
+        merged, n_bad, bad_ranks, mixed = self._exchange_stats(counts, mean, m2,
+                                                               error is not None, code)
         self._raise_if_bad(n_bad, bad_ranks, error, "forward")
         if mixed:
             raise TypeError("x: expected the same dtype on every rank, got "
                             f"{x.dtype} here and another dtype elsewhere")
         total, mean, m2 = merged
-        if (total < 2).any():
-            g = int(np.argmin(total))
+        if pad is not None:  # a channel may have no value (then left as it is), not one
+            chk.masked_counts(total, "channel over all ranks" if vbs is None
+                              else "channel of a ghost batch over all ranks")
+        elif (total < 2).any():
+            g = int(np.argmin(total.min(axis=1)))
             where = "" if vbs is None else f" in ghost batch {g} (virtual_batch_size={vbs})"
             raise ValueError("x: expected more than 1 value per channel over "
-                             f"all ranks{where} when training, got {int(total[g])}")
+                             f"all ranks{where} when training, got {int(total[g].min())}")
         limits = self.limits() if self.renorm else None
         var, invstd, r, d = _parts.coefficients(total, mean, m2, self.eps, limits,
                                                 self.running_mean, self.running_var)
@@ -443,10 +444,15 @@ class SyncBatchNorm(BatchNorm):
             if not skip:
                 nb = int(self.num_batches_tracked) + 1
                 factor = 1.0 / nb if self.momentum is None else self.momentum
-                update_running(self.running_mean, self.running_var, mean, var,
-                               total if self.running_var_unbiased else 1.0, factor)
+                if pad is None:
+                    update_running(self.running_mean, self.running_var, mean, var,
+                                   total[:, 0] if self.running_var_unbiased else 1.0, factor)
+                else:  # each channel from the parts where it has values
+                    _update_present(self.running_mean, self.running_var, mean, var, total,
+                                    factor, self.running_var_unbiased)
                 self.num_batches_tracked[...] = nb
-        return y, _Record(x, mean, invstd, True, vbs, extra=_Parts(plan, total, r, d))
+        return y, _Record(x, mean, invstd, True, vbs, extra=_Parts(plan, total, r, d),
+                          mask=None if pad is None else pad.view(bool))
 
     def _backward(self, dy: Any, rec: Any, out: Any, n_threads: Any) -> tuple[Array, Any, Any]:
         """dx of the most recent forward; grad_weight and grad_bias are the
@@ -455,7 +461,7 @@ class SyncBatchNorm(BatchNorm):
         self._same_width()
         parts = rec.extra
         if parts is None:  # eval mode: one part, constant statistics
-            parts = _Parts(_parts.plan(None, 0, None), np.ones(1), None, None)
+            parts = _Parts(_parts.plan(None, 0, None), np.ones((1, c)), None, None)
             mean, invstd = rec.mean[None], rec.invstd[None]
         else:
             mean, invstd = rec.mean, rec.invstd
@@ -468,7 +474,7 @@ class SyncBatchNorm(BatchNorm):
             chk.n_threads(n_threads)
             dyc, xc = chk.contiguous(dy, cd), chk.contiguous(x, cd)
             sum_dy, sum_dy_xmu = _parts.part_sums(dyc, xc, None, plan, mean, self.axis, None,
-                                                  n_threads)
+                                                  n_threads, rec.mask)
         except (TypeError, ValueError) as exc:
             error = exc
             sum_dy, sum_dy_xmu = np.zeros((plan.K, c)), np.zeros((plan.K, c))
@@ -480,7 +486,8 @@ class SyncBatchNorm(BatchNorm):
         trained = rec.training
         _parts.backward_apply(dyc, xc, None, plan, mean, invstd, parts.r, self.weight,
                               sum_dy if trained else zeros, sum_dy_xmu if trained else zeros,
-                              parts.counts, self.axis, buf, None, n_threads)
+                              parts.counts, self.axis, buf, None, n_threads,
+                              None if rec.mask is None else rec.mask.view(np.uint8))
         dweight, dbias = _parts.param_grads(invstd, parts.r, parts.d, sum_dy, sum_dy_xmu)
         return chk.finish(buf, final, x.dtype), dweight, dbias
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
+from . import _parts
 from ._typing import Activation, Array, ArrayLike, Float64Array, FloatArray
 
 __all__ = [
@@ -733,15 +734,25 @@ def batch_norm_backward_elemt(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invs
     w = chk.vector(weight, L.C, "weight")
     sdy = chk.vector(sum_dy, L.C, "sum_dy", required=True)
     sdx = chk.vector(sum_dy_xmu, L.C, "sum_dy_xmu", required=True)
-    count = chk.real(count, "count", 1.0)
+    count = chk.elemt_count(count, L.C)
     code, slope = chk.activation_code(activation)
     y = chk.mask_source(y, L.x, activation if code else None)
     nt = chk.threads(n_threads)
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
-    k = inv if w is None else w * inv
-    _k.backward_apply(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m, k,
-                      -k * inv * inv * sdx / count, -k * sdy / count, code, slope, nt)
+    _k.backward_apply(L.flat(dy), L.flat(L.x), L.flat(y), buf.reshape(-1), L.shape, m,
+                      *_dx_coefficients(inv, w, sdy, sdx, count), code, slope, nt)
     return chk.finish(buf, final, L.x.dtype)
+
+
+def _dx_coefficients(inv: Any, w: Any, sdy: Any, sdx: Any, count: Any) -> tuple[Any, Any, Any]:
+    """bn_backward_apply's per-channel (a, b, c), dx = a*dy + b*(x - mean) + c,
+    from the sums over ``count`` values per channel (a float or (C,)); sdy None:
+    eval mode, dx = a*dy. A channel with count 0 has nothing to write."""
+    k = inv if w is None else w * inv
+    if sdy is None:
+        return k, None, None
+    n = np.maximum(count, 1.0)
+    return k, -k * inv * inv * sdx / n, -k * sdy / n
 
 
 def batch_norm_backward_from_output(dy: ArrayLike, y: ArrayLike, save_invstd: ArrayLike,
@@ -846,16 +857,16 @@ def _train_empty(L: Any, vbs: Any, buf: Any, final: Any, running: bool) -> Any:
     return chk.finish(buf, final, L.x.dtype), zeros, zeros.copy(), running
 
 
-def _parts(L: Any, vbs: Any) -> list[tuple[slice, tuple[int, int, int]]]:
-    """The (outer, C, inner) pieces of canonical x statistics are taken over:
-    the whole batch, or each ghost batch of vbs samples along axis 0 (a
-    contiguous slice of the canonical arrays)."""
+def _pieces(L: Any, vbs: Any) -> list[tuple[slice, tuple[int, int, int]]]:
+    """The parts of `_parts.plan` (the whole batch, or ghost batches of vbs
+    samples along axis 0) as slices of the canonical arrays with their
+    (outer, C, inner) geometry."""
+    N = L.x.shape[0]
     if vbs is None:
         return [(slice(None), L.shape)]
-    N = L.x.shape[0]
     per = L.shape[0] // N if N else 0
-    return [(slice(g, min(g + vbs, N)), (min(vbs, N - g) * per, L.C, L.shape[2]))
-            for g in range(0, N, vbs)]
+    return [(sl, ((sl.stop - sl.start) * per, L.C, L.shape[2]))
+            for _, sl in _parts.plan([N], 0, vbs).segments]
 
 
 def _masked_moments(xc: Any, m8: Any, shape: Any, nt: int) -> tuple[Any, Any, Any]:
@@ -1023,18 +1034,16 @@ def _train_masked(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_m
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
     chk.disjoint_from_running(out, running_mean, running_var)
     xc = L.canonical(L.x)
-    parts = _parts(L, vbs)
+    parts = _pieces(L, vbs)
     K = len(parts)
     count, mean, m2 = np.zeros((K, L.C)), np.zeros((K, L.C)), np.zeros((K, L.C))
     for g, (sl, shape) in enumerate(parts):
         count[g], mean[g], m2[g] = _masked_moments(xc[sl], m8[sl], shape, chk.threads(nt))
     # data-dependent, but still before anything is written
     chk.masked_counts(count, "channel" if vbs is None else "channel of a ghost batch")
-    empty = count == 0
-    var = np.divide(m2, count, out=np.zeros_like(m2), where=~empty)
     # a channel without values: mean 0 and invstd 0, so its output is bias
     # (NaN-free where x is finite) and its gradient 0
-    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
+    var, invstd = _parts.coefficients(count, mean, m2, eps)[:2]
     # padded entries get the same affine map with the masked statistics: one
     # pass writes every entry (no second pass to zero them), the output is
     # defined everywhere, and finite wherever x is; downstream code that
@@ -1080,22 +1089,17 @@ def _backward_masked(dy: Any, x: Any, save_mean: Any, save_invstd: Any, weight: 
     buf, final = chk.output(out, L.x, L.cd, (L.x, dy, y))
     dyc, xc, yc = L.canonical(dy), L.canonical(L.x), L.canonical(y)
     dw, db = np.zeros(L.C), np.zeros(L.C)
-    for g, (sl, shape) in enumerate(_parts(L, vbs)):
+    for g, (sl, shape) in enumerate(_pieces(L, vbs)):
         count, sdy, sdx = np.empty(L.C), np.empty(L.C), np.empty(L.C)
         flat = (lambda a: None if a is None else a[sl].reshape(-1))
         _k.masked_backward_reduce(flat(dyc), flat(xc), flat(yc), flat(m8), shape, m[g], code,
                                   slope, sdy, sdx, count, nt)
         dw += sdx * inv[g]
         db += sdy
-        k = inv[g] if w is None else w * inv[g]
-        if training:
-            n = np.maximum(count, 1.0)  # count 0: no entry to write (all padded)
-            cb, cc = -k * inv[g] * inv[g] * sdx / n, -k * sdy / n
-        else:
-            cb = cc = None
+        coefs = _dx_coefficients(inv[g], w, sdy if training else None, sdx, count)
         if buf[sl].size:
             _k.backward_apply(flat(dyc), flat(xc), flat(yc), buf[sl].reshape(-1), shape, m[g],
-                              k, cb, cc, code, slope, nt)
+                              *coefs, code, slope, nt)
     if buf.size:
         _k.masked_zero(buf.reshape(-1), m8.reshape(-1), nt)
     return chk.finish(buf, final, L.x.dtype), dw.astype(L.sd), db.astype(L.sd)

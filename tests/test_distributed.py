@@ -404,15 +404,15 @@ def test_chan_reduction_operation(rng, counts):
     recs = []
     for rank, part in enumerate(parts):
         n, mean, m2 = bncore.batch_norm_stats(part)
-        recs.append(np.concatenate([[n, rank == 1, 2 + rank, 2 + rank],
+        recs.append(np.concatenate([[rank == 1, 2 + rank, 2 + rank], np.full(c, n),
                                     mean, m2]))
     dtype = dist._record_type(recs[0].size)
     dist._chan_reduce(recs[0], recs[1], dtype)
     out = recs[1]
     n, mean, m2 = ref.stats(np.concatenate(parts))
-    assert out[0] == n and out[1] == 1 and out[2] == 2 and out[3] == 3
-    ref.assert_close(out[4:4 + c], mean, 1e-13, "mean")
-    ref.assert_close(out[4 + c:], m2, 1e-12, "m2")
+    assert out[0] == 1 and out[1] == 2 and out[2] == 3 and (out[3:3 + c] == n).all()
+    ref.assert_close(out[3 + c:3 + 2 * c], mean, 1e-13, "mean")
+    ref.assert_close(out[3 + 2 * c:], m2, 1e-12, "m2")
 
 
 def test_sync_rejects_bad_arguments():
@@ -536,3 +536,25 @@ def test_different_channel_counts_raise_on_every_rank():
     # buffer of the other's size
     out = run_mpi(2, MPI_SCRIPTS / "check_widths.py")
     assert out.count("refused: num_features") == 2 and out.count(": OK") == 2, out
+
+
+def test_chan_reduction_operation_with_per_channel_counts(rng):
+    # masked shards: each channel counts its own values in the allreduce records
+    from bncore.functional import masked_stats
+    dist = distributed()
+    c = 4
+    parts = [sample(rng, (n, c), np.float64, offset=40.0) for n in (6, 5)]
+    masks = [rng.random(p.shape) < 0.5 for p in parts]
+    masks[1][:, 3] = False
+    recs = []
+    for part, mask in zip(parts, masks):
+        n, mean, m2 = masked_stats(part, mask)
+        recs.append(np.concatenate([[0, 2, 2], n, mean, m2]))
+    dist._chan_reduce(recs[0], recs[1], dist._record_type(recs[0].size))
+    out = recs[1]
+    for ch in range(c):
+        vals = np.concatenate([p[m[:, ch], ch] for p, m in zip(parts, masks)])
+        assert out[3 + ch] == vals.size
+        ref.assert_close(out[3 + c + ch:4 + c + ch], [vals.mean()], 1e-13, "mean")
+        ref.assert_close(out[3 + 2 * c + ch:4 + 2 * c + ch],
+                         [((vals - vals.mean()) ** 2).sum()], 1e-12, "m2")

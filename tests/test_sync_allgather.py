@@ -395,3 +395,62 @@ def test_out_and_threads_give_the_same_bits(rng, variant, dtype):
     for other in results[1:]:
         for a, c in zip(results[0], other):
             np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("vbs", [None, 4])
+def test_masked_shards_equal_one_process_on_the_concatenated_batch(rng, vbs):
+    """Padded shards of different lengths (a mask per rank, some channels
+    masked out entirely on a rank, one rank empty): statistics, output, dx,
+    parameter gradients and running statistics equal single-process BatchNorm
+    with the concatenated mask, on every rank, in the same bits."""
+    C, T, sizes = 3, 5, [3, 0, 4, 2]
+    xs = [rng.standard_normal((n, C, T)) * 2 + 30 for n in sizes]
+    dys = [rng.standard_normal((n, C, T)) for n in sizes]
+    masks = [rng.random((n, C, T)) < 0.6 for n in sizes]
+    masks[0][:, 2] = False  # channel 2 has no value on rank 0
+    kw = dict(dtype=np.float64, momentum=0.3, virtual_batch_size=vbs)
+
+    def body(rank, gather):
+        layer = dist.SyncBatchNorm(C, allgather=gather, **kw)
+        y = layer(xs[rank], mask=masks[rank])
+        dx = layer.backward(dys[rank])
+        return (y, dx, layer.grad_weight.copy(), layer.grad_bias.copy(),
+                layer.running_mean.copy(), layer.running_var.copy())
+
+    results = run_ranks(sizes, body)
+    one = bncore.BatchNorm(C, **kw)
+    x, mask = np.concatenate(xs), np.concatenate(masks)
+    y = one(x, mask=mask)
+    dx = one.backward(np.concatenate(dys))
+    cuts = np.cumsum([0] + sizes)
+    for r, got in enumerate(results):
+        sl = slice(cuts[r], cuts[r + 1])
+        np.testing.assert_allclose(got[0], y[sl], rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(got[1], dx[sl], rtol=1e-9, atol=1e-11)
+        assert not got[1][~masks[r]].any()
+        for a, b in zip(got[2:], (one.grad_weight, one.grad_bias, one.running_mean,
+                                  one.running_var)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+        for a, b in zip(got, results[0]):
+            if a.ndim == 1:  # the per-channel results: the same bits on every rank
+                np.testing.assert_array_equal(a, b)
+
+
+def test_masked_channel_with_one_value_is_refused_on_every_rank(rng):
+    x = [rng.standard_normal((2, 2, 3)) for _ in range(2)]
+    masks = [np.zeros((2, 2, 3), bool) for _ in range(2)]
+    masks[0][0, 0, 0] = True  # channel 0: one value over all ranks
+    masks[0][:, 1] = masks[1][:, 1] = True
+    layers = []
+
+    def body(rank, gather):
+        layer = dist.SyncBatchNorm(2, allgather=gather, dtype=np.float64)
+        layers.append(layer)
+        return layer(x[rank], mask=masks[rank])
+
+    _, errors = Group(2).run(body)
+    for e in errors:
+        assert isinstance(e, ValueError) and "mask" in str(e)
+    for layer in layers:
+        np.testing.assert_array_equal(layer.running_mean, 0)
+        assert int(layer.num_batches_tracked) == 0
