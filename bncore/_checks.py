@@ -768,7 +768,7 @@ def population_other(other, cls, C):
 
 def population_nonempty(count, name="stats", hint="call update first"):
     """Statistics to read or write must hold at least one value per channel."""
-    if count < 1:
+    if np.min(count) < 1:
         raise ValueError(f"{name}: expected statistics of at least one value per channel, got "
                          f"count 0 ({hint})")
 

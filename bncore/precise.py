@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _checks as chk
 from ._typing import ArrayLike, Float64Array
-from .functional import batch_norm_stats, merge_stats, update_running
+from .functional import batch_norm_stats, masked_stats, merge_stats, update_running
 from .layers import BatchNorm
 
 __all__ = ["PopulationStats", "collect_population_stats", "precise_batch_norm"]
@@ -89,21 +89,26 @@ class PopulationStats:
             chk.refuse("axis", f"expected an int or a tuple of adjacent ints, got "
                                f"{type(axis).__name__}", TypeError)
         self.axis = axis
-        self._count = 0
+        self._count = np.zeros(C)  # per channel: masked batches count each channel's own
         self._mean = np.zeros(C)
         self._m2 = np.zeros(C)
 
     def __repr__(self) -> str:
-        return f"PopulationStats({self.num_features}, axis={self.axis}, count={self._count})"
+        return f"PopulationStats({self.num_features}, axis={self.axis}, count={self.count})"
 
     # ---- accumulation ------------------------------------------------------------------
 
-    def _absorb(self, count: int, mean: Any, m2: Any) -> None:
-        """Merge checked statistics (count, mean (C,), M2 (C,)) into these."""
+    def _absorb(self, count: Any, mean: Any, m2: Any) -> None:
+        """Merge checked statistics (count (a number or (C,)), mean (C,), M2 (C,))
+        into these."""
+        counts = np.stack([self._count, np.broadcast_to(np.asarray(count, np.float64),
+                                                        self._count.shape)])
         self._count, self._mean, self._m2 = merge_stats(
-            [self._count, count], np.stack([self._mean, mean]), np.stack([self._m2, m2]))
+            counts, np.stack([self._mean, mean]), np.stack([self._m2, m2]))
 
-    def update(self, x: ArrayLike, *, n_threads: int | None = None) -> PopulationStats:
+    def update(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               lengths: ArrayLike | None = None,
+               n_threads: int | None = None) -> PopulationStats:
         """Add a batch: its values join the statistics, channel by channel.
 
         Parameters
@@ -111,6 +116,11 @@ class PopulationStats:
         x : array_like
             A batch with C channels on ``axis``, dtype float16, float32 or
             float64, ``ndim >= 2``; a batch with no samples adds nothing.
+        mask : array_like of bool, optional
+            Broadcastable to x: only the values where it is True count (a
+            padded batch; see `bncore.batch_norm_train`).
+        lengths : array_like of int, optional
+            Per-sample lengths of a padded sequence batch, instead of mask.
         n_threads : int, optional
             The most threads to use. None uses `get_num_threads` at the time
             of the call.
@@ -135,7 +145,7 @@ class PopulationStats:
         32
         """
         L = chk.Layout(x, self.axis).channels(self.num_features)
-        self._absorb(*batch_norm_stats(L.x, axis=self.axis, n_threads=n_threads))
+        self._absorb(*_batch_stats(L, mask, lengths, n_threads))
         return self
 
     def merge(self, other: PopulationStats) -> PopulationStats:
@@ -211,9 +221,11 @@ class PopulationStats:
     # ---- results -----------------------------------------------------------------------
 
     @property
-    def count(self) -> int:
-        """The number of values per channel recorded so far."""
-        return self._count
+    def count(self) -> Any:
+        """The number of values per channel recorded so far: an int, or a
+        float64 array (C,) when masked batches counted channels differently."""
+        c = self._count
+        return int(c[0]) if (c == c[0]).all() else c.copy()
 
     @property
     def mean(self) -> Float64Array:
@@ -237,7 +249,7 @@ class PopulationStats:
         chk.population_nonempty(self._count)
         mean, var = np.zeros(self.num_features), np.zeros(self.num_features)
         update_running(mean, var, self._mean, self._m2 / self._count,
-                       self._count if unbiased else 1, 1.0)
+                       self._count[None] if unbiased else 1, 1.0)
         return mean, var
 
     def write_to(self, layer: Any) -> None:
@@ -357,11 +369,20 @@ class PopulationStats:
             state[k] = v.astype(cur.dtype) if isinstance(cur, np.ndarray) else cur.new_tensor(v)
 
 
-def _merge_gathered(parts: list[Any]) -> tuple[int, Float64Array, Float64Array]:
+def _merge_gathered(parts: list[Any]) -> tuple[Any, Float64Array, Float64Array]:
     """Rank order merge of gathered (width, count, mean, M2) tuples, every rank alike."""
     chk.gathered_widths([p[0] for p in parts])
     return merge_stats([p[1] for p in parts], np.stack([p[2] for p in parts]),
                        np.stack([p[3] for p in parts]))
+
+
+def _batch_stats(L: Any, mask: Any, lengths: Any, n_threads: Any) -> tuple[Any, Any, Any]:
+    """(count, mean, M2) of a checked batch, over its unmasked values when a
+    mask or lengths is given."""
+    if mask is None and lengths is None:
+        return batch_norm_stats(L.x, axis=L.axis, n_threads=n_threads)
+    pad = chk.padding(mask, lengths, L.x, L.axis).view(bool)
+    return masked_stats(L.x, pad, axis=L.axis, n_threads=n_threads)
 
 
 def _observer(stats: PopulationStats) -> Callable[[Any, Any], Callable[[], None]]:
@@ -371,9 +392,10 @@ def _observer(stats: PopulationStats) -> Callable[[Any, Any], Callable[[], None]
     buffers. Once the forward succeeded: the statistics are merged and the
     buffers put back, so collecting leaves the running statistics as they were.
     """
-    def observe(layer: Any, x: Any) -> Callable[[], None]:
+    def observe(layer: Any, x: Any, mask: Any = None, lengths: Any = None
+                ) -> Callable[[], None]:
         L = chk.Layout(x, layer.axis).channels(layer.num_features)
-        part = batch_norm_stats(L.x, axis=layer.axis)
+        part = _batch_stats(L, mask, lengths, None)
         saved = {k: np.array(getattr(layer, k)) for k in _BUFFERS}
 
         def done() -> None:

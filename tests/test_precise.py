@@ -382,3 +382,32 @@ def test_docs_export_section_runs():
     ns = {}
     exec(compile(blocks[0], path, "exec"), ns)
     np.testing.assert_array_equal(ns["torch_bn"].running_var.numpy(), ns["bn"].running_var)
+
+
+def test_masked_batches_count_each_channel_its_own_values(rng):
+    """Padded batches: the population statistics of the unmasked values
+    (float64 over their concatenation), also through a layer's forward."""
+    C, T = 3, 6
+    xs = [(rng.standard_normal((n, C, T)) * 0.5 + 1e4).astype(np.float32) for n in (4, 7, 2)]
+    lens = [rng.integers(0, T + 1, x.shape[0]) for x in xs]
+    stats = bncore.PopulationStats(C)
+    for x, n in zip(xs, lens):
+        stats.update(x, lengths=n)
+    masks = [np.arange(T)[None, None, :] < n[:, None, None] for n in lens]
+    vals = [np.concatenate([x[:, c][np.broadcast_to(m, x.shape)[:, c]] for x, m
+                            in zip(xs, masks)]).astype(np.float64) for c in range(C)]
+    assert stats.count == vals[0].size
+    np.testing.assert_allclose(stats.mean, [v.mean() for v in vals], rtol=1e-12)
+    np.testing.assert_allclose(stats.var, [v.var(ddof=1) for v in vals], rtol=1e-6)
+    # a channel masked differently: per-channel counts
+    other = bncore.PopulationStats(C)
+    m = np.ones((5, C, T), bool)
+    m[:, 0, 3:] = False
+    other.update(xs[1][:5], mask=m)
+    np.testing.assert_array_equal(other.count, [15, 30, 30])
+    layer = bncore.BatchNorm(C)
+    with bncore.collect_population_stats([layer]) as (seen,):
+        for x, n in zip(xs, lens):
+            layer(x, lengths=n)
+    np.testing.assert_allclose(seen.mean, stats.mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, stats.var.astype(np.float32), rtol=1e-6)
