@@ -937,6 +937,9 @@ def rms_norm_backward(const floating[::1] dy, const floating[::1] x, floating[::
         else:
             err = bn_rms_norm_backward_f64(&dy[0], &x[0], &dx[0], rows, cols, &invrms[0], w,
                                            &dweight[0], nt)
+    _check(err)
+
+
 # ---- masked statistics (padded batches; arguments made canonical by the Python layer) ------
 
 def masked_stats(const floating[::1] x, const uint8_t[::1] mask, tuple shape,

@@ -309,6 +309,7 @@ int bn_rms_norm_backward_f32(const float *dy, const float *x, float *dx, int64_t
 int bn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, int64_t rows,
                              int64_t cols, const double *invrms, const double *weight,
                              double *dweight, int n_threads);
+
 /* ---- Masked statistics (padded batches, variable-length sequences) -------
  * mask is a uint8 buffer in x's layout and size (bn_shape s): a value counts
  * where its mask byte is non-zero. Padded values (mask 0) are never read

@@ -286,6 +286,20 @@ int LN(bn_layer_norm_backward)(const T *dy, const T *x, T *dx, int64_t rows, int
 /* ---- group normalization: x is N x C x HW, rows (n, g) of cpg = C/G channels ---- */
 
 /* y over channel c's HW elements of row (n, g) with that channel's coefficients. */
+/* dweight[c], dbias[c] from the per-sample partials pdx, pdy (N x C), summed
+ * over the samples in order (both group-norm backwards end with it). */
+static void LN(gn_param_grads)(const double *pdx, const double *pdy, int64_t N, int64_t C,
+                               int64_t c, double *dweight, double *dbias)
+{
+    double sw = 0, sb = 0;
+    for (int64_t n = 0; n < N; n++) {
+        sw += pdx[n * C + c];
+        sb += pdy[n * C + c];
+    }
+    dweight[c] = sw;
+    dbias[c] = sb;
+}
+
 static void LN(gn_channel_apply)(const T *x, T *y, int64_t hw, T mh, T ml, T a, T b)
 {
     for (int64_t k = 0; k < hw; k += BN_RUN)
@@ -509,15 +523,8 @@ int LN(bn_group_norm_backward)(const T *dy, const T *x, T *dx, int64_t N, int64_
                 }
         }
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            double sw = 0, sb = 0;
-            for (int64_t n = 0; n < N; n++) {
-                sw += pdx[n * C + c];
-                sb += pdy[n * C + c];
-            }
-            dweight[c] = sw;
-            dbias[c] = sb;
-        }
+        for (int64_t c = 0; c < C; c++)
+            LN(gn_param_grads)(pdx, pdy, N, C, c, dweight, dbias);
     }
     free(part);
     free(w);
@@ -720,15 +727,8 @@ int LN(bn_group_norm_cl_backward)(const T *dy, const T *x, T *dx, int64_t N, int
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            double sw = 0, sb = 0;
-            for (int64_t n = 0; n < N; n++) {
-                sw += pdx[n * C + c];
-                sb += pdy[n * C + c];
-            }
-            dweight[c] = sw;
-            dbias[c] = sb;
-        }
+        for (int64_t c = 0; c < C; c++)
+            LN(gn_param_grads)(pdx, pdy, N, C, c, dweight, dbias);
     }
     free(part);
     free(co);
