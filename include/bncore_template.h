@@ -1124,33 +1124,53 @@ int FN(bn_eval)(const T *x, T *y, bn_shape s, const double *running_mean,
 /* count, mean and M2 of the unmasked values of unit u: two passes over the
  * unit (in cache), the second summing squared deviations from the first's
  * mean, so float32 input with |mean| >> std stays accurate. Selects, not
- * multiplies: a NaN under a zero mask never enters. */
-static void FN(masked_unit_moments)(const T *x, const uint8_t *mask, const bn_mask_plan *p,
-                                    int64_t u, double *out)
+ * multiplies: a NaN under a zero mask never enters. Each row's run goes to
+ * BN_LANES_TAIL independent lanes (its last few values to the first lanes),
+ * so the loops vectorize and the order is fixed. */
+BN_CLONES static void FN(masked_unit_moments)(const T *x, const uint8_t *mask,
+                                              const bn_mask_plan *p, int64_t u, double *out)
 {
+    enum { L = BN_LANES_TAIL };
+    double an[L] = {0}, as[L] = {0}, aq[L] = {0}, n = 0, s = 0, q = 0;
     int64_t o0, o1, c, i0, i1;
     bn_mask_unit(p, u, &o0, &o1, &c, &i0, &i1);
-    double n = 0, s = 0, q = 0;
+    int64_t w = i1 - i0, wv = w - w % L, stride = p->s.channels * p->s.inner;
+    const T *x0 = x + (o0 * p->s.channels + c) * p->s.inner + i0;
+    const uint8_t *m0 = mask + (x0 - x);
     for (int64_t o = o0; o < o1; o++) {
-        int64_t off = (o * p->s.channels + c) * p->s.inner;
-        const T *xr = x + off;
-        const uint8_t *mr = mask + off;
-        for (int64_t i = i0; i < i1; i++) {
-            int on = mr[i] != 0;
-            n += on;
-            s += on ? (double)xr[i] : 0.0;
+        const T *xr = x0 + (o - o0) * stride;
+        const uint8_t *mr = m0 + (o - o0) * stride;
+        int64_t i = 0;
+        for (; i < wv; i += L)
+            for (int j = 0; j < L; j++) {
+                an[j] += mr[i + j] ? 1.0 : 0.0;
+                as[j] += mr[i + j] ? (double)xr[i + j] : 0.0;
+            }
+        for (int j = 0; i + j < w; j++) {
+            an[j] += mr[i + j] ? 1.0 : 0.0;
+            as[j] += mr[i + j] ? (double)xr[i + j] : 0.0;
         }
+    }
+    for (int j = 0; j < L; j++) {
+        n += an[j];
+        s += as[j];
     }
     double m = n > 0 ? s / n : 0.0;
     for (int64_t o = o0; o < o1 && n > 0; o++) {
-        int64_t off = (o * p->s.channels + c) * p->s.inner;
-        const T *xr = x + off;
-        const uint8_t *mr = mask + off;
-        for (int64_t i = i0; i < i1; i++) {
-            double d = (double)xr[i] - m;
-            q += mr[i] ? d * d : 0.0;
+        const T *xr = x0 + (o - o0) * stride;
+        const uint8_t *mr = m0 + (o - o0) * stride;
+        int64_t i = 0;
+        for (; i < wv; i += L)
+            for (int j = 0; j < L; j++) {
+                double d = (double)xr[i + j] - m;
+                aq[j] += mr[i + j] ? d * d : 0.0;
+            }
+        for (int j = 0; i + j < w; j++) {
+            double d = (double)xr[i + j] - m;
+            aq[j] += mr[i + j] ? d * d : 0.0;
         }
     }
+    for (int j = 0; j < L; j++) q += aq[j];
     out[0] = n;
     out[1] = m;
     out[2] = q;
@@ -1193,22 +1213,43 @@ int FN(bn_masked_stats)(const T *x, const uint8_t *mask, bn_shape s, double *cou
 }
 
 /* {sum g, sum g * (x - mean[c])} over the unmasked values of unit u,
- * g = dy * act'(y). */
-static void FN(masked_unit_dot)(const T *dy, const T *x, const T *y, const uint8_t *mask,
-                                const bn_mask_plan *p, int64_t u, const double *mean,
-                                bn_act act, double slope, double *out)
+ * g = dy * act'(y); lanes as in masked_unit_moments. */
+BN_CLONES static void FN(masked_unit_dot)(const T *dy, const T *x, const T *y,
+                                          const uint8_t *mask, const bn_mask_plan *p,
+                                          int64_t u, const double *mean, bn_act act,
+                                          double slope, double *out)
 {
+    enum { L = BN_LANES_TAIL };
+    double a1[L] = {0}, a2[L] = {0}, an[L] = {0}, s1 = 0, s2 = 0, n = 0;
     int64_t o0, o1, c, i0, i1;
     bn_mask_unit(p, u, &o0, &o1, &c, &i0, &i1);
-    double s1 = 0, s2 = 0, n = 0, m = mean[c];
+    int64_t w = i1 - i0, wv = act == BN_ACT_NONE ? w - w % L : 0;
+    int64_t stride = p->s.channels * p->s.inner, base = (o0 * p->s.channels + c) * p->s.inner + i0;
+    double m = mean[c];
     for (int64_t o = o0; o < o1; o++) {
-        int64_t off = (o * p->s.channels + c) * p->s.inner;
-        for (int64_t i = off + i0; i < off + i1; i++) {
-            double g = act == BN_ACT_NONE ? (double)dy[i] : BN_GRAD((double)dy[i], y[i], act, slope);
-            n += mask[i] != 0;
-            s1 += mask[i] ? g : 0.0;
-            s2 += mask[i] ? g * ((double)x[i] - m) : 0.0;
+        int64_t off = base + (o - o0) * stride, i = 0;
+        const T *dr = dy + off, *xr = x + off;
+        const uint8_t *mr = mask + off;
+        for (; i < wv; i += L)
+            for (int j = 0; j < L; j++) {
+                double g = dr[i + j];
+                an[j] += mr[i + j] ? 1.0 : 0.0;
+                a1[j] += mr[i + j] ? g : 0.0;
+                a2[j] += mr[i + j] ? g * ((double)xr[i + j] - m) : 0.0;
+            }
+        for (; i < w; i++) {  /* the tail, and every value with an activation */
+            double g = act == BN_ACT_NONE ? (double)dr[i]
+                                          : BN_GRAD((double)dr[i], y[off + i], act, slope);
+            int j = (int)((i - wv) % L);
+            an[j] += mr[i] ? 1.0 : 0.0;
+            a1[j] += mr[i] ? g : 0.0;
+            a2[j] += mr[i] ? g * ((double)xr[i] - m) : 0.0;
         }
+    }
+    for (int j = 0; j < L; j++) {
+        s1 += a1[j];
+        s2 += a2[j];
+        n += an[j];
     }
     out[0] = s1;
     out[1] = s2;
