@@ -22,7 +22,7 @@ import reference as ref
 dist = pytest.importorskip("bncore.distributed")  # needs no MPI on this path
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
+BNCORE_PARENT = Path(bncore.__file__).resolve().parent.parent  # the bncore under test
 RTOL = {np.float32: 1e-4, np.float64: 1e-11}
 
 
@@ -277,7 +277,7 @@ def test_callable_path_needs_no_mpi4py(tmp_path):
             "    SyncBatchNorm(2)\n"
             "except ImportError as e:\n"
             "    print('ImportError', 'mpi4py' in str(e))\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(BNCORE_PARENT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -312,7 +312,7 @@ def test_torch_gloo_equals_one_process(tmp_path, world):
         pytest.skip("torch.distributed is not available in this build")
     script = _load_torch_script()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        filter(None, [str(BNCORE_PARENT), os.environ.get("PYTHONPATH")])),
         OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     init = tmp_path / "init"
     procs = [subprocess.Popen([sys.executable, str(TESTS / "mpi" / "check_torch_allgather.py"),
