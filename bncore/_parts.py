@@ -2,14 +2,12 @@
 batch norm, in any combination.
 
 (1) Where the statistics come from: the batch is cut into K *parts* along
-    axis 0 (one part: the whole batch; ghost batches: parts of
-    ``virtual_batch_size`` samples). `plan` lays the parts over the shards of
-    a batch split across processes in rank order: part g is samples
-    ``[g*v, (g+1)*v)`` of the concatenated batch, so this process holds a
-    *segment* of some parts. `local_stats` gives each part's (count, mean, M2)
+    axis 0 (`_partition.plan`: the whole batch, or ghost batches of
+    ``virtual_batch_size`` samples of the batch concatenated in rank order,
+    of which this process holds *segments*). `local_stats` gives each part's (count, mean, M2)
     from this process's segments; a synchronized layer merges part g of every
     process with `merge_stats` (same order, same bits on every process).
-(2) How they normalize: `coefficients` gives each part's invstd
+(2) How they normalize: `_partition.coefficients` gives each part's invstd
     (`_kernels.invstd`) and, for batch renormalization, r and d against the
     running statistics; `apply` normalizes each segment with its part's
     coefficients (`batch_norm_elemt`).
@@ -31,32 +29,10 @@ import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
-from . import functional as F  # called at run time: functional uses `plan` and `coefficients`
-
-WHOLE = slice(None)
-
-
-class Plan:
-    """K parts and this process's segments: (part index, slice along axis 0)."""
-    __slots__ = ("K", "segments")
-
-    def __init__(self, K: int, segments: list[tuple[int, slice]]):
-        self.K, self.segments = K, segments
-
-
-def plan(sizes: Any, rank: int, vbs: int | None) -> Plan:
-    """Parts of the batch made of shards of ``sizes`` samples in rank order
-    (``[N], 0`` for one process); ``vbs`` None: one part, the whole batch."""
-    if vbs is None:
-        return Plan(1, [(0, WHOLE)])
-    sizes = [int(s) for s in sizes]
-    total, start, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
-    K = max(1, -(-total // vbs))
-    segments = []
-    for g in range(start // vbs, -(-(start + n) // vbs) if n else 0):
-        a, b = max(g * vbs, start) - start, min((g + 1) * vbs, start + n) - start
-        segments.append((g, slice(a, b)))
-    return Plan(K, segments)
+from ._partition import Plan
+from .functional import (batch_norm_backward_elemt, batch_norm_backward_reduce,
+                         batch_norm_elemt, batch_norm_stats, masked_backward_reduce,
+                         masked_stats)
 
 
 def local_stats(x: Any, axis: Any, p: Plan, n_threads: Any, mask: Any = None
@@ -68,42 +44,12 @@ def local_stats(x: Any, axis: Any, p: Plan, n_threads: Any, mask: Any = None
     counts, means, m2s = np.zeros((p.K, C)), np.zeros((p.K, C)), np.zeros((p.K, C))
     for g, sl in p.segments:
         if mask is None:
-            counts[g], means[g], m2s[g] = F.batch_norm_stats(x[sl], axis=axis,
+            counts[g], means[g], m2s[g] = batch_norm_stats(x[sl], axis=axis,
                                                              n_threads=n_threads)
         else:
-            counts[g], means[g], m2s[g] = F.masked_stats(x[sl], mask[sl], axis=axis,
+            counts[g], means[g], m2s[g] = masked_stats(x[sl], mask[sl], axis=axis,
                                                          n_threads=n_threads)
     return counts, means, m2s
-
-
-def uniform(counts: Any) -> Any:
-    """(K, C) counts as (K,) when every channel counts the same (the common
-    case, which takes the kernels' one-count path), else unchanged."""
-    counts = np.asarray(counts, np.float64)
-    if counts.ndim == 2 and counts.shape[1] and (counts == counts[:, :1]).all():
-        return counts[:, 0].copy()
-    return counts
-
-
-def coefficients(counts: Any, mean: Any, m2: Any, eps: float, limits: Any = None,
-                 running_mean: Any = None, running_var: Any = None) -> tuple[Any, ...]:
-    """(var, invstd, r, d) per part (K, C): var = M2 / count, invstd by the
-    kernels' rule; r and d are None without ``limits`` = (rmax, dmax)."""
-    counts = np.asarray(counts, np.float64)
-    counts = np.broadcast_to(counts[:, None] if counts.ndim == 1 else counts, m2.shape)
-    # a channel with no value in a part (masked statistics): var 0 and invstd
-    # 0, so its output is bias and its gradient 0; r 1 and d 0 under renorm
-    empty = counts == 0
-    var = np.divide(m2, counts, out=np.zeros_like(m2), where=~empty)
-    invstd = np.where(empty, 0.0, _k.invstd(var, eps))
-    if limits is None:
-        return var, invstd, None, None
-    rmax, dmax = limits
-    inv_sigma = _k.invstd(np.asarray(running_var, np.float64), eps)
-    r = np.where(empty, 1.0, np.clip(np.sqrt(var + eps) * inv_sigma, 1.0 / rmax, rmax))
-    d = np.where(empty, 0.0, np.clip((mean - np.asarray(running_mean, np.float64)) * inv_sigma,
-                                     -dmax, dmax))
-    return var, invstd, r, d
 
 
 def apply(x: Any, p: Plan, mean: Any, invstd: Any, r: Any, d: Any, weight: Any, bias: Any,
@@ -116,7 +62,7 @@ def apply(x: Any, p: Plan, mean: Any, invstd: Any, r: Any, d: Any, weight: Any, 
         shift = bias
         if d is not None:
             shift = (d[g] if weight is None else weight * d[g]) + (0.0 if bias is None else bias)
-        F.batch_norm_elemt(x[sl], mean[g], scale, weight, shift, axis=axis, out=buf[sl],
+        batch_norm_elemt(x[sl], mean[g], scale, weight, shift, axis=axis, out=buf[sl],
                          activation=activation, n_threads=n_threads)
 
 
@@ -130,11 +76,11 @@ def part_sums(dy: Any, x: Any, y: Any, p: Plan, mean: Any, axis: Any, activation
     for g, sl in p.segments:
         ys = None if y is None else y[sl]
         if mask is None:
-            sum_dy[g], sum_dy_xmu[g] = F.batch_norm_backward_reduce(
+            sum_dy[g], sum_dy_xmu[g] = batch_norm_backward_reduce(
                 dy[sl], x[sl], mean[g], axis=axis, activation=activation, y=ys,
                 n_threads=n_threads)
         else:
-            sum_dy[g], sum_dy_xmu[g] = F.masked_backward_reduce(
+            sum_dy[g], sum_dy_xmu[g] = masked_backward_reduce(
                 dy[sl], x[sl], mean[g], mask[sl], axis=axis, activation=activation, y=ys,
                 n_threads=n_threads)[1:]
     return sum_dy, sum_dy_xmu
@@ -148,7 +94,7 @@ def backward_apply(dy: Any, x: Any, y: Any, p: Plan, mean: Any, invstd: Any, r: 
     per channel; with ``mask`` (uint8, x's shape), 0 at the padded entries."""
     for g, sl in p.segments:
         w = weight if r is None else (r[g] if weight is None else weight * r[g])
-        F.batch_norm_backward_elemt(dy[sl], x[sl], mean[g], invstd[g], w, sum_dy[g],
+        batch_norm_backward_elemt(dy[sl], x[sl], mean[g], invstd[g], w, sum_dy[g],
                                     sum_dy_xmu[g], counts[g], axis=axis, out=buf[sl],
                                     activation=activation, y=None if y is None else y[sl],
                                     n_threads=n_threads)

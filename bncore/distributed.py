@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - exercised only without mpi4py
 
 from . import _checks as chk
 from . import _kernels as _k
-from . import _parts
+from . import _partition, _parts
 from .functional import _update_present, merge_stats, update_running
 from ._typing import Array
 from .layers import BatchNorm, BatchRenorm
@@ -398,7 +398,7 @@ class SyncBatchNorm(BatchNorm):
         vbs = self.virtual_batch_size if self.training else None
         n = np.shape(x)[0] if vbs is not None and np.ndim(x) >= 2 else 0
         sizes = self._same_width(n, vbs is not None)
-        plan = _parts.plan(sizes, self._my_rank(), vbs)
+        plan = _partition.plan(sizes, self._my_rank(), vbs)
         error: Exception | None = None
         try:
             x = self._input(x, out)
@@ -431,7 +431,7 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError("x: expected more than 1 value per channel over "
                              f"all ranks{where} when training, got {int(total[g].min())}")
         limits = self.limits() if self.renorm else None
-        var, invstd, r, d = _parts.coefficients(total, mean, m2, self.eps, limits,
+        var, invstd, r, d = _partition.coefficients(total, mean, m2, self.eps, limits,
                                                 self.running_mean, self.running_var)
         cd = chk.compute_dtype(x.dtype)
         buf, final = chk.output(out, x, cd, (x,))
@@ -461,7 +461,7 @@ class SyncBatchNorm(BatchNorm):
         self._same_width()
         parts = rec.extra
         if parts is None:  # eval mode: one part, constant statistics
-            parts = _Parts(_parts.plan(None, 0, None), np.ones((1, c)), None, None)
+            parts = _Parts(_partition.plan(None, 0, None), np.ones((1, c)), None, None)
             mean, invstd = rec.mean[None], rec.invstd[None]
         else:
             mean, invstd = rec.mean, rec.invstd

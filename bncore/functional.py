@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _checks as chk
 from . import _kernels as _k
-from . import _parts
+from . import _partition
 from ._typing import Activation, Array, ArrayLike, Float64Array, FloatArray
 
 __all__ = [
@@ -858,7 +858,7 @@ def _train_empty(L: Any, vbs: Any, buf: Any, final: Any, running: bool) -> Any:
 
 
 def _pieces(L: Any, vbs: Any) -> list[tuple[slice, tuple[int, int, int]]]:
-    """The parts of `_parts.plan` (the whole batch, or ghost batches of vbs
+    """The parts of `_partition.plan` (the whole batch, or ghost batches of vbs
     samples along axis 0) as slices of the canonical arrays with their
     (outer, C, inner) geometry."""
     N = L.x.shape[0]
@@ -866,7 +866,7 @@ def _pieces(L: Any, vbs: Any) -> list[tuple[slice, tuple[int, int, int]]]:
         return [(slice(None), L.shape)]
     per = L.shape[0] // N if N else 0
     return [(sl, ((sl.stop - sl.start) * per, L.C, L.shape[2]))
-            for _, sl in _parts.plan([N], 0, vbs).segments]
+            for _, sl in _partition.plan([N], 0, vbs).segments]
 
 
 def _masked_moments(xc: Any, m8: Any, shape: Any, nt: int) -> tuple[Any, Any, Any]:
@@ -1043,7 +1043,7 @@ def _train_masked(x: Any, weight: Any, bias: Any, axis: Any, eps: Any, running_m
     chk.masked_counts(count, "channel" if vbs is None else "channel of a ghost batch")
     # a channel without values: mean 0 and invstd 0, so its output is bias
     # (NaN-free where x is finite) and its gradient 0
-    var, invstd = _parts.coefficients(count, mean, m2, eps)[:2]
+    var, invstd = _partition.coefficients(count, mean, m2, eps)[:2]
     # padded entries get the same affine map with the masked statistics: one
     # pass writes every entry (no second pass to zero them), the output is
     # defined everywhere, and finite wherever x is; downstream code that

@@ -21,7 +21,7 @@ parts' average, as ghost batch norm's do.
 from __future__ import annotations
 
 from . import _checks as chk
-from . import _parts
+from . import _partition, _parts
 from ._typing import Activation, Array, ArrayLike, FloatArray
 from .functional import update_running
 
@@ -139,11 +139,11 @@ def batch_renorm_train(x: ArrayLike, running_mean: Array, running_var: Array,
     chk.disjoint_from_running(out, running_mean, running_var)
     buf, final = chk.output(out, L.x, L.cd, (L.x,))
     # (1) statistics of the parts, (2) renormalize each, (3) the running update
-    p = _parts.plan([L.x.shape[0]], 0, vbs)
+    p = _partition.plan([L.x.shape[0]], 0, vbs)
     xc = L.canonical(L.x)
     counts, mean, m2 = _parts.local_stats(xc, L.axis, p, n_threads)
-    counts = _parts.uniform(counts)
-    var, invstd, r, d = _parts.coefficients(counts, mean, m2, eps, (rmax, dmax),
+    counts = _partition.uniform(counts)
+    var, invstd, r, d = _partition.coefficients(counts, mean, m2, eps, (rmax, dmax),
                                             running_mean, running_var)
     _parts.apply(xc, p, mean, invstd, r, d, w, b, L.axis, buf, act, n_threads)
     update_running(running_mean, running_var, mean, var, counts, momentum)
@@ -222,7 +222,7 @@ def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     L = chk.Layout(x, axis)
     dy = chk.like(dy, L.x, "dy")
     vbs = chk.ghost_batches(L, virtual_batch_size)
-    p = _parts.plan([L.x.shape[0]], 0, vbs)
+    p = _partition.plan([L.x.shape[0]], 0, vbs)
     if vbs is None:
         stats = [chk.vector(v, L.C, n, required=True)[None] for v, n in
                  ((save_mean, "save_mean"), (save_invstd, "save_invstd"), (r, "r"), (d, "d"))]
