@@ -13,42 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *dir;
-
-static void *get(const char *name, size_t bytes)
-{
-    char path[4096];
-    void *buf = malloc(bytes ? bytes : 1);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!buf || !f || fread(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "bn_check: cannot read %s\n", path);
-        exit(1);
-    }
-    fclose(f);
-    return buf;
-}
-
-static void put(const char *name, const void *buf, size_t bytes)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "bn_check: cannot write %s\n", path);
-        exit(1);
-    }
-    fclose(f);
-}
-
-#define CHECK(call)                                                   \
-    do {                                                              \
-        int err_ = (call);                                            \
-        if (err_) {                                                   \
-            fprintf(stderr, "bn_check: %s returned %d\n", #call, err_); \
-            return 1;                                                 \
-        }                                                             \
-    } while (0)
+#define BN_IO_PROG "bn_check"
+#include "bn_io.h"
 
 int main(int argc, char **argv)
 {

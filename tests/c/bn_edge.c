@@ -13,44 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-static const char *dir;
-
-static void *get(const char *name, size_t bytes)
-{
-    char path[4096];
-    void *buf = malloc(bytes ? bytes : 1);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!buf || !f || fread(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "bn_edge: cannot read %s\n", path);
-        exit(1);
-    }
-    fclose(f);
-    return buf;
-}
-
-static void put(const char *name, const void *buf, size_t bytes)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(buf, 1, bytes, f) != bytes) {
-        fprintf(stderr, "bn_edge: cannot write %s\n", path);
-        exit(1);
-    }
-    fclose(f);
-}
+#define BN_IO_PROG "bn_edge"
+#include "bn_io.h"
 
 static double *dbl(size_t n) { return (double *)malloc(sizeof(double) * (n ? n : 1)); }
-
-#define CHECK(call)                                                     \
-    do {                                                                \
-        int err_ = (call);                                              \
-        if (err_) {                                                     \
-            fprintf(stderr, "bn_edge: %s returned %d\n", #call, err_);  \
-            return 1;                                                   \
-        }                                                               \
-    } while (0)
 
 static int batch(int64_t outer, int64_t c, int64_t inner)
 {
